@@ -1,0 +1,296 @@
+"""Parse and validate `--model-loader-extra-config` for the netloader load format.
+
+Netloader-compatible upper-case keys (SOURCE, MODEL, LISTEN_PORT, CONFIG_FILE,
+OUTPUT_PREFIX), the `mesh` object, and lower-case transfer tuning keys.
+Every problem raises ValueError whose message starts with the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_MESH_SEEDS = "NETLOADER_MESH_SEEDS"
+ENV_MESH_SECRET_FILE = "NETLOADER_MESH_SECRET_FILE"
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-:]{1,253}$")
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """Tuning knobs shared by the weight server and the client."""
+
+    connect_timeout_s: float = 5.0
+    handshake_timeout_s: float = 10.0
+    pg_setup_timeout_s: float = 30.0
+    bucket_timeout_s: float = 60.0
+    bucket_mb: int = 64
+    max_concurrent_clients: int = 4
+    progress_interval_s: float = 5.0
+    listen_host: str = "0.0.0.0"
+    advertise_host: str | None = None
+    secret_file: str | None = None
+    max_message_mb: int = 64
+
+    @property
+    def bucket_bytes(self) -> int:
+        return self.bucket_mb << 20
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb << 20
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    device_id: int
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    seeds: tuple[str, ...] = ()
+    bind: str | None = None
+    secret_file: str | None = None
+    zone: str | None = None
+    wait_timeout_s: float = 10.0
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class NetloaderConfig:
+    source: tuple[SourceEntry, ...] = ()
+    model: str | None = None
+    listen_port: int | None = None
+    config_file: str | None = None
+    output_prefix: str | None = None
+    mesh: MeshConfig | None = None
+    settings: TransferSettings = field(default_factory=TransferSettings)
+
+    def sources_for_rank(self, rank: int) -> list[str]:
+        """Static sources for this rank, in the order given (duplicates dropped)."""
+        seen: list[str] = []
+        for entry in self.source:
+            if entry.device_id == rank:
+                for addr in entry.sources:
+                    if addr not in seen:
+                        seen.append(addr)
+        return seen
+
+    def port_for_rank(self, rank: int) -> int:
+        """LISTEN_PORT + rank, or 0 (pick a free port) when LISTEN_PORT is unset."""
+        if self.listen_port is None:
+            return 0
+        port = self.listen_port + rank
+        if port > 65535:
+            raise ValueError(f"LISTEN_PORT: {self.listen_port} + rank {rank} exceeds 65535")
+        return port
+
+    @property
+    def secret_file(self) -> str | None:
+        """Secret for authenticating transfers: tuning key, else mesh.secret_file (incl. env)."""
+        if self.settings.secret_file:
+            return self.settings.secret_file
+        return self.mesh.secret_file if self.mesh else os.environ.get(ENV_MESH_SECRET_FILE) or None
+
+
+def parse_extra_config(raw: dict | str | None, environ: dict | None = None) -> NetloaderConfig:
+    """Validate the extra-config JSON object (a dict, a JSON string, or None)."""
+    env = os.environ if environ is None else environ
+    obj = _as_object(raw)
+    config_file = obj.get("CONFIG_FILE")
+    if config_file is not None:
+        file_obj = _read_config_file(_require_str("CONFIG_FILE", config_file))
+        obj = {**obj, **file_obj}
+    unknown = sorted(set(obj) - _TOP_LEVEL_KEYS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown key (allowed: {', '.join(sorted(_TOP_LEVEL_KEYS))})")
+    return NetloaderConfig(
+        source=_parse_source(obj.get("SOURCE")),
+        model=_optional(obj, "MODEL", _require_str),
+        listen_port=_optional(obj, "LISTEN_PORT", lambda k, v: _require_int(k, v, 1024, 65535)),
+        config_file=config_file,
+        output_prefix=_optional(obj, "OUTPUT_PREFIX", _require_str),
+        mesh=_parse_mesh(obj.get("mesh"), env),
+        settings=_parse_settings(obj),
+    )
+
+
+def _as_object(raw: Any) -> dict:
+    if raw is None:
+        return {}
+    if isinstance(raw, (str, bytes)):
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        if not text.strip():
+            return {}
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"model-loader-extra-config: not valid JSON ({exc.msg} at position {exc.pos}); "
+                "pass a JSON object with double-quoted keys"
+            ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"model-loader-extra-config: expected a JSON object, got {type(raw).__name__}"
+        )
+    return raw
+
+
+def _read_config_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"CONFIG_FILE: cannot read {path!r}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"CONFIG_FILE: {path!r} is not valid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"CONFIG_FILE: {path!r} must hold a JSON object")
+    if "CONFIG_FILE" in obj:
+        raise ValueError(f"CONFIG_FILE: {path!r} must not itself set CONFIG_FILE")
+    return obj
+
+
+def _optional(obj: dict, key: str, check):
+    value = obj.get(key)
+    return None if value is None else check(key, value)
+
+
+def _require_str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _require_int(key: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{key}: {value} out of range ({bound})")
+    return value
+
+
+def _require_seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key}: expected a number of seconds, got {value!r}")
+    if not 0 < value <= 86400:
+        raise ValueError(f"{key}: {value} out of range (0 < seconds <= 86400)")
+    return float(value)
+
+
+def _require_host(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _HOST_RE.match(value):
+        raise ValueError(f"{key}: expected a host name or IP address, got {value!r}")
+    return value
+
+
+def parse_host_port(key: str, value: Any, allow_port_zero: bool = False) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:port"); ValueError naming key on bad input."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"{key}: expected \"host:port\", got {value!r}")
+    host, _, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not _HOST_RE.match(host) or not port_text.isdigit():
+        raise ValueError(f"{key}: expected \"host:port\", got {value!r}")
+    port = int(port_text)
+    if not (0 if allow_port_zero else 1) <= port <= 65535:
+        raise ValueError(f"{key}: port {port} out of range in {value!r}")
+    return host, port
+
+
+def _parse_source(value: Any) -> tuple[SourceEntry, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"SOURCE: expected a list of {{device_id, sources}}, got {value!r}")
+    entries = []
+    for i, item in enumerate(value):
+        where = f"SOURCE[{i}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected an object, got {item!r}")
+        extra = sorted(set(item) - {"device_id", "sources"})
+        if extra:
+            raise ValueError(f"{where}.{extra[0]}: unknown key")
+        if "device_id" not in item:
+            raise ValueError(f"{where}.device_id: missing")
+        if "sources" not in item:
+            raise ValueError(f"{where}.sources: missing")
+        device_id = _require_int(f"{where}.device_id", item["device_id"], 0)
+        sources = item["sources"]
+        if not isinstance(sources, list):
+            raise ValueError(f"{where}.sources: expected a list of \"host:port\", got {sources!r}")
+        for j, addr in enumerate(sources):
+            parse_host_port(f"{where}.sources[{j}]", addr)
+        entries.append(SourceEntry(device_id, tuple(sources)))
+    return tuple(entries)
+
+
+def _parse_mesh(value: Any, env) -> MeshConfig | None:
+    env_seeds = [s.strip() for s in env.get(ENV_MESH_SEEDS, "").split(",") if s.strip()]
+    env_secret = env.get(ENV_MESH_SECRET_FILE) or None
+    if value is None:
+        if not env_seeds:
+            return None
+        value = {}
+    if not isinstance(value, dict):
+        raise ValueError(f"mesh: expected an object, got {value!r}")
+    extra = sorted(set(value) - _MESH_KEYS)
+    if extra:
+        raise ValueError(f"mesh.{extra[0]}: unknown key (allowed: {', '.join(sorted(_MESH_KEYS))})")
+    seeds = value.get("seeds")
+    if seeds is None:
+        seeds, seeds_key = env_seeds, ENV_MESH_SEEDS
+    else:
+        seeds_key = "mesh.seeds"
+        if not isinstance(seeds, list):
+            raise ValueError(f"mesh.seeds: expected a list of \"host:port\", got {seeds!r}")
+    for j, addr in enumerate(seeds):
+        parse_host_port(f"{seeds_key}[{j}]", addr)
+    bind = value.get("bind")
+    if bind is not None:
+        parse_host_port("mesh.bind", bind, allow_port_zero=True)
+    return MeshConfig(
+        seeds=tuple(seeds),
+        bind=bind,
+        secret_file=_optional(value, "secret_file", lambda k, v: _require_str("mesh." + k, v))
+        or env_secret,
+        zone=_optional(value, "zone", lambda k, v: _require_str("mesh." + k, v)),
+        wait_timeout_s=_optional(
+            value, "wait_timeout_s", lambda k, v: _require_seconds("mesh." + k, v)
+        )
+        or MeshConfig.wait_timeout_s,
+        name=_optional(value, "name", lambda k, v: _require_str("mesh." + k, v)),
+    )
+
+
+def _parse_settings(obj: dict) -> TransferSettings:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(TransferSettings):
+        if f.name not in obj or obj[f.name] is None:
+            continue
+        key, value = f.name, obj[f.name]
+        if key.endswith("_s"):
+            values[key] = _require_seconds(key, value)
+        elif key == "bucket_mb":
+            values[key] = _require_int(key, value, 1, 4096)
+        elif key == "max_concurrent_clients":
+            values[key] = _require_int(key, value, 1, 1024)
+        elif key == "max_message_mb":
+            values[key] = _require_int(key, value, 1, 1024)
+        elif key in ("listen_host", "advertise_host"):
+            values[key] = _require_host(key, value)
+        else:
+            values[key] = _require_str(key, value)
+    return TransferSettings(**values)
+
+
+_SETTINGS_KEYS = {f.name for f in dataclasses.fields(TransferSettings)}
+_TOP_LEVEL_KEYS = {"SOURCE", "MODEL", "LISTEN_PORT", "CONFIG_FILE", "OUTPUT_PREFIX", "mesh"} | _SETTINGS_KEYS
+_MESH_KEYS = {f.name for f in dataclasses.fields(MeshConfig)}

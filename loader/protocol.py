@@ -1,0 +1,199 @@
+"""Control messages between a transfer client and a weight server (orjson over ZeroMQ).
+
+client -> server: hello (identity, manifest, how to reach the store), done (result)
+server -> client: ack (session, store port, bucket size, checksums), nack (reason), busy
+Every decoded message is untrusted: size, type and every field are checked here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import orjson
+
+from loader.checksum import ALGORITHMS
+from loader.manifest import Manifest
+from loader.process_group import BACKEND_BY_DEVICE
+
+PROTOCOL_VERSION = 1
+MAX_REASON_LEN = 500
+MIN_BUCKET_BYTES = 1 << 10
+MAX_BUCKET_BYTES = 1 << 34
+MAX_BUCKETS = 10_000_000
+
+_HEX_RE = re.compile(r"^[0-9a-f]{1,128}$")
+_SESSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-:]{1,253}$")
+_CHECKSUM_RE = re.compile(r"^[0-9a-f\-]{1,128}$")
+
+
+class ProtocolError(ValueError):
+    """A malformed or unexpected control message."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    fingerprint: str
+    rank: int
+    manifest: Manifest
+    pg_host: str
+    backend: str
+    max_bucket_bytes: int
+
+
+@dataclass(frozen=True)
+class Ack:
+    session: str
+    store_port: int
+    bucket_bytes: int
+    algorithm: str
+    checksums: tuple[str, ...]
+    manifest_digest: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    busy: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    session: str
+    ok: bool
+    reason: str | None
+
+
+def encode(msg: dict) -> bytes:
+    return orjson.dumps(msg)
+
+
+def decode(payload: bytes, max_bytes: int) -> dict:
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"message of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("message is not JSON") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise ProtocolError("message is not an object with a 'type'")
+    return obj
+
+
+def hello_message(
+    fingerprint: str, rank: int, manifest: Manifest, pg_host: str, backend: str, max_bucket_bytes: int
+) -> dict:
+    return {
+        "type": "hello",
+        "v": PROTOCOL_VERSION,
+        "fingerprint": fingerprint,
+        "rank": rank,
+        "manifest": manifest.to_wire(),
+        "pg_host": pg_host,
+        "backend": backend,
+        "max_bucket_bytes": max_bucket_bytes,
+    }
+
+
+def ack_message(ack: Ack) -> dict:
+    return {
+        "type": "ack",
+        "session": ack.session,
+        "store_port": ack.store_port,
+        "bucket_bytes": ack.bucket_bytes,
+        "algorithm": ack.algorithm,
+        "checksums": list(ack.checksums),
+        "manifest_digest": ack.manifest_digest,
+    }
+
+
+def nack_message(reason: str, busy: bool = False) -> dict:
+    return {"type": "busy" if busy else "nack", "reason": reason[:MAX_REASON_LEN]}
+
+
+def done_message(session: str, ok: bool, reason: str | None) -> dict:
+    return {"type": "done", "session": session, "ok": ok, "reason": (reason or "")[:MAX_REASON_LEN] or None}
+
+
+def parse_hello(obj: dict) -> Hello:
+    _expect(obj, "hello", {"v", "fingerprint", "rank", "manifest", "pg_host", "backend", "max_bucket_bytes"})
+    if obj["v"] != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {obj['v']!r}")
+    try:
+        manifest = Manifest.from_wire(obj["manifest"])
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    return Hello(
+        fingerprint=_match("fingerprint", obj["fingerprint"], _HEX_RE),
+        rank=_int("rank", obj["rank"], 0, 1 << 20),
+        manifest=manifest,
+        pg_host=_match("pg_host", obj["pg_host"], _HOST_RE),
+        backend=_choice("backend", obj["backend"], tuple(BACKEND_BY_DEVICE.values())),
+        max_bucket_bytes=_int("max_bucket_bytes", obj["max_bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES),
+    )
+
+
+def parse_reply(obj: dict) -> Ack | Refusal:
+    kind = obj.get("type")
+    if kind in ("nack", "busy"):
+        _expect(obj, kind, {"reason"})
+        return Refusal(busy=kind == "busy", reason=clean_reason(obj["reason"]))
+    _expect(obj, "ack", {"session", "store_port", "bucket_bytes", "algorithm", "checksums", "manifest_digest"})
+    checksums = obj["checksums"]
+    if not isinstance(checksums, list) or len(checksums) > MAX_BUCKETS:
+        raise ProtocolError("checksums: expected a list")
+    return Ack(
+        session=_match("session", obj["session"], _SESSION_RE),
+        store_port=_int("store_port", obj["store_port"], 1, 65535),
+        bucket_bytes=_int("bucket_bytes", obj["bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES),
+        algorithm=_choice("algorithm", obj["algorithm"], ALGORITHMS),
+        checksums=tuple(_match("checksums[]", c, _CHECKSUM_RE) for c in checksums),
+        manifest_digest=_match("manifest_digest", obj["manifest_digest"], _HEX_RE),
+    )
+
+
+def parse_done(obj: dict) -> Done:
+    _expect(obj, "done", {"session", "ok", "reason"})
+    if not isinstance(obj["ok"], bool):
+        raise ProtocolError("ok: expected a boolean")
+    reason = obj["reason"]
+    return Done(
+        session=_match("session", obj["session"], _SESSION_RE),
+        ok=obj["ok"],
+        reason=None if reason is None else clean_reason(reason),
+    )
+
+
+def clean_reason(value) -> str:
+    """A remote-supplied reason, made safe to log: printable and bounded."""
+    if not isinstance(value, str):
+        raise ProtocolError("reason: expected a string")
+    return "".join(c if c.isprintable() else "?" for c in value[:MAX_REASON_LEN])
+
+
+def _expect(obj: dict, kind: str, fields: set[str]) -> None:
+    if obj.get("type") != kind:
+        raise ProtocolError(f"expected a {kind!r} message, got {str(obj.get('type'))[:40]!r}")
+    keys = set(obj) - {"type"}
+    if keys != fields:
+        missing, extra = sorted(fields - keys), sorted(keys - fields)
+        raise ProtocolError(f"{kind}: missing fields {missing}, unexpected fields {extra}")
+
+
+def _int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError(f"{name}: expected an integer in {lo}..{hi}")
+    return value
+
+
+def _match(name: str, value, pattern: re.Pattern) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ProtocolError(f"{name}: malformed")
+    return value
+
+
+def _choice(name: str, value, allowed) -> str:
+    if value not in allowed:
+        raise ProtocolError(f"{name}: expected one of {list(allowed)}")
+    return value
