@@ -1,0 +1,347 @@
+"""Client: fetch this rank's weights from the first source that can serve them.
+
+For each source in order: TCP connect probe, authenticated handshake (fingerprint and
+manifest compared by the source, manifest digest re-checked here), then a 2-rank process
+group and bucketed receive, each bucket verified against the checksum the source sent
+over the control channel. Any failure is recorded as (source, reason) and the next
+source is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from loader import protocol
+from loader.buckets import Bucket, byte_view, max_packed_bytes, plan_buckets, unpack_bucket
+from loader.checksum import digest
+from loader.config import TransferSettings, parse_host_port
+from loader.manifest import Manifest, build_manifest, unique_tensors
+from loader.process_group import (
+    CLIENT_RANK,
+    SOURCE_RANK,
+    backend_for_device,
+    create_transfer_group,
+    destroy_group,
+)
+from loader.progress import ProgressReporter
+from loader.watchdog import PhaseTimeout, Watchdog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchOutcome:
+    ok: bool
+    peer: str | None
+    bytes: int
+    seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    handshake_s: float = 0.0  # connect + hello/ack of the successful source
+    setup_s: float = 0.0  # process-group setup of the successful source
+
+    @property
+    def fallback_reason(self) -> str | None:
+        if not self.failures:
+            return None
+        return "; ".join(f"{src}: {why}" for src, why in self.failures)
+
+
+class SourceFailure(Exception):
+    """This source cannot serve us; the message is the reason recorded."""
+
+
+def fetch_from_sources(
+    sources: list[str],
+    fingerprint: str,
+    tensors: dict[str, torch.Tensor],
+    rank: int,
+    settings: TransferSettings,
+    keys=None,
+) -> FetchOutcome:
+    """Fill `tensors` in place from the first source that serves matching weights.
+
+    `tensors` are the destination tensors, already allocated with their final shapes and
+    dtypes. The caller removes aliases (tied weights) first; names that still share
+    storage are received once. On failure the tensors may be half-written: the caller
+    must reload them (e.g. from disk). Never raises for a source's misbehaviour.
+    """
+    started = time.monotonic()
+    manifest = build_manifest(tensors)
+    unique, _ = unique_tensors(tensors)
+    failures: list[tuple[str, str]] = []
+    if not sources:
+        return FetchOutcome(False, None, 0, 0.0, failures)
+    context = zmq.Context()
+    try:
+        for source in sources:
+            attempt = _SourceAttempt(
+                source, fingerprint, manifest, unique, rank, settings, keys, context
+            )
+            try:
+                attempt.run()
+            except SourceFailure as exc:
+                reason = str(exc)
+            except Exception as exc:  # never let one source's failure escape
+                log.debug(
+                    "netloader rank %d: unexpected error from %s", rank, source, exc_info=True
+                )
+                reason = f"unexpected {type(exc).__name__}: {str(exc)[:300]}"
+            else:
+                return FetchOutcome(
+                    True,
+                    source,
+                    manifest.total_bytes,
+                    time.monotonic() - started,
+                    failures,
+                    handshake_s=attempt.handshake_s,
+                    setup_s=attempt.setup_s,
+                )
+            log.warning("netloader rank %d: source %s failed: %s", rank, source, reason)
+            failures.append((source, reason))
+    finally:
+        _close_context(context)
+    return FetchOutcome(False, None, 0, time.monotonic() - started, failures)
+
+
+class _SourceAttempt:
+    def __init__(self, source, fingerprint, manifest, tensors, rank, settings, keys, context):
+        self.source = source
+        self.fingerprint = fingerprint
+        self.manifest: Manifest = manifest
+        self.tensors: dict[str, torch.Tensor] = tensors
+        self.rank = rank
+        self.settings: TransferSettings = settings
+        self.keys = keys
+        self.context: zmq.Context = context
+        self.handshake_s = 0.0
+        self.setup_s = 0.0
+        self.pg = None
+        devices = {t.device for t in tensors.values()} or {torch.device("cpu")}
+        if len({d.type for d in devices}) != 1:
+            raise SourceFailure(f"destination tensors span several device types: {devices}")
+        self.device = next(iter(devices))
+
+    def run(self) -> None:
+        try:
+            host, port = parse_host_port("source", self.source)
+        except ValueError as exc:
+            raise SourceFailure(str(exc)) from None
+        t0 = time.monotonic()
+        self._probe(host, port)
+        sock = self._control_socket(host, port)
+        try:
+            ack = self._handshake(sock, host)
+            self.handshake_s = time.monotonic() - t0
+            ok, reason = False, "client error"
+            try:
+                self._transfer(host, ack)
+                ok, reason = True, None
+            except SourceFailure as exc:
+                reason = str(exc)
+                raise
+            finally:
+                try:
+                    sock.send(
+                        protocol.encode(protocol.done_message(ack.session, ok, reason)), zmq.NOBLOCK
+                    )
+                except zmq.ZMQError:
+                    pass
+        finally:
+            sock.close(linger=200)
+
+    def _probe(self, host: str, port: int) -> None:
+        """A plain TCP connect, to tell 'refused' and 'unreachable' apart from a silent peer."""
+        timeout = self.settings.connect_timeout_s
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except ConnectionRefusedError:
+            raise SourceFailure("connection refused") from None
+        except TimeoutError:
+            raise SourceFailure(f"connect timed out after {timeout:g}s") from None
+        except OSError as exc:
+            raise SourceFailure(f"connect failed: {exc.strerror or exc}") from None
+
+    def _control_socket(self, host: str, port: int) -> zmq.Socket:
+        from mesh.security import secure_client
+
+        sock = self.context.socket(zmq.DEALER)
+        handshake_ms = int(self.settings.handshake_timeout_s * 1000)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, int(self.settings.connect_timeout_s * 1000))
+        sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
+        sock.setsockopt(zmq.SNDTIMEO, handshake_ms)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on completed connections
+        if ":" in host:
+            sock.setsockopt(zmq.IPV6, 1)
+        secure_client(sock, self.keys)
+        sock.connect(f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}")
+        return sock
+
+    def _handshake(self, sock: zmq.Socket, host: str) -> protocol.Ack:
+        timeout = self.settings.handshake_timeout_s
+        deadline = time.monotonic() + timeout
+        hello = protocol.hello_message(
+            self.fingerprint,
+            self.rank,
+            self.manifest,
+            host,
+            backend_for_device(self.device.type),
+            self.settings.bucket_bytes,
+        )
+        try:
+            sock.send(protocol.encode(hello))
+        except zmq.Again:
+            raise SourceFailure(
+                f"handshake timed out after {timeout:g}s (no ZeroMQ session)"
+            ) from None
+        remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        if not sock.poll(remaining_ms, zmq.POLLIN):
+            raise SourceFailure(f"handshake timed out after {timeout:g}s (no answer)")
+        try:
+            reply = protocol.parse_reply(
+                protocol.decode(sock.recv(zmq.NOBLOCK), self.settings.max_message_bytes)
+            )
+        except (protocol.ProtocolError, zmq.ZMQError) as exc:
+            raise SourceFailure(f"bad reply: {exc}") from None
+        if isinstance(reply, protocol.Refusal):
+            raise SourceFailure(("busy: " if reply.busy else "refused: ") + reply.reason)
+        if reply.manifest_digest != self.manifest.digest():
+            raise SourceFailure("manifest mismatch: source acknowledged a different manifest")
+        if reply.bucket_bytes > self.settings.bucket_bytes:
+            raise SourceFailure(f"source chose {reply.bucket_bytes}-byte buckets, above our limit")
+        return reply
+
+    def _transfer(self, host: str, ack: protocol.Ack) -> None:
+        plan = plan_buckets(self.manifest.specs, ack.bucket_bytes)
+        if len(plan) != len(ack.checksums):
+            raise SourceFailure(
+                f"source sent {len(ack.checksums)} checksums for {len(plan)} buckets"
+            )
+        receiver = _BucketReceiver(self, host, ack, plan)
+        try:
+            Watchdog().run(receiver.run, on_timeout=receiver.abort)
+        except PhaseTimeout as exc:
+            raise SourceFailure(str(exc)) from None
+        except SourceFailure:
+            raise
+        except RuntimeError as exc:  # torch.distributed errors: peer died, reset, timeout
+            raise SourceFailure(f"transfer failed: {_first_line(exc)}") from None
+        finally:
+            self.setup_s = receiver.setup_s
+            destroy_group(receiver.pg)
+
+
+class _BucketReceiver:
+    """The data path: group setup, receive buckets, verify bucket i while receiving i+1."""
+
+    def __init__(self, attempt: _SourceAttempt, host: str, ack: protocol.Ack, plan: list[Bucket]):
+        self.attempt = attempt
+        self.settings = attempt.settings
+        self.host = host
+        self.ack = ack
+        self.plan = plan
+        self.pg = None
+        self.setup_s = 0.0
+
+    def abort(self) -> None:
+        destroy_group(self.pg)
+
+    def run(self, watchdog: Watchdog) -> None:
+        attempt, settings = self.attempt, self.settings
+        watchdog.phase("process-group setup", settings.pg_setup_timeout_s)
+        t0 = time.monotonic()
+        self.pg = create_transfer_group(
+            attempt.device.type,
+            self.host,
+            self.ack.store_port,
+            CLIENT_RANK,
+            settings.bucket_timeout_s,
+        )
+        self.setup_s = time.monotonic() - t0
+        size = max_packed_bytes(self.plan)
+        buffers = (
+            [torch.empty(size, dtype=torch.uint8, device=attempt.device) for _ in range(2)]
+            if size
+            else []
+        )
+        progress = ProgressReporter(
+            attempt.manifest.total_bytes,
+            f"netloader rank {attempt.rank} from {attempt.source}",
+            log,
+            settings.progress_interval_s,
+        )
+        verifier = ThreadPoolExecutor(1, thread_name_prefix="netloader-verify")
+        pending: list[Future] = []
+        buffer_user: list[Future | None] = [None, None]
+        try:
+            for i, bucket in enumerate(self.plan):
+                watchdog.phase(f"bucket {i}/{len(self.plan)}", settings.bucket_timeout_s)
+                pending = _without_finished(pending)
+                if bucket.direct:
+                    dest = attempt.tensors[bucket.items[0].name]
+                    target = (
+                        byte_view(dest)
+                        if dest.is_contiguous()
+                        else torch.empty(bucket.nbytes, dtype=torch.uint8, device=attempt.device)
+                    )
+                    self.pg.recv([target], SOURCE_RANK, 0).wait()
+                    pending.append(verifier.submit(self._verify_direct, bucket, target, dest))
+                else:
+                    slot = i % 2
+                    if buffer_user[slot] is not None:
+                        buffer_user[slot].result()  # the bucket that used this buffer is done
+                    target = buffers[slot][: bucket.nbytes]
+                    self.pg.recv([target], SOURCE_RANK, 0).wait()
+                    future = verifier.submit(self._verify_packed, bucket, target)
+                    buffer_user[slot] = future
+                    pending.append(future)
+                progress.advance(bucket.nbytes)
+            watchdog.phase("checksum verification", settings.bucket_timeout_s)
+            for future in pending:
+                future.result()
+        finally:
+            verifier.shutdown(wait=True, cancel_futures=True)
+
+    def _verify_direct(self, bucket: Bucket, data: torch.Tensor, dest: torch.Tensor) -> None:
+        self._check(bucket, data)
+        if data.data_ptr() != dest.data_ptr():
+            dest.copy_(data.view(dest.dtype).view(dest.shape))
+
+    def _verify_packed(self, bucket: Bucket, data: torch.Tensor) -> None:
+        self._check(bucket, data)
+        unpack_bucket(bucket, data, self.attempt.tensors)
+
+    def _check(self, bucket: Bucket, data: torch.Tensor) -> None:
+        expected = self.ack.checksums[bucket.index]
+        if digest(data, self.ack.algorithm) != expected:
+            first, last = bucket.items[0].name, bucket.items[-1].name
+            names = first if first == last else f"{first} .. {last}"
+            raise SourceFailure(f"checksum mismatch in bucket {bucket.index} ({names})")
+
+
+def _without_finished(pending: list[Future]) -> list[Future]:
+    """Drop completed verifications, raising the first failure among them."""
+    for future in pending:
+        if future.done() and future.exception() is not None:
+            raise future.exception()
+    return [f for f in pending if not f.done()]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _close_context(context: zmq.Context) -> None:
+    from mesh.security import release_context
+
+    release_context(context)
+    context.term()

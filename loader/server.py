@@ -1,0 +1,463 @@
+"""Weight server: serves one rank's tensors to clients that start after it.
+
+One background thread owns a ZeroMQ ROUTER socket and answers handshakes; each
+accepted client gets its own session thread with its own 2-rank process group on a
+fresh port, so a slow transfer never blocks other clients' handshakes. At most
+`max_concurrent_clients` sessions run at once; beyond that a client gets "busy".
+Nothing raises out of the threads: bad messages are counted and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from loader import protocol
+from loader.buckets import Bucket, byte_view, max_packed_bytes, pack_bucket, plan_buckets
+from loader.checksum import algorithm_for_device, digest
+from loader.config import TransferSettings
+from loader.manifest import build_manifest, unique_tensors
+from loader.process_group import (
+    CLIENT_RANK,
+    backend_for_device,
+    bind_store_socket,
+    create_transfer_group,
+    destroy_group,
+)
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 1000
+_MAX_CACHED_PLANS = 4
+_BAD_MESSAGE_LOG_FIRST = 10
+
+
+@dataclass
+class _Session:
+    session_id: str
+    identity: bytes
+    hello: protocol.Hello
+    bucket_bytes: int
+    done: threading.Event = field(default_factory=threading.Event)
+    done_message: protocol.Done | None = None
+    pg: object | None = None
+    thread: threading.Thread | None = None
+
+
+class WeightServer:
+    """Serve `tensors` (this rank's raw weights; they must not change while served).
+
+    Tensors sharing storage (tied weights) are sent once. `port=0` picks a free port.
+    With `keys` (mesh.security.ClusterKeys) the control socket requires CURVE auth.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        fingerprint: str,
+        rank: int,
+        settings: TransferSettings,
+        keys=None,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        output_prefix: str | None = None,
+    ) -> None:
+        self._tensors, _ = unique_tensors(tensors)
+        self._manifest = build_manifest(tensors)
+        self._manifest_digest = self._manifest.digest()
+        device_types = {t.device.type for t in self._tensors.values()} or {"cpu"}
+        if len(device_types) != 1:
+            raise ValueError(f"tensors span several device types: {sorted(device_types)}")
+        self._device_type = device_types.pop()
+        self._device = (
+            next(iter(self._tensors.values())).device if self._tensors else torch.device("cpu")
+        )
+        self._backend = backend_for_device(self._device_type)
+        self._algorithm = algorithm_for_device(self._device_type)
+        self.fingerprint = fingerprint
+        self.rank = rank
+        self.settings = settings
+        self._keys = keys
+        self._host = host
+        self._port = port
+        self._output_prefix = output_prefix
+        self._plans: dict[int, tuple[list[Bucket], tuple[str, ...]]] = {}
+        self._plan_lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
+        self._sessions_lock = threading.Lock()
+        self._outbox: queue.Queue[tuple[bytes, bytes]] = queue.Queue()
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._context: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self.bad_messages = 0
+        self.transfers_ok = 0
+        self.transfers_failed = 0
+        self.endpoint: str | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        from mesh.security import secure_server
+
+        self._context = zmq.Context()
+        router = self._context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if ":" in self._host:
+            router.setsockopt(zmq.IPV6, 1)
+        secure_server(router, self._keys)
+        bind_host = f"[{self._host}]" if ":" in self._host else self._host
+        if self._port:
+            router.bind(f"tcp://{bind_host}:{self._port}")
+            port = self._port
+        else:
+            port = router.bind_to_random_port(f"tcp://{bind_host}")
+        self._router = router
+        self.endpoint = f"{self._advertised_host()}:{port}"
+        if self._output_prefix:
+            self._write_endpoint_file()
+        self._thread = threading.Thread(
+            target=self._run, name=f"netloader-server-r{self.rank}", daemon=True
+        )
+        self._thread.start()
+        threading.Thread(
+            target=self._precompute, name=f"netloader-checksums-r{self.rank}", daemon=True
+        ).start()
+        log.info(
+            "netloader server rank %d serving %d tensors (%.2f GiB) at %s%s",
+            self.rank,
+            len(self._manifest.specs),
+            self._manifest.total_bytes / (1 << 30),
+            self.endpoint,
+            "" if self._keys else " without authentication (no secret configured)",
+        )
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once checksums for the default bucket size are cached."""
+        return self._ready.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._wake()
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            s.done.set()
+            destroy_group(s.pg)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for s in sessions:
+            if s.thread is not None:
+                s.thread.join(timeout)
+        if self._router is not None:
+            self._router.close(linger=0)
+            self._router = None
+        if self._context is not None:
+            from mesh.security import release_context
+
+            release_context(self._context)
+            self._context.term()
+            self._context = None
+        self._wake_r.close()
+        self._wake_w.close()
+
+    @property
+    def active_clients(self) -> int:
+        with self._sessions_lock:
+            return len(self._sessions)
+
+    # ---- control loop ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._stopping.is_set():
+            try:
+                events = dict(poller.poll(_POLL_MS))
+                if self._wake_r in events:
+                    self._drain_wakeups()
+                self._flush_outbox()
+                if self._router in events:
+                    self._handle_incoming()
+            except Exception:
+                if self._stopping.is_set():
+                    break
+                log.exception(
+                    "netloader server rank %d: control loop error (continuing)", self.rank
+                )
+                time.sleep(0.1)
+
+    def _handle_incoming(self) -> None:
+        for _ in range(100):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self._bad_message(f"{len(frames)} frames")
+                continue
+            identity, payload = frames
+            try:
+                msg = protocol.decode(payload, self.settings.max_message_bytes)
+                if msg["type"] == "hello":
+                    self._on_hello(identity, protocol.parse_hello(msg))
+                elif msg["type"] == "done":
+                    self._on_done(identity, protocol.parse_done(msg))
+                else:
+                    raise protocol.ProtocolError(f"unexpected message type {msg['type'][:40]!r}")
+            except protocol.ProtocolError as exc:
+                self._bad_message(str(exc))
+                self._send(identity, protocol.nack_message(f"bad request: {exc}"))
+
+    def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
+        reason = self._refusal_reason(hello)
+        if reason:
+            log.info("netloader server rank %d: refused a client: %s", self.rank, reason)
+            self._send(identity, protocol.nack_message(reason))
+            return
+        with self._sessions_lock:
+            if len(self._sessions) >= self.settings.max_concurrent_clients:
+                busy = f"source busy ({len(self._sessions)} transfers running)"
+                self._send(identity, protocol.nack_message(busy, busy=True))
+                return
+            session = _Session(
+                session_id=secrets.token_hex(8),
+                identity=identity,
+                hello=hello,
+                bucket_bytes=min(self.settings.bucket_bytes, hello.max_bucket_bytes),
+            )
+            self._sessions[session.session_id] = session
+        session.thread = threading.Thread(
+            target=self._serve_session,
+            args=(session,),
+            name=f"netloader-session-r{self.rank}-{session.session_id}",
+            daemon=True,
+        )
+        session.thread.start()
+
+    def _refusal_reason(self, hello: protocol.Hello) -> str | None:
+        if hello.rank != self.rank:
+            return f"rank mismatch: source serves rank {self.rank}, client is rank {hello.rank}"
+        if hello.fingerprint != self.fingerprint:
+            return (
+                f"fingerprint mismatch: source {self.fingerprint[:16]}, "
+                f"client {hello.fingerprint[:16]}"
+            )
+        if hello.backend != self._backend:
+            return f"backend mismatch: source uses {self._backend}, client {hello.backend}"
+        difference = hello.manifest.first_difference(self._manifest)
+        if difference:
+            return f"manifest mismatch: {difference}"
+        return None
+
+    def _on_done(self, identity: bytes, done: protocol.Done) -> None:
+        with self._sessions_lock:
+            session = self._sessions.get(done.session)
+        if session is None or session.identity != identity:
+            self._bad_message("done for an unknown session")
+            return
+        session.done_message = done
+        session.done.set()
+
+    # ---- one client's transfer -------------------------------------------------------
+
+    def _serve_session(self, session: _Session) -> None:
+        store_socket = None
+        started = time.monotonic()
+        try:
+            plan, checksums = self._plan_for(session.bucket_bytes)
+            store_socket = bind_store_socket(self._store_bind_host())
+            ack = protocol.Ack(
+                session=session.session_id,
+                store_port=store_socket.getsockname()[1],
+                bucket_bytes=session.bucket_bytes,
+                algorithm=self._algorithm,
+                checksums=checksums,
+                manifest_digest=self._manifest_digest,
+            )
+            self._send(session.identity, protocol.ack_message(ack))
+            session.pg = create_transfer_group(
+                self._device_type,
+                session.hello.pg_host,
+                ack.store_port,
+                0,
+                self.settings.bucket_timeout_s,
+                listen_socket=store_socket,
+            )
+            store_socket = None  # owned by the TCPStore now
+            self._send_buckets(session, plan)
+            if not session.done.wait(self.settings.bucket_timeout_s):
+                raise TimeoutError("client did not confirm the transfer")
+            done = session.done_message
+            if done is None or not done.ok:
+                raise RuntimeError(f"client reported failure: {done.reason if done else 'stopped'}")
+            self.transfers_ok += 1
+            log.info(
+                "netloader server rank %d: sent %.2f GiB to a client in %.2fs",
+                self.rank,
+                self._manifest.total_bytes / (1 << 30),
+                time.monotonic() - started,
+            )
+        except Exception as exc:
+            self.transfers_failed += 1
+            if not self._stopping.is_set():
+                log.warning(
+                    "netloader server rank %d: transfer %s failed: %s: %s",
+                    self.rank,
+                    session.session_id,
+                    type(exc).__name__,
+                    str(exc)[:300],
+                )
+        finally:
+            if store_socket is not None:
+                store_socket.close()
+            destroy_group(session.pg)
+            with self._sessions_lock:
+                self._sessions.pop(session.session_id, None)
+
+    def _send_buckets(self, session: _Session, plan: list[Bucket]) -> None:
+        size = max_packed_bytes(plan)
+        buffers = (
+            [torch.empty(size, dtype=torch.uint8, device=self._device) for _ in range(2)]
+            if size
+            else []
+        )
+        in_flight: list = [None, None]  # send work per buffer, waited before the buffer is reused
+        pending_direct = None
+        for i, bucket in enumerate(plan):
+            if self._stopping.is_set():
+                raise RuntimeError("server stopping")
+            if bucket.direct:
+                data = self._tensors[bucket.items[0].name]
+                data = byte_view(data if data.is_contiguous() else data.contiguous())
+                work = session.pg.send([data], CLIENT_RANK, 0)
+                if pending_direct is not None:
+                    pending_direct.wait()
+                pending_direct = work
+                continue
+            slot = i % 2
+            if in_flight[slot] is not None:
+                in_flight[slot].wait()
+            data = pack_bucket(bucket, self._tensors, buffers[slot])
+            in_flight[slot] = session.pg.send([data], CLIENT_RANK, 0)
+        for work in (*in_flight, pending_direct):
+            if work is not None:
+                work.wait()
+
+    # ---- checksums (cached: the served tensors do not change) ------------------------
+
+    def _precompute(self) -> None:
+        try:
+            self._plan_for(self.settings.bucket_bytes)
+        except Exception:
+            log.exception("netloader server rank %d: checksum precomputation failed", self.rank)
+        finally:
+            self._ready.set()
+
+    def _plan_for(self, bucket_bytes: int) -> tuple[list[Bucket], tuple[str, ...]]:
+        with self._plan_lock:
+            cached = self._plans.get(bucket_bytes)
+            if cached is not None:
+                return cached
+            plan = plan_buckets(self._manifest.specs, bucket_bytes)
+            size = max_packed_bytes(plan)
+            scratch = torch.empty(size, dtype=torch.uint8, device=self._device) if size else None
+            checksums = []
+            for bucket in plan:
+                if bucket.direct:
+                    t = self._tensors[bucket.items[0].name]
+                    data = byte_view(t if t.is_contiguous() else t.contiguous())
+                else:
+                    data = pack_bucket(bucket, self._tensors, scratch)
+                checksums.append(digest(data, self._algorithm))
+            if len(self._plans) >= _MAX_CACHED_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[bucket_bytes] = (plan, tuple(checksums))
+            return self._plans[bucket_bytes]
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _send(self, identity: bytes, msg: dict) -> None:
+        """Queue a reply; only the control thread touches the ROUTER socket."""
+        self._outbox.put((identity, protocol.encode(msg)))
+        if threading.current_thread() is not self._thread:
+            self._wake()
+
+    def _flush_outbox(self) -> None:
+        while True:
+            try:
+                identity, payload = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._router.send_multipart([identity, payload], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.debug("netloader server rank %d: reply dropped: %s", self.rank, exc)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # buffer full (a wakeup is already pending) or closed
+
+    def _drain_wakeups(self) -> None:
+        self._wake_r.setblocking(False)
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _bad_message(self, what: str) -> None:
+        self.bad_messages += 1
+        if self.bad_messages <= _BAD_MESSAGE_LOG_FIRST or self.bad_messages % 100 == 0:
+            log.warning(
+                "netloader server rank %d: bad message #%d: %s",
+                self.rank,
+                self.bad_messages,
+                what[:200],
+            )
+
+    def _store_bind_host(self) -> str:
+        return self._host or "0.0.0.0"
+
+    def _advertised_host(self) -> str:
+        if self.settings.advertise_host:
+            return self.settings.advertise_host
+        if self._host not in ("0.0.0.0", "::", ""):
+            return self._host
+        return outbound_ip()
+
+    def _write_endpoint_file(self) -> None:
+        path = f"{self._output_prefix}{self.rank}.txt"
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(self.endpoint + "\n")
+        except OSError as exc:
+            log.warning("netloader server rank %d: cannot write %s: %s", self.rank, path, exc)
+
+
+def outbound_ip() -> str:
+    """The local address used to reach other hosts (no packet is sent)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 1))
+        return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        probe.close()

@@ -1,0 +1,69 @@
+"""Run a blocking data path in a worker thread under per-phase deadlines.
+
+The worker announces each phase with `phase(name, timeout_s)`; if a phase outlives its
+timeout the caller gets PhaseTimeout, `on_timeout` runs (e.g. aborts the process group
+so the blocked receive errors out) and the worker is abandoned. A hung peer thus costs
+the caller at most the phase timeout, whatever the communication backend does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+class PhaseTimeout(Exception):
+    pass
+
+
+class Watchdog:
+    def __init__(self, clock=time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._phase = "start"
+        self._timeout_s = float("inf")
+        self._deadline = float("inf")
+
+    def phase(self, name: str, timeout_s: float) -> None:
+        with self._lock:
+            self._phase, self._timeout_s = name, timeout_s
+            self._deadline = self._clock() + timeout_s
+
+    def expired(self) -> tuple[str, float] | None:
+        with self._lock:
+            if self._clock() > self._deadline:
+                return self._phase, self._timeout_s
+            return None
+
+    def run(
+        self,
+        work: Callable[[Watchdog], object],
+        on_timeout: Callable[[], None] = lambda: None,
+        poll_s: float = 0.05,
+        grace_s: float = 5.0,
+        name: str = "netloader-transfer",
+    ):
+        """Run `work(self)` in a thread; return its result or raise its exception."""
+        result: dict = {}
+
+        def target() -> None:
+            try:
+                result["value"] = work(self)
+            except BaseException as exc:  # handed to the caller
+                result["error"] = exc
+
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(poll_s)
+            late = self.expired()
+            if late is not None and thread.is_alive():
+                try:
+                    on_timeout()
+                finally:
+                    thread.join(grace_s)
+                raise PhaseTimeout(f"{late[0]} timed out after {late[1]:g}s")
+        if "error" in result:
+            raise result["error"]
+        return result.get("value")
