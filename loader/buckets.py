@@ -85,4 +85,5 @@ def unpack_bucket(bucket: Bucket, data: torch.Tensor, tensors: dict[str, torch.T
         if dest.is_contiguous():
             byte_view(dest).copy_(src)
         else:
-            dest.copy_(src.view(dest.dtype).view(dest.shape))
+            # clone: packed offsets need not be aligned for a dtype view
+            dest.copy_(src.clone().view(dest.dtype).view(dest.shape))

@@ -1,0 +1,71 @@
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loader.buckets import max_packed_bytes, pack_bucket, plan_buckets, unpack_bucket
+from loader.manifest import TensorSpec, build_manifest
+
+
+def specs(sizes):
+    return [TensorSpec(f"t{i}", "uint8", (n,), n) for i, n in enumerate(sizes)]
+
+
+def test_small_tensors_are_coalesced_and_large_ones_sent_directly():
+    plan = plan_buckets(specs([10, 20, 30, 600, 40, 1000, 5]), bucket_bytes=100)
+    assert [(b.direct, [i.name for i in b.items], b.nbytes) for b in plan] == [
+        (False, ["t0", "t1", "t2"], 60),
+        (True, ["t3"], 600),
+        (False, ["t4"], 40),
+        (True, ["t5"], 1000),
+        (False, ["t6"], 5),
+    ]
+    assert [b.index for b in plan] == list(range(5))
+    assert max_packed_bytes(plan) == 60
+
+
+def test_bucket_is_flushed_before_it_overflows():
+    plan = plan_buckets(specs([40, 40, 40]), bucket_bytes=100)
+    assert [[i.name for i in b.items] for b in plan] == [["t0", "t1"], ["t2"]]
+    assert [i.offset for i in plan[0].items] == [0, 40]
+
+
+def test_empty_tensors_are_skipped():
+    assert plan_buckets(specs([0, 0]), bucket_bytes=100) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5000), max_size=60), st.integers(1, 3000))
+def test_plan_covers_every_byte_once_in_order(sizes, bucket_bytes):
+    plan = plan_buckets(specs(sizes), bucket_bytes)
+    names = [item.name for b in plan for item in b.items]
+    assert names == [f"t{i}" for i, n in enumerate(sizes) if n > 0]
+    for b in plan:
+        if b.direct:
+            assert len(b.items) == 1 and b.nbytes >= max(1, bucket_bytes // 2)
+        else:
+            assert b.nbytes <= bucket_bytes
+            offset = 0
+            for item in b.items:
+                assert item.offset == offset
+                offset += item.nbytes
+            assert offset == b.nbytes
+    assert sum(b.nbytes for b in plan) == sum(sizes)
+
+
+def test_pack_and_unpack_round_trip_mixed_dtypes():
+    src = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(11, dtype=torch.int64),
+        "d": torch.tensor(True),
+        "nc": torch.randn(4, 6).t(),  # non-contiguous source and destination
+    }
+    dest = {k: torch.zeros_like(v) for k, v in src.items()}
+    dest["nc"] = torch.zeros(4, 6).t()
+    manifest = build_manifest(src)
+    plan = plan_buckets(manifest.specs, bucket_bytes=1 << 20)
+    buffer = torch.empty(max_packed_bytes(plan), dtype=torch.uint8)
+    for bucket in plan:
+        unpack_bucket(bucket, pack_bucket(bucket, src, buffer).clone(), dest)
+    for k in src:
+        assert torch.equal(dest[k], src[k]), k

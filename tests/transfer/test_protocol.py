@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from loader import protocol
+from loader.manifest import build_manifest
+
+MANIFEST = build_manifest({"a": torch.zeros(3), "b": torch.zeros(2, dtype=torch.int8)})
+
+
+def hello(**changes):
+    msg = protocol.hello_message("ab" * 32, 0, MANIFEST, "127.0.0.1", "gloo", 1 << 20)
+    msg.update(changes)
+    return msg
+
+
+def ack(**changes):
+    msg = protocol.ack_message(
+        protocol.Ack("0123456789abcdef", 4000, 1 << 20, "sha256", ("ff" * 32,), "aa" * 32)
+    )
+    msg.update(changes)
+    return msg
+
+
+def test_round_trip():
+    parsed = protocol.parse_hello(protocol.decode(protocol.encode(hello()), 1 << 20))
+    assert parsed.manifest == MANIFEST and parsed.pg_host == "127.0.0.1"
+    reply = protocol.parse_reply(protocol.decode(protocol.encode(ack()), 1 << 20))
+    assert isinstance(reply, protocol.Ack) and reply.store_port == 4000
+    refusal = protocol.parse_reply(protocol.nack_message("no\x00pe"))
+    assert refusal == protocol.Refusal(busy=False, reason="no?pe")
+    assert protocol.parse_reply(protocol.nack_message("full", busy=True)).busy
+    done = protocol.parse_done(protocol.done_message("0123456789abcdef", False, "checksum"))
+    assert done.reason == "checksum" and not done.ok
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\xff\xfe", b"[1,2]", b"{}", b'{"type": 5}', b"x" * 2000],
+)
+def test_garbage_payloads_are_protocol_errors(payload):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(payload, 1000)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"v": 2},
+        {"fingerprint": "not-hex"},
+        {"fingerprint": 12},
+        {"rank": -1},
+        {"rank": True},
+        {"manifest": {"tensors": "x", "aliases": []}},
+        {"pg_host": "bad host; rm -rf"},
+        {"backend": "mpi"},
+        {"max_bucket_bytes": 10},
+        {"unexpected": 1},
+    ],
+)
+def test_bad_hellos_are_rejected(changes):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_hello(hello(**changes))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"type": "hello"},
+        {"session": "xyz"},
+        {"store_port": 0},
+        {"store_port": 70000},
+        {"bucket_bytes": "big"},
+        {"algorithm": "md5"},
+        {"checksums": "ff"},
+        {"checksums": [1]},
+        {"manifest_digest": None},
+        {"extra": True},
+    ],
+)
+def test_bad_acks_are_rejected(changes):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_reply(ack(**changes))
+
+
+def test_bad_done_and_refusals_are_rejected():
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_done({"type": "done", "session": "0123456789abcdef", "ok": "yes", "reason": None})
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_reply({"type": "nack", "reason": 5})
