@@ -1,0 +1,606 @@
+"""SWIM + Lifeguard membership as a pure state machine.
+
+Inputs are `handle(now, msg)` (a message already validated by the codec) and
+`tick(now)`; both return the messages to send as (addr, msg) pairs. The core never
+reads a clock, sleeps or touches a socket; randomness comes from the injected
+`random.Random`, so the simulator can run it deterministically in virtual time.
+
+Mechanisms (see DESIGN.md §2):
+- randomized round-robin probing, k indirect probes, nacks from helpers;
+- suspicion with a timeout that starts at max and shrinks towards min as
+  independent accusers confirm it (Lifeguard), refutation by incarnation bump;
+- local health multiplier: a member that misses acks/nacks itself probes more
+  slowly and waits longer instead of accusing others (Lifeguard);
+- updates piggybacked on pings/acks and gossiped to `gossip_fanout` members every
+  `gossip_interval` while any are pending, each sent retransmit_mult*ceil(log10(N+1))
+  times; nothing is gossiped when nothing changed;
+- anti-entropy every `sync_interval`: exchange one 64-bit view hash, and only on a
+  mismatch a digest and then the differing entries;
+- join by pushing our entry to seeds, graceful leave (`left`), tombstones expire.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import orjson
+
+from .codec import MAX_PIGGYBACK_ENTRIES, validate_meta
+from .members import ALIVE, DEAD, LEFT, SUSPECT, Entry, entry_digest
+
+Out = tuple[str, dict]
+
+# the receiver never answers these, so they need not carry the sender's address
+_NO_REPLY_TYPES = frozenset({"ack", "nack", "gos"})
+
+
+@dataclass
+class ProtocolConfig:
+    probe_interval: float = 0.7
+    probe_timeout: float = 0.2
+    indirect_checks: int = 3
+    gossip_interval: float = 0.2
+    gossip_fanout: int = 3
+    retransmit_mult: int = 4
+    sync_interval: float = 2.0
+    suspicion_mult: float = 2.0
+    suspicion_max_mult: float = 6.0
+    suspicion_confirmations: int = 2
+    lifeguard: bool = True
+    awareness_max: int = 8
+    tombstone_ttl: float = 60.0
+    join_retry: float = 0.5
+    join_retry_max: float = 5.0
+    reconnect_probability: float = 0.1
+    piggyback_bytes: int = 1200
+    rtt_smoothing: float = 0.25
+
+
+@dataclass(slots=True)
+class LocalInfo:
+    since: float
+    last_heard: float | None = None
+    rtt: float | None = None
+
+
+@dataclass(slots=True)
+class Rumor:
+    entry: Entry
+    remaining: int
+    size: int
+
+
+@dataclass(slots=True)
+class Probe:
+    target: str
+    seq: int
+    start: float
+    timeout_at: float
+    end_at: float
+    indirect_sent: bool = False
+    expected_nacks: int = 0
+    nacks: int = 0
+
+
+@dataclass(slots=True)
+class Suspicion:
+    incarnation: int
+    start: float
+    accusers: set
+    deadline: float
+
+
+@dataclass(slots=True)
+class HelpRequest:
+    requester_addr: str
+    requester_seq: int
+    nack_at: float
+
+
+class MeshCore:
+    def __init__(
+        self,
+        name: str,
+        addr: str,
+        now: float,
+        rng: random.Random,
+        meta: dict | None = None,
+        seeds: list[str] | None = None,
+        config: ProtocolConfig | None = None,
+    ) -> None:
+        self.name = name
+        self.addr = addr
+        self.rng = rng
+        self.config = config or ProtocolConfig()
+        self.incarnation = 0
+        self.meta = validate_meta(dict(meta or {}))
+        self.leaving = False
+        self.joined = False
+        self.seeds: list[str] = []
+        self.view: dict[str, Entry] = {}
+        self.local: dict[str, LocalInfo] = {}
+        self.view_hash = 0
+        self.version = 0  # bumped on every view change; lets readers cache snapshots
+        self.rumors: dict[str, Rumor] = {}
+        self.suspicions: dict[str, Suspicion] = {}
+        self.helping: dict[int, HelpRequest] = {}
+        self.probe: Probe | None = None
+        self.probe_order: list[str] = []
+        self.awareness = 0
+        self.seq = rng.randrange(1 << 24)
+        self.events: list[tuple[float, str, int | None, int | None, int]] = []
+        self.alive_count = 0
+        self._candidate_cache: dict = {}
+        c = self.config
+        self.next_probe_at = now + rng.uniform(0, c.probe_interval)
+        self.next_gossip_at = now
+        self.next_sync_at = now + rng.uniform(0.5, 1.0) * c.sync_interval
+        self.next_join_at = now
+        self.join_backoff = c.join_retry
+        self._install(now, Entry(name, addr, 0, ALIVE, self.meta), rumor=True)
+        self.set_seeds(seeds or [])
+
+    # ------------------------------------------------------------------ inputs
+
+    def set_seeds(self, seeds: list[str]) -> None:
+        self.seeds = [s for s in dict.fromkeys(seeds) if s != self.addr]
+
+    def tick(self, now: float) -> list[Out]:
+        out: list[Out] = []
+        if self.leaving:
+            self._gossip_tick(now, out)
+            return out
+        self._probe_tick(now, out)
+        self._help_tick(now, out)
+        self._suspicion_tick(now)
+        self._gossip_tick(now, out)
+        self._sync_tick(now, out)
+        self._join_tick(now, out)
+        return out
+
+    def next_deadline(self) -> float:
+        times = [self.next_gossip_at if self.rumors else math.inf]
+        if not self.leaving:
+            times += [self.next_probe_at, self.next_sync_at]
+            if self.seeds and (not self.joined or self.alive_count <= 1):
+                times.append(self.next_join_at)
+            if self.probe is not None:
+                times.append(self.probe.end_at)
+                if not self.probe.indirect_sent:
+                    times.append(self.probe.timeout_at)
+            times += [h.nack_at for h in self.helping.values()]
+            times += [s.deadline for s in self.suspicions.values()]
+        return min(times)
+
+    def handle(self, now: float, msg: dict) -> list[Out]:
+        out: list[Out] = []
+        sender = msg.get("f")
+        if self.leaving or sender == self.name:
+            return out
+        info = self.local.get(sender)
+        if info is not None:
+            info.last_heard = now
+        self.joined = True
+        kind = msg["t"]
+        for wire in msg.get("u", ()) if kind in ("ping", "ack", "gos") else ():
+            self._apply(now, Entry.from_wire(wire), gossip=True)
+        handler = getattr(self, "_on_" + kind, None)
+        if handler is not None:
+            handler(now, msg, out)
+        return out
+
+    def advertise(self, now: float, meta: dict) -> list[Out]:
+        """Replace our metadata; spread it with a higher incarnation."""
+        self.meta = validate_meta(dict(meta))
+        self.incarnation += 1
+        self._install(now, self._own_entry(), rumor=True)
+        return []
+
+    def leave(self, now: float) -> list[Out]:
+        """Announce `left` to a few members now; keep gossiping it on later ticks."""
+        if self.leaving:
+            return []
+        self.incarnation += 1
+        self._install(now, Entry(self.name, self.addr, self.incarnation, LEFT), rumor=True)
+        self.leaving = True
+        out: list[Out] = []
+        for target in self._random_members(self.config.gossip_fanout + 2, states=(ALIVE, SUSPECT)):
+            self._send(out, self.view[target].addr, {"t": "gos"}, piggyback=True)
+        return out
+
+    def drain_events(self) -> list[tuple[float, str, int | None, int | None, int]]:
+        events, self.events = self.events, []
+        return events
+
+    def members(self) -> list[tuple[Entry, LocalInfo]]:
+        return [(e, self.local[n]) for n, e in self.view.items()]
+
+    # ---------------------------------------------------------------- handlers
+
+    def _on_ping(self, now: float, msg: dict, out: list[Out]) -> None:
+        if msg["tg"] == self.name:
+            self._send(out, msg["fa"], {"t": "ack", "q": msg["q"]}, piggyback=True)
+
+    def _on_ack(self, now: float, msg: dict, out: list[Out]) -> None:
+        seq = msg["q"]
+        probe = self.probe
+        if probe is not None and seq == probe.seq:
+            target = self.view.get(probe.target)
+            if msg["f"] == probe.target and target is not None and not probe.indirect_sent:
+                info = self.local[probe.target]
+                sample = max(0.0, now - probe.start)
+                a = self.config.rtt_smoothing
+                info.rtt = sample if info.rtt is None else (1 - a) * info.rtt + a * sample
+            self.probe = None
+            self._adjust_awareness(-1)
+            return
+        help_req = self.helping.pop(seq, None)
+        if help_req is not None:
+            self._send(out, help_req.requester_addr, {"t": "ack", "q": help_req.requester_seq})
+
+    def _on_nack(self, now: float, msg: dict, out: list[Out]) -> None:
+        if self.probe is not None and msg["q"] == self.probe.seq:
+            self.probe.nacks += 1
+
+    def _on_preq(self, now: float, msg: dict, out: list[Out]) -> None:
+        if len(self.helping) >= 256:
+            return
+        seq = self._next_seq()
+        self.helping[seq] = HelpRequest(msg["fa"], msg["q"], now + 0.8 * self.config.probe_timeout)
+        self._send(out, msg["ta"], {"t": "ping", "q": seq, "tg": msg["tg"]})
+
+    def _on_gos(self, now: float, msg: dict, out: list[Out]) -> None:
+        pass  # updates were applied in handle()
+
+    def _on_syn(self, now: float, msg: dict, out: list[Out]) -> None:
+        if msg["h"] != self.view_hash:
+            digest = [[n, e.incarnation, e.state] for n, e in self.view.items()]
+            self._send(out, msg["fa"], {"t": "dig", "h": self.view_hash, "d": digest})
+
+    def _on_dig(self, now: float, msg: dict, out: list[Out]) -> None:
+        if msg["h"] == self.view_hash:
+            return
+        theirs = set()
+        send: list[dict] = []
+        want: list[str] = []
+        for name, inc, state in msg["d"]:
+            theirs.add(name)
+            mine = self.view.get(name)
+            if mine is None:
+                if state == ALIVE:
+                    want.append(name)
+            elif (inc, state) > (mine.incarnation, mine.state):
+                want.append(name)
+            elif (inc, state) < (mine.incarnation, mine.state):
+                send.append(mine.to_wire())
+        send += [e.to_wire() for n, e in self.view.items() if n not in theirs]
+        if send or want:
+            self._send(out, msg["fa"], {"t": "dlt", "u": send, "w": want})
+
+    def _on_dlt(self, now: float, msg: dict, out: list[Out]) -> None:
+        for wire in msg["u"]:
+            self._apply(now, Entry.from_wire(wire), gossip=False)
+        wanted = [self.view[n].to_wire() for n in msg["w"] if n in self.view]
+        if wanted:
+            self._send(out, msg["fa"], {"t": "dlt", "u": wanted, "w": []})
+
+    def _on_push(self, now: float, msg: dict, out: list[Out]) -> None:
+        for wire in msg["u"]:
+            entry = Entry.from_wire(wire)
+            self._apply(now, entry, gossip=entry.name == msg["f"])
+        if msg["r"]:
+            self._send(out, msg["fa"], {"t": "push", "u": self._full_state(), "r": False})
+
+    # ------------------------------------------------------------------ timers
+
+    def _probe_tick(self, now: float, out: list[Out]) -> None:
+        c = self.config
+        probe = self.probe
+        scale = self.awareness + 1
+        if probe is not None and not probe.indirect_sent and now >= probe.timeout_at:
+            probe.indirect_sent = True
+            target = self.view.get(probe.target)
+            if target is not None:
+                helpers = self._random_members(
+                    c.indirect_checks, states=(ALIVE,), exclude=(probe.target,)
+                )
+                probe.expected_nacks = len(helpers)
+                # a second direct ping, like memberlist's TCP fallback: one lost
+                # datagram should not be enough to start a suspicion
+                self._send(out, target.addr, {"t": "ping", "q": probe.seq, "tg": probe.target})
+                for helper in helpers:
+                    self._send(
+                        out,
+                        self.view[helper].addr,
+                        {"t": "preq", "q": probe.seq, "tg": probe.target, "ta": target.addr},
+                    )
+        if probe is not None and now >= probe.end_at:
+            self.probe = None
+            missed = probe.expected_nacks - probe.nacks if probe.expected_nacks else 1
+            self._adjust_awareness(max(missed, 0))
+            self._accuse(now, probe.target)
+        if now >= self.next_probe_at:
+            target = self._next_probe_target()
+            if target is None:
+                self.next_probe_at = now + c.probe_interval
+                return
+            seq = self._next_seq()
+            self.probe = Probe(
+                target=target,
+                seq=seq,
+                start=now,
+                timeout_at=now + c.probe_timeout * scale,
+                end_at=now + c.probe_interval * scale,
+            )
+            self.next_probe_at = now + c.probe_interval * scale
+            entry = self.view[target]
+            first = [entry.to_wire()] if entry.state == SUSPECT else []  # buddy system
+            self._send(out, entry.addr, {"t": "ping", "q": seq, "tg": target}, True, first)
+
+    def _help_tick(self, now: float, out: list[Out]) -> None:
+        for seq, req in list(self.helping.items()):
+            if now >= req.nack_at:
+                del self.helping[seq]
+                self._send(out, req.requester_addr, {"t": "nack", "q": req.requester_seq})
+
+    def _suspicion_tick(self, now: float) -> None:
+        for name, s in list(self.suspicions.items()):
+            if now >= s.deadline:
+                del self.suspicions[name]
+                entry = self.view.get(name)
+                if entry is not None and entry.state == SUSPECT and entry.incarnation == s.incarnation:
+                    self._install(now, Entry(name, entry.addr, entry.incarnation, DEAD), rumor=True)
+
+    def _gossip_tick(self, now: float, out: list[Out]) -> None:
+        if now < self.next_gossip_at:
+            return
+        self.next_gossip_at = now + self.config.gossip_interval
+        if not self.rumors:
+            return
+        for target in self._random_members(self.config.gossip_fanout, states=(ALIVE, SUSPECT)):
+            if not self.rumors:
+                break
+            self._send(out, self.view[target].addr, {"t": "gos"}, piggyback=True)
+
+    def _sync_tick(self, now: float, out: list[Out]) -> None:
+        c = self.config
+        if now < self.next_sync_at:
+            return
+        self.next_sync_at = now + c.sync_interval * self.rng.uniform(0.75, 1.25)
+        self._expire_tombstones(now)
+        target = None
+        if self.rng.random() < c.reconnect_probability:
+            dead = self._random_members(1, states=(DEAD,))
+            target = dead[0] if dead else None
+        if target is None:
+            alive = self._random_members(1, states=(ALIVE,))
+            target = alive[0] if alive else None
+        if target is not None:
+            self._send(out, self.view[target].addr, {"t": "syn", "h": self.view_hash})
+
+    def _join_tick(self, now: float, out: list[Out]) -> None:
+        if not self.seeds or now < self.next_join_at:
+            return
+        if self.joined and self.alive_count > 1:
+            self.join_backoff = self.config.join_retry
+            return
+        self.next_join_at = now + self.join_backoff
+        self.join_backoff = min(self.join_backoff * 2, self.config.join_retry_max)
+        for seed in self.seeds:
+            self._send(out, seed, {"t": "push", "u": [self._own_entry().to_wire()], "r": True})
+
+    def _expire_tombstones(self, now: float) -> None:
+        ttl = self.config.tombstone_ttl
+        for name, entry in list(self.view.items()):
+            if entry.state in (DEAD, LEFT) and now - self.local[name].since >= ttl:
+                self._remove(now, name)
+
+    # ------------------------------------------------------------- state merge
+
+    def _apply(self, now: float, entry: Entry, gossip: bool) -> None:
+        if entry.name == self.name:
+            own = self.view[self.name]
+            if entry.supersedes(own):
+                self._refute(now, entry)
+            return
+        current = self.view.get(entry.name)
+        if current is None and entry.state != ALIVE:
+            return  # no news about members we never knew (or whose tombstone expired)
+        if not entry.supersedes(current):
+            if (
+                entry.state == SUSPECT
+                and current.state == SUSPECT
+                and entry.incarnation == current.incarnation
+                and entry.accuser is not None
+                and self._confirm(now, entry.name, entry.accuser)
+                and gossip
+            ):
+                self._queue_rumor(entry)
+            return
+        rumor = gossip or current is not None
+        self._install(now, entry, rumor=rumor)
+
+    def _refute(self, now: float, claim: Entry) -> None:
+        self.incarnation = max(self.incarnation, claim.incarnation) + 1
+        if claim.state != ALIVE:
+            self._adjust_awareness(1)
+        self._install(now, self._own_entry(), rumor=True)
+
+    def _accuse(self, now: float, name: str) -> None:
+        entry = self.view.get(name)
+        if entry is None:
+            return
+        if entry.state == ALIVE:
+            accusation = Entry(name, entry.addr, entry.incarnation, SUSPECT, accuser=self.name)
+            self._install(now, accusation, rumor=True)
+        elif entry.state == SUSPECT and self._confirm(now, name, self.name):
+            self._queue_rumor(Entry(name, entry.addr, entry.incarnation, SUSPECT, accuser=self.name))
+
+    def _install(self, now: float, entry: Entry, rumor: bool) -> None:
+        name = entry.name
+        old = self.view.get(name)
+        if old is not None:
+            self.view_hash ^= entry_digest(name, old.incarnation, old.state)
+            if old.state == ALIVE:
+                self.alive_count -= 1
+        self.view_hash ^= entry_digest(name, entry.incarnation, entry.state)
+        if entry.state == ALIVE:
+            self.alive_count += 1
+        self.view[name] = entry
+        self.version += 1
+        info = self.local.get(name)
+        if info is None:
+            self.local[name] = LocalInfo(since=now)
+        elif old is None or old.state != entry.state:
+            info.since = now
+        if old is None or old.state != entry.state:
+            self.events.append((now, name, None if old is None else old.state, entry.state, entry.incarnation))
+        if old is None and name != self.name:
+            # a newcomer joins the current probe round at a random position
+            self.probe_order.insert(self.rng.randint(0, len(self.probe_order)), name)
+        if entry.state == SUSPECT:
+            self._start_suspicion(now, entry)
+            if entry.accuser != self.name and (old is None or old.state != SUSPECT):
+                # probe the suspect next: a real failure then gathers independent
+                # confirmations within about one probe interval
+                self.probe_order.append(name)
+        else:
+            self.suspicions.pop(name, None)
+        if rumor:
+            self._queue_rumor(entry)
+
+    def _remove(self, now: float, name: str) -> None:
+        old = self.view.pop(name)
+        self.local.pop(name, None)
+        self.view_hash ^= entry_digest(name, old.incarnation, old.state)
+        if old.state == ALIVE:
+            self.alive_count -= 1
+        self.rumors.pop(name, None)
+        self.suspicions.pop(name, None)
+        self.version += 1
+        self.events.append((now, name, old.state, None, old.incarnation))
+
+    # -------------------------------------------------------------- suspicion
+
+    def _suspicion_bounds(self) -> tuple[float, float, int]:
+        c = self.config
+        n = max(self.alive_count, 1)
+        low = c.suspicion_mult * max(1.0, math.log10(n)) * c.probe_interval
+        if not c.lifeguard:
+            return low, low, 0
+        k = c.suspicion_confirmations
+        if n - 2 < k:
+            k = 0
+        return low, c.suspicion_max_mult * low, k
+
+    def _start_suspicion(self, now: float, entry: Entry) -> None:
+        existing = self.suspicions.get(entry.name)
+        if existing is not None and existing.incarnation == entry.incarnation:
+            if entry.accuser is not None:
+                self._confirm(now, entry.name, entry.accuser)
+            return
+        accusers = {entry.accuser} if entry.accuser is not None else set()
+        s = Suspicion(entry.incarnation, now, accusers, now)
+        self.suspicions[entry.name] = s
+        self._set_suspicion_deadline(s)
+
+    def _confirm(self, now: float, name: str, accuser: str) -> bool:
+        s = self.suspicions.get(name)
+        if s is None or accuser in s.accusers:
+            return False
+        s.accusers.add(accuser)
+        self._set_suspicion_deadline(s)
+        return True
+
+    def _set_suspicion_deadline(self, s: Suspicion) -> None:
+        low, high, k = self._suspicion_bounds()
+        if k < 1:
+            timeout = low
+        else:
+            confirmations = max(len(s.accusers) - 1, 0)
+            frac = math.log(confirmations + 1) / math.log(k + 1)
+            timeout = max(low, high - (high - low) * frac)
+        s.deadline = s.start + timeout
+
+    # -------------------------------------------------------------- messaging
+
+    def _queue_rumor(self, entry: Entry) -> None:
+        n = max(len(self.view), 1)
+        limit = self.config.retransmit_mult * math.ceil(math.log10(n + 1))
+        wire = entry.to_wire()
+        self.rumors[entry.name] = Rumor(entry, limit, len(orjson.dumps(wire)) + 1)
+
+    def _piggyback(self, first: list[dict]) -> list[dict]:
+        budget = self.config.piggyback_bytes
+        chosen = list(first)
+        if not self.rumors:
+            return chosen
+        for name, rumor in sorted(self.rumors.items(), key=lambda kv: -kv[1].remaining):
+            if len(chosen) >= MAX_PIGGYBACK_ENTRIES or rumor.size > budget:
+                break
+            budget -= rumor.size
+            chosen.append(rumor.entry.to_wire())
+            rumor.remaining -= 1
+            if rumor.remaining <= 0:
+                del self.rumors[name]
+        return chosen
+
+    def _send(
+        self, out: list[Out], addr: str, msg: dict, piggyback: bool = False, first=()
+    ) -> None:
+        msg["v"] = 1
+        msg["f"] = self.name
+        if msg["t"] not in _NO_REPLY_TYPES:
+            msg["fa"] = self.addr
+        if piggyback:
+            updates = self._piggyback(list(first))
+            if updates:
+                msg["u"] = updates
+        out.append((addr, msg))
+
+    def _next_seq(self) -> int:
+        self.seq = (self.seq + 1) % (1 << 24)  # only a few probes are ever outstanding
+        return self.seq
+
+    def _own_entry(self) -> Entry:
+        return Entry(self.name, self.addr, self.incarnation, ALIVE, self.meta)
+
+    def _full_state(self) -> list[dict]:
+        return [e.to_wire() for e in self.view.values()]
+
+    def _adjust_awareness(self, delta: int) -> None:
+        if self.config.lifeguard:
+            self.awareness = min(max(self.awareness + delta, 0), self.config.awareness_max - 1)
+
+    def _candidates(self, states: tuple) -> list[str]:
+        cached = self._candidate_cache.get(states)
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        names = [n for n, e in self.view.items() if e.state in states and n != self.name]
+        self._candidate_cache[states] = (self.version, names)
+        return names
+
+    def _random_members(self, count: int, states: tuple, exclude: tuple = ()) -> list[str]:
+        candidates = self._candidates(states)
+        if exclude:
+            candidates = [n for n in candidates if n not in exclude]
+        if len(candidates) <= count:
+            candidates = list(candidates)
+            self.rng.shuffle(candidates)
+            return candidates
+        return self.rng.sample(candidates, count)
+
+    def _next_probe_target(self) -> str | None:
+        for _ in range(2):
+            while self.probe_order:
+                name = self.probe_order.pop()
+                entry = self.view.get(name)
+                if entry is not None and entry.state in (ALIVE, SUSPECT):
+                    return name
+            self.probe_order = [
+                n for n, e in self.view.items() if n != self.name and e.state in (ALIVE, SUSPECT)
+            ]
+            self.rng.shuffle(self.probe_order)
+        return None

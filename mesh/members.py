@@ -1,0 +1,86 @@
+"""Member entries as gossiped, and the precedence rule that merges them.
+
+An entry is (name, addr, incarnation, state, meta). Of two entries about the same
+name the one with the larger (incarnation, state rank) wins; ties fall back to a
+deterministic comparison of addr and meta so every member converges to the same
+view whatever order updates arrive in. Meta is only carried by `alive` entries and
+is versioned by the incarnation: a member bumps its incarnation to publish new meta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import orjson
+
+ALIVE, SUSPECT, DEAD, LEFT = 0, 1, 2, 3
+STATE_NAMES = ("alive", "suspect", "dead", "left")
+STATE_BY_NAME = {n: i for i, n in enumerate(STATE_NAMES)}
+
+MAX_META_BYTES = 512
+MAX_NAME_CHARS = 128
+MAX_META_KEY_CHARS = 64
+
+
+def meta_blob(meta: dict) -> bytes:
+    return orjson.dumps(meta, option=orjson.OPT_SORT_KEYS)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    name: str
+    addr: str
+    incarnation: int
+    state: int
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+    accuser: str | None = field(default=None, compare=False, hash=False)
+
+    def precedence(self) -> tuple:
+        return (self.incarnation, self.state, self.addr, meta_blob(self.meta))
+
+    def supersedes(self, other: Entry | None) -> bool:
+        if other is None:
+            return True
+        if (self.incarnation, self.state) != (other.incarnation, other.state):
+            return (self.incarnation, self.state) > (other.incarnation, other.state)
+        return self.precedence() > other.precedence()
+
+    def same_version(self, other: Entry) -> bool:
+        return self.precedence() == other.precedence()
+
+    def to_wire(self) -> dict:
+        wire = {"n": self.name, "a": self.addr, "i": self.incarnation, "s": self.state}
+        if self.state == ALIVE and self.meta:
+            wire["m"] = self.meta
+        if self.accuser is not None:
+            wire["f"] = self.accuser
+        return wire
+
+    @staticmethod
+    def from_wire(wire: dict) -> Entry:
+        return Entry(
+            name=wire["n"],
+            addr=wire["a"],
+            incarnation=wire["i"],
+            state=wire["s"],
+            meta=wire.get("m", {}) if wire["s"] == ALIVE else {},
+            accuser=wire.get("f"),
+        )
+
+
+def entry_digest(name: str, incarnation: int, state: int) -> int:
+    """64-bit digest of an entry's version; XOR of these summarises a whole view."""
+    raw = hashlib.blake2b(
+        f"{name}\x00{incarnation}\x00{state}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(raw, "big")
+
+
+def merge_views(entries: list[Entry]) -> dict[str, Entry]:
+    """The view obtained by merging `entries` in any order (used by tests and sync)."""
+    view: dict[str, Entry] = {}
+    for e in entries:
+        if e.supersedes(view.get(e.name)):
+            view[e.name] = e
+    return view
