@@ -1,0 +1,133 @@
+"""`mesh agent` and `mesh status` (DESIGN.md §4 contract)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+
+import orjson
+
+from .addresses import parse_seed_list
+from .api import MeshAgent
+from .security import load_cluster_keys
+from .status import StatusError, format_table, query_members
+
+
+def _parse_meta_value(text: str):
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    return value if isinstance(value, (str, int, float, bool)) or value is None else text
+
+
+def parse_meta(pairs: list[str]) -> dict:
+    meta = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--meta expects KEY=VALUE, got {pair!r}")
+        meta[key] = _parse_meta_value(value)
+    return meta
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mesh", description="netloader gossip mesh")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser("agent", help="run a mesh agent in the foreground until SIGINT/SIGTERM")
+    agent.add_argument("--bind", required=True, help="HOST:PORT to listen on (port 0 = any free port)")
+    agent.add_argument("--seeds", default="", help="comma-separated HOST:PORT of existing members")
+    agent.add_argument("--name", default=None, help="unique member name (default hostname:port)")
+    agent.add_argument("--meta", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="metadata to advertise; values are parsed as JSON scalars when possible")
+    agent.add_argument("--secret-file", default=None, help="cluster secret; without it the mesh is open")
+    agent.add_argument("--zone", default=None, help="zone label advertised as meta zone")
+    agent.add_argument("--advertise", default=None, help="host (or host:port) others should use to reach us")
+    agent.add_argument("--log-level", default="INFO")
+
+    status = sub.add_parser("status", help="print the members known to the mesh")
+    status.add_argument("--seeds", required=True, help="comma-separated HOST:PORT of agents to ask")
+    status.add_argument("--json", action="store_true", help="print one JSON array")
+    status.add_argument("--watch", action="store_true", help="refresh in place every --interval seconds")
+    status.add_argument("--interval", type=float, default=1.0)
+    status.add_argument("--timeout", type=float, default=3.0, help="give up after this many seconds")
+    status.add_argument("--secret-file", default=None)
+    return parser
+
+
+def run_agent(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        agent = MeshAgent(
+            bind=args.bind,
+            seeds=parse_seed_list(args.seeds),
+            name=args.name,
+            meta=parse_meta(args.meta),
+            secret_file=args.secret_file,
+            zone=args.zone,
+            advertise=args.advertise,
+        )
+        agent.start()
+    except (ValueError, OSError) as e:
+        print(f"mesh agent: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # zmq.ZMQError for e.g. an address in use
+        print(f"mesh agent: cannot start: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"mesh agent {agent.name} listening on {agent.addr}", flush=True)
+    while not stop.is_set() and agent.running:
+        stop.wait(0.5)
+    agent.stop(leave=True)
+    return 0
+
+
+def run_status(args) -> int:
+    try:
+        keys = load_cluster_keys(args.secret_file)
+    except ValueError as e:
+        print(f"mesh status: {e}", file=sys.stderr)
+        return 2
+    seeds = parse_seed_list(args.seeds)
+    while True:
+        try:
+            responder, rows = query_members(seeds, keys, timeout=args.timeout)
+        except StatusError as e:
+            print(f"mesh status: {e}", file=sys.stderr)
+            return 1
+        if args.json:
+            sys.stdout.write(orjson.dumps(rows).decode() + "\n")
+        else:
+            if args.watch:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            alive = sum(1 for r in rows if r["state"] == "alive")
+            sys.stdout.write(f"{len(rows)} members ({alive} alive), view of {responder}\n")
+            sys.stdout.write(format_table(rows) + "\n")
+        sys.stdout.flush()
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "agent":
+            return run_agent(args)
+        return run_status(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

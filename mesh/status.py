@@ -1,0 +1,89 @@
+"""`mesh status`: ask any reachable seed for its view of the mesh, and format it."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import zmq
+
+from .addresses import resolve_seeds, zmq_endpoint
+from .codec import PROTOCOL_VERSION, Decoder, encode
+from .security import ClusterKeys, release_context, secure_client
+
+
+class StatusError(Exception):
+    """The mesh could not be reached; the message is the one-line reason."""
+
+
+def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: float = 3.0) -> tuple[str, list[dict]]:
+    """(name of the answering agent, its member rows); StatusError after `timeout` seconds."""
+    addrs = resolve_seeds(seed_specs)
+    if not addrs:
+        raise StatusError(f"no seed address could be resolved from {','.join(seed_specs) or '(none)'}")
+    query_id = random.randrange(1 << 52)
+    request = encode({"v": PROTOCOL_VERSION, "t": "qry", "q": query_id})
+    decoder = Decoder()
+    context = zmq.Context()
+    sockets = []
+    try:
+        poller = zmq.Poller()
+        for addr in addrs:
+            sock = context.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.maxmsgsize = 16 * 1024 * 1024
+            if addr.startswith("["):
+                sock.ipv6 = True
+            secure_client(sock, keys)
+            sock.connect(zmq_endpoint(addr))
+            sock.send(request, zmq.NOBLOCK)
+            poller.register(sock, zmq.POLLIN)
+            sockets.append(sock)
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            for sock, _ in poller.poll(int(remaining * 1000) + 1):
+                msg = decoder.decode(sock.recv())
+                if msg is not None and msg["t"] == "qres" and msg["q"] == query_id:
+                    return msg["self"], msg["ms"]
+    finally:
+        for sock in sockets:
+            sock.close(0)
+        release_context(context)
+        context.term()
+    hint = " (is --secret-file the cluster's?)" if keys is not None else " (does the mesh require --secret-file?)"
+    raise StatusError(f"no agent answered at {', '.join(addrs)} within {timeout:g}s{hint}")
+
+
+def _short(value, width: int) -> str:
+    text = "-" if value is None or value == "" else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _ago(seconds) -> str:
+    if seconds is None:
+        return "never"
+    return f"{seconds:.1f}s ago"
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["NAME", "ADDRESS", "STATE", "INC", "FINGERPRINT", "TPxPP", "RANK", "ENDPOINT", "LOAD", "RTT", "LAST HEARD"]
+    table = [header]
+    for row in sorted(rows, key=lambda r: r["name"]):
+        meta = row.get("meta", {})
+        tp, pp = meta.get("tp"), meta.get("pp")
+        rtt = row.get("rtt")
+        table.append([
+            _short(row["name"], 40),
+            row["addr"],
+            row["state"],
+            str(row["incarnation"]),
+            _short(meta.get("fingerprint"), 12),
+            f"{tp}x{pp}" if tp is not None or pp is not None else "-",
+            _short(meta.get("rank"), 6),
+            _short(meta.get("endpoint"), 28),
+            _short(meta.get("load"), 8),
+            "-" if rtt is None else f"{rtt * 1000:.2f}ms",
+            _ago(row.get("last_heard")),
+        ])
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
