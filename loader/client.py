@@ -265,6 +265,7 @@ class _BucketReceiver:
             CLIENT_RANK,
             settings.bucket_timeout_s,
         )
+        watchdog.check()
         self.setup_s = time.monotonic() - t0
         size = max_packed_bytes(self.plan)
         buffers = (
@@ -283,7 +284,9 @@ class _BucketReceiver:
         buffer_user: list[Future | None] = [None, None]
         try:
             for i, bucket in enumerate(self.plan):
-                watchdog.phase(f"bucket {i}/{len(self.plan)}", settings.bucket_timeout_s)
+                # the backend's own timeout (bucket_timeout_s) should fire first; the
+                # watchdog is the backstop for a backend that does not honour it
+                watchdog.phase(f"bucket {i}/{len(self.plan)}", _backstop(settings.bucket_timeout_s))
                 pending = _without_finished(pending)
                 if bucket.direct:
                     dest = attempt.tensors[bucket.items[0].name]
@@ -293,6 +296,7 @@ class _BucketReceiver:
                         else torch.empty(bucket.nbytes, dtype=torch.uint8, device=attempt.device)
                     )
                     self.pg.recv([target], SOURCE_RANK, 0).wait()
+                    watchdog.check()
                     pending.append(verifier.submit(self._verify_direct, bucket, target, dest))
                 else:
                     slot = i % 2
@@ -300,6 +304,7 @@ class _BucketReceiver:
                         buffer_user[slot].result()  # the bucket that used this buffer is done
                     target = buffers[slot][: bucket.nbytes]
                     self.pg.recv([target], SOURCE_RANK, 0).wait()
+                    watchdog.check()
                     future = verifier.submit(self._verify_packed, bucket, target)
                     buffer_user[slot] = future
                     pending.append(future)
@@ -327,6 +332,10 @@ class _BucketReceiver:
             raise SourceFailure(f"checksum mismatch in bucket {bucket.index} ({names})")
 
 
+def _backstop(timeout_s: float) -> float:
+    return timeout_s * 1.2 + 1.0
+
+
 def _without_finished(pending: list[Future]) -> list[Future]:
     """Drop completed verifications, raising the first failure among them."""
     for future in pending:
@@ -336,8 +345,12 @@ def _without_finished(pending: list[Future]) -> list[Future]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    """First line of a backend error, without gloo's leading "[source/file.cc:123] "."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text[:300]
 
 
 def _close_context(context: zmq.Context) -> None:

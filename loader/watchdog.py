@@ -4,6 +4,10 @@ The worker announces each phase with `phase(name, timeout_s)`; if a phase outliv
 timeout the caller gets PhaseTimeout, `on_timeout` runs (e.g. aborts the process group
 so the blocked receive errors out) and the worker is abandoned. A hung peer thus costs
 the caller at most the phase timeout, whatever the communication backend does.
+
+An abandoned worker may still be blocked inside the backend (gloo's abort does not
+wake a pending recv), so it must call `check()` (or `phase()`) after every blocking
+operation: once cancelled, those raise instead of letting it touch more state.
 """
 
 from __future__ import annotations
@@ -24,8 +28,14 @@ class Watchdog:
         self._phase = "start"
         self._timeout_s = float("inf")
         self._deadline = float("inf")
+        self.cancelled = threading.Event()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise PhaseTimeout(f"abandoned after {self._phase} timed out")
 
     def phase(self, name: str, timeout_s: float) -> None:
+        self.check()
         with self._lock:
             self._phase, self._timeout_s = name, timeout_s
             self._deadline = self._clock() + timeout_s
@@ -59,6 +69,7 @@ class Watchdog:
             thread.join(poll_s)
             late = self.expired()
             if late is not None and thread.is_alive():
+                self.cancelled.set()
                 try:
                     on_timeout()
                 finally:

@@ -63,7 +63,7 @@ class SourceSpec:
     tensor_kwargs: dict = field(default_factory=dict)
 
 
-def _source_main(spec: SourceSpec, endpoint_queue, stop_event) -> None:
+def _source_main(spec: SourceSpec, endpoint_queue, stop_conn) -> None:
     import loader.server as server_mod
 
     tensors = make_tensors(spec.seed, **spec.tensor_kwargs)
@@ -92,7 +92,7 @@ def _source_main(spec: SourceSpec, endpoint_queue, stop_event) -> None:
     elif spec.fault == "corrupt_after_checksums":
         tensors["layer3.weight"][1, 1] += 1.0
     endpoint_queue.put(server.endpoint)
-    stop_event.wait(300)
+    stop_conn.poll(300)  # returns when the parent closes its end (or sends anything)
     server.stop()
 
 
@@ -103,8 +103,11 @@ class SourceProcess:
         self.spec = replace(spec or SourceSpec(), **changes)
         ctx = mp.get_context("spawn")
         self._queue = ctx.Queue()
-        self._stop = ctx.Event()
-        self.process = ctx.Process(target=_source_main, args=(self.spec, self._queue, self._stop), daemon=True)
+        # a pipe, not an Event: Event.set() blocks forever if the child was SIGKILLed
+        self._stop, child_end = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_source_main, args=(self.spec, self._queue, child_end), daemon=True
+        )
 
     def __enter__(self) -> str:
         self.process.start()
@@ -112,7 +115,7 @@ class SourceProcess:
         return self.endpoint
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
+        self._stop.close()
         self.process.join(15)
         if self.process.is_alive():
             self.process.kill()

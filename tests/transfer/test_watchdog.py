@@ -43,3 +43,21 @@ def test_each_phase_gets_a_fresh_deadline():
     assert w.expired() is None
     now[0] = 9.5
     assert w.expired() == ("bucket 0", 5)
+
+
+def test_an_abandoned_worker_is_stopped_at_its_next_check():
+    released = threading.Event()
+    after_release = []
+
+    def hang(w):
+        w.phase("recv", 0.1)
+        released.wait(30)  # a backend call that returns late
+        try:
+            w.check()
+            after_release.append("continued")
+        except PhaseTimeout:
+            after_release.append("stopped")
+
+    with pytest.raises(PhaseTimeout):
+        Watchdog().run(hang, on_timeout=released.set)
+    assert after_release == ["stopped"]
