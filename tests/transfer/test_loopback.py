@@ -175,3 +175,20 @@ def test_busy_source_when_over_the_client_limit():
             time.sleep(0.1)
         first.join(60)
     assert outcome.failures[0][1].startswith("busy: source busy")
+
+
+def test_authenticated_source_serves_only_key_holders(tmp_path):
+    from mesh.security import load_cluster_keys
+
+    secret = tmp_path / "secret"
+    secret.write_text("cluster-secret-for-tests\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("another-secret\n")
+    with SourceProcess(secret_file=str(secret)) as secured:
+        no_key, _, _ = fetch([secured])
+        wrong_key, _, _ = fetch([secured], keys=load_cluster_keys(str(wrong)))
+        outcome, dest, reference = fetch([secured], keys=load_cluster_keys(str(secret)))
+    assert not no_key.ok and no_key.failures[0][1].startswith("handshake timed out")
+    assert not wrong_key.ok and wrong_key.failures[0][1].startswith("handshake timed out")
+    assert outcome.ok and outcome.peer == secured
+    assert_identical(dest, reference)
