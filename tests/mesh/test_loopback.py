@@ -1,0 +1,207 @@
+"""Real agents as separate processes on 127.0.0.1 (ZeroMQ, CURVE). Bounded by timeouts."""
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from mesh.api import MeshAgent
+from mesh.security import load_cluster_keys
+from mesh.status import StatusError, query_members
+
+pytestmark = pytest.mark.loopback
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Agents:
+    def __init__(self):
+        self.procs = {}
+
+    def start(self, name, seeds=(), meta=(), secret_file=None):
+        cmd = [sys.executable, "-m", "mesh.cli", "agent", "--bind", "127.0.0.1:0", "--name", name,
+               "--log-level", "WARNING"]
+        if seeds:
+            cmd += ["--seeds", ",".join(seeds)]
+        if meta:
+            cmd += ["--meta", *meta]
+        if secret_file:
+            cmd += ["--secret-file", secret_file]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.procs[name] = proc
+        return proc
+
+    def addr(self, name, timeout=20.0):
+        """Read the 'listening on HOST:PORT' line the agent prints at start."""
+        proc = self.procs[name]
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        assert ready, f"agent {name} did not start"
+        line = proc.stdout.readline().decode()
+        assert "listening on" in line, line
+        return line.rsplit(" ", 1)[1].strip()
+
+    def stop_all(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs.values():
+            proc.wait(10)
+
+
+@pytest.fixture
+def agents():
+    group = Agents()
+    yield group
+    group.stop_all()
+
+
+def wait_for(predicate, timeout, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def states(addr, keys=None):
+    try:
+        _, rows = query_members([addr], keys, timeout=1.0)
+    except StatusError:
+        return {}
+    return {r["name"]: r["state"] for r in rows}
+
+
+def start_cluster(agents, n, prefix="a", **kwargs):
+    agents.start(f"{prefix}0", **kwargs)
+    first = agents.addr(f"{prefix}0")
+    addrs = {f"{prefix}0": first}
+    for i in range(1, n):
+        agents.start(f"{prefix}{i}", seeds=[first], **kwargs)
+    for i in range(1, n):
+        addrs[f"{prefix}{i}"] = agents.addr(f"{prefix}{i}")
+    return addrs
+
+
+def all_alive(addrs, names, keys=None):
+    return all(all(states(a, keys).get(n) == "alive" for n in names) for a in addrs.values())
+
+
+def test_status_json_contract_and_table(agents):
+    agents.start("src", meta=["fingerprint=0123456789abcdef", "tp=2", "pp=1", "rank=1", "ready=true",
+                              "endpoint=127.0.0.1:9100", "load=0.25", "zone=z1"])
+    seed = agents.addr("src")
+    agents.start("dst", seeds=[seed])
+    agents.addr("dst")
+    assert wait_for(lambda: states(seed).get("dst") == "alive", 15)
+    out = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--seeds", seed, "--json"],
+                         cwd=REPO, capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    rows = orjson.loads(out.stdout)
+    assert isinstance(rows, list) and {r["name"] for r in rows} == {"src", "dst"}
+    src = next(r for r in rows if r["name"] == "src")
+    assert src["addr"] == seed and src["state"] == "alive" and isinstance(src["incarnation"], int)
+    assert src["meta"] == {"fingerprint": "0123456789abcdef", "tp": 2, "pp": 1, "rank": 1, "ready": True,
+                           "endpoint": "127.0.0.1:9100", "load": 0.25, "zone": "z1"}
+    table = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--seeds", seed],
+                           cwd=REPO, capture_output=True, timeout=30, text=True)
+    assert table.returncode == 0
+    assert "0123456789a" in table.stdout and "2x1" in table.stdout and "127.0.0.1:9100" in table.stdout
+
+
+def test_status_without_reachable_agent_fails_with_one_line():
+    out = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--seeds", "127.0.0.1:9",
+                          "--timeout", "1"], cwd=REPO, capture_output=True, timeout=30, text=True)
+    assert out.returncode != 0
+    assert len(out.stderr.strip().splitlines()) == 1 and "no agent answered" in out.stderr
+
+
+def test_kill9_is_detected_dead_and_sigterm_leaves(agents):
+    addrs = start_cluster(agents, 5)
+    assert wait_for(lambda: all_alive(addrs, addrs), 20)
+    agents.procs["a3"].send_signal(signal.SIGKILL)
+    watcher = addrs["a0"]
+    assert wait_for(lambda: all(states(addrs[n]).get("a3") == "dead" for n in ("a0", "a1", "a2", "a4")), 30)
+    agents.procs["a4"].send_signal(signal.SIGTERM)
+    assert agents.procs["a4"].wait(10) == 0
+    assert wait_for(lambda: all(states(addrs[n]).get("a4") == "left" for n in ("a0", "a1", "a2")), 10)
+    assert states(watcher)["a1"] == "alive"
+
+
+def test_restart_under_same_name_is_accepted(agents):
+    addrs = start_cluster(agents, 3)
+    assert wait_for(lambda: all_alive(addrs, addrs), 20)
+    agents.procs["a2"].send_signal(signal.SIGKILL)
+    agents.procs["a2"].wait(10)
+    agents.start("a2", seeds=[addrs["a0"]])
+    addrs["a2"] = agents.addr("a2")  # a new port: the same name moves to a new address
+
+    def a2_seen_at_new_address():
+        for addr in addrs.values():
+            try:
+                _, rows = query_members([addr], None, timeout=1.0)
+            except StatusError:
+                return False
+            row = next((r for r in rows if r["name"] == "a2"), None)
+            if row is None or row["state"] != "alive" or row["addr"] != addrs["a2"]:
+                return False
+        return True
+
+    assert wait_for(a2_seen_at_new_address, 20)
+
+
+def test_wrong_secret_cannot_join_or_read(agents, tmp_path):
+    good = tmp_path / "good"
+    good.write_text("cluster secret\n")
+    bad = tmp_path / "bad"
+    bad.write_text("guess\n")
+    keys = load_cluster_keys(str(good))
+    addrs = start_cluster(agents, 2, secret_file=str(good))
+    assert wait_for(lambda: all_alive(addrs, addrs, keys), 20)
+    agents.start("intruder", seeds=[addrs["a0"]], secret_file=str(bad))
+    intruder = agents.addr("intruder")
+    agents.start("plain", seeds=[addrs["a0"]])
+    plain = agents.addr("plain")
+    time.sleep(3.0)
+    assert set(states(addrs["a0"], keys)) == {"a0", "a1"}
+    assert set(states(intruder, load_cluster_keys(str(bad)))) == {"intruder"}
+    assert set(states(plain)) == {"plain"}
+    assert states(addrs["a0"]) == {}  # without the secret the mesh does not even answer
+    denied = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--seeds", addrs["a0"],
+                             "--secret-file", str(bad), "--timeout", "1"], cwd=REPO, capture_output=True)
+    assert denied.returncode != 0
+    allowed = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--seeds", addrs["a0"],
+                              "--secret-file", str(good), "--json"], cwd=REPO, capture_output=True)
+    assert allowed.returncode == 0
+
+
+def test_thirty_agents_converge(agents):
+    started = time.monotonic()
+    addrs = start_cluster(agents, 30, prefix="m")
+    all_started = time.monotonic()
+    converged = wait_for(lambda: all_alive(addrs, addrs), 30, interval=0.2)
+    done = time.monotonic()
+    print(f"\n30 agents: started in {all_started - started:.2f}s, "
+          f"converged {done - all_started:.2f}s after the last started")
+    assert converged
+
+
+def test_in_process_agents_find_nearest_ready_source():
+    key = {"fingerprint": "fp", "tp": 1, "pp": 1, "rank": 0}
+    with MeshAgent(bind="127.0.0.1:0", name="seed", meta={**key, "ready": True, "load": 3}) as seed, \
+            MeshAgent(bind="127.0.0.1:0", seeds=[seed.addr], name="idle", meta={**key, "load": 0}) as idle, \
+            MeshAgent(bind="127.0.0.1:0", seeds=[seed.addr], name="client") as client:
+        assert wait_for(lambda: len(client.members()) == 3, 10)
+        assert wait_for(lambda: [m.name for m in client.find("fp", 1, 1, 0)] == ["seed"], 10)
+        idle.advertise({"ready": True})
+        assert wait_for(lambda: [m.name for m in client.find("fp", 1, 1, 0)] == ["idle", "seed"], 10)
+        assert client.find("fp", 2, 1, 0) == [] and client.find("other", 1, 1, 0) == []
+        me = next(m for m in client.members() if m.is_self)
+        assert me.name == "client" and me.state == "alive"
