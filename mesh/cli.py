@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -15,6 +16,9 @@ from .addresses import parse_seed_list
 from .api import MeshAgent
 from .security import load_cluster_keys
 from .status import StatusError, format_table, query_members
+
+# keys whose values are identifiers: "1234" must stay the string "1234"
+STRING_META_KEYS = {"fingerprint", "endpoint", "zone", "host", "model"}
 
 
 def _parse_meta_value(text: str):
@@ -31,7 +35,7 @@ def parse_meta(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--meta expects KEY=VALUE, got {pair!r}")
-        meta[key] = _parse_meta_value(value)
+        meta[key] = value if key in STRING_META_KEYS else _parse_meta_value(value)
     return meta
 
 
@@ -41,22 +45,25 @@ def _build_parser() -> argparse.ArgumentParser:
 
     agent = sub.add_parser("agent", help="run a mesh agent in the foreground until SIGINT/SIGTERM")
     agent.add_argument("--bind", required=True, help="HOST:PORT to listen on (port 0 = any free port)")
-    agent.add_argument("--seeds", default="", help="comma-separated HOST:PORT of existing members")
+    agent.add_argument("--seeds", default=os.environ.get("NETLOADER_MESH_SEEDS", ""),
+                       help="comma-separated HOST:PORT of existing members (default $NETLOADER_MESH_SEEDS)")
     agent.add_argument("--name", default=None, help="unique member name (default hostname:port)")
     agent.add_argument("--meta", nargs="*", default=[], metavar="KEY=VALUE",
                        help="metadata to advertise; values are parsed as JSON scalars when possible")
-    agent.add_argument("--secret-file", default=None, help="cluster secret; without it the mesh is open")
+    agent.add_argument("--secret-file", default=os.environ.get("NETLOADER_MESH_SECRET_FILE"),
+                       help="cluster secret; without it the mesh is open (default $NETLOADER_MESH_SECRET_FILE)")
     agent.add_argument("--zone", default=None, help="zone label advertised as meta zone")
     agent.add_argument("--advertise", default=None, help="host (or host:port) others should use to reach us")
     agent.add_argument("--log-level", default="INFO")
 
     status = sub.add_parser("status", help="print the members known to the mesh")
-    status.add_argument("--seeds", required=True, help="comma-separated HOST:PORT of agents to ask")
+    status.add_argument("--seeds", default=os.environ.get("NETLOADER_MESH_SEEDS"),
+                        help="comma-separated HOST:PORT of agents to ask (default $NETLOADER_MESH_SEEDS)")
     status.add_argument("--json", action="store_true", help="print one JSON array")
     status.add_argument("--watch", action="store_true", help="refresh in place every --interval seconds")
     status.add_argument("--interval", type=float, default=1.0)
     status.add_argument("--timeout", type=float, default=3.0, help="give up after this many seconds")
-    status.add_argument("--secret-file", default=None)
+    status.add_argument("--secret-file", default=os.environ.get("NETLOADER_MESH_SECRET_FILE"))
     return parser
 
 
@@ -96,6 +103,9 @@ def run_status(args) -> int:
         print(f"mesh status: {e}", file=sys.stderr)
         return 2
     seeds = parse_seed_list(args.seeds)
+    if not seeds:
+        print("mesh status: no seeds given (--seeds or $NETLOADER_MESH_SEEDS)", file=sys.stderr)
+        return 2
     while True:
         try:
             responder, rows = query_members(seeds, keys, timeout=args.timeout)

@@ -56,6 +56,7 @@ class ProtocolConfig:
     reconnect_probability: float = 0.1
     piggyback_bytes: int = 1200
     rtt_smoothing: float = 0.25
+    max_members: int = 10000
 
 
 @dataclass(slots=True)
@@ -406,7 +407,7 @@ class MeshCore:
                 self._refute(now, entry)
             return
         current = self.view.get(entry.name)
-        if current is None and entry.state != ALIVE:
+        if current is None and (entry.state != ALIVE or len(self.view) >= self.config.max_members):
             return  # no news about members we never knew (or whose tombstone expired)
         if not entry.supersedes(current):
             if (
