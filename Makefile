@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit test-e2e demo bench bench-transfer bench-mesh bench-scale lint clean
+.PHONY: setup test test-unit test-e2e demo bench bench-transfer bench-mesh lint clean
 
 setup: $(STAMP)
 
@@ -34,16 +34,13 @@ test-e2e: setup
 demo: setup
 	$(PY) -m loader.demo
 
-bench: bench-transfer bench-mesh bench-scale
+bench: bench-transfer bench-mesh
 
 bench-transfer: setup
-	$(PY) -m benchmarks.transfer
+	$(PY) -m tests.bench.bench_transfer
 
 bench-mesh: setup
-	$(PY) -m benchmarks.mesh
-
-bench-scale: setup
-	$(PY) -m benchmarks.scale
+	$(PY) -m tests.bench.bench_mesh
 
 lint: setup
 	$(VENV)/bin/ruff check mesh loader tests

@@ -1,26 +1,141 @@
-"""The `netloader` load format: weights from a running peer, disk as the last resort."""
+"""The `netloader` load format: weights from a running peer, disk as the last resort.
+
+Per worker rank: build the empty model, compute the fingerprint, try the sources
+(mesh candidates, then the static SOURCE list), fall back to vLLM's DefaultModelLoader,
+log one `netloader result:` line, then serve this rank's weights to the next instance.
+"""
 
 from __future__ import annotations
 
 import copy
+import gc
+import logging
+import time
 
+import torch
 from torch import nn
-from vllm.config import ModelConfig
+from vllm.config import ModelConfig, VllmConfig
 from vllm.config.load import LoadConfig
-from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.base_loader import (
+    BaseModelLoader,
+    _has_online_quant,
+)
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.reload import finalize_layerwise_processing
+from vllm.model_executor.model_loader.utils import process_weights_after_loading
+from vllm.utils.torch_utils import set_default_torch_dtype
+
+from loader import serving
+from loader.config import NetloaderConfig, parse_extra_config
+from loader.identity import RankIdentity, rank_identity
+from loader.result import LoadResult, log_result
+from loader.sources import SourcePlan, plan_sources
+
+logger = logging.getLogger(__name__)
 
 
 class NetloaderModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
+        # Bad keys fail here, at engine start, with an error naming the key.
+        self.config: NetloaderConfig = parse_extra_config(load_config.model_loader_extra_config)
         self._disk = DefaultModelLoader(_disk_load_config(load_config))
 
     def download_model(self, model_config: ModelConfig) -> None:
         self._disk.download_model(model_config)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        """Standalone in-place (re)load, as vLLM's weight reload uses it: from disk."""
         self._disk.load_weights(model, model_config)
+
+    def load_model(
+        self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
+    ) -> nn.Module:
+        load_device = vllm_config.device_config.device
+        if vllm_config.load_config.device is not None:
+            load_device = vllm_config.load_config.device
+        target_device = torch.device(load_device)
+        with set_default_torch_dtype(model_config.dtype):
+            with target_device:
+                model = self.create_model(vllm_config, model_config, prefix)
+            started = time.monotonic()
+            identity = rank_identity(vllm_config, model_config, self.config)
+            result = self._fill_weights(model, model_config, identity, started)
+
+            gc.collect()
+            torch.accelerator.empty_cache()
+            if _has_online_quant(model):
+                finalize_layerwise_processing(model, model_config)
+            # Kernel post-processing may repack and drop parameters (oneDNN on CPU):
+            # keep references to the raw tensors so they can be served afterwards.
+            raw_tensors = servable_tensors(model)
+            process_weights_after_loading(model, model_config, target_device)
+            result.seconds = time.monotonic() - started
+            log_result(result)
+            gc.collect()
+            torch.accelerator.empty_cache()
+
+        serving.start_serving(raw_tensors, identity, self.config)
+        return model.eval()
+
+    def _fill_weights(
+        self, model: nn.Module, model_config: ModelConfig, identity: RankIdentity, started: float
+    ) -> LoadResult:
+        plan: SourcePlan = plan_sources(identity, self.config)
+        tensors = servable_tensors(model)
+        failures = list(plan.failures)
+        if plan.sources and identity.fingerprint and tensors is not None:
+            from loader.client import fetch_from_sources
+
+            outcome = fetch_from_sources(
+                plan.sources, identity.fingerprint, tensors, identity.rank,
+                self.config.settings, keys=serving.cluster_keys(self.config),
+            )
+            failures += outcome.failures
+            if outcome.ok:
+                return LoadResult(identity.rank, "peer", outcome.peer, outcome.bytes,
+                                  time.monotonic() - started, _reason(failures))
+        elif tensors is None:
+            failures.append(("-", "model has parameters on the meta device (online quantization)"))
+        logger.info("rank %d: loading from disk (%s)", identity.rank, _reason(failures))
+        # The peer may have written part of the weights; the disk load rewrites every one.
+        try:
+            self._disk.load_weights(model, model_config)
+        except Exception as exc:
+            raise RuntimeError(
+                f"netloader rank {identity.rank}: no peer served the weights "
+                f"({_reason(failures) or 'no sources'}) and loading from disk failed: {exc}"
+            ) from exc
+        nbytes = sum(t.numel() * t.element_size() for t in (servable_tensors(model) or {}).values())
+        return LoadResult(identity.rank, "disk", None, nbytes,
+                          time.monotonic() - started, _reason(failures) or "no sources")
+
+
+def servable_tensors(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Parameters by name, each storage once (tied weights keep the first name).
+
+    None when a parameter has no storage yet (meta device): such a model cannot be
+    filled by a byte copy.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if param.is_meta:
+            return None
+        if param.numel() == 0:
+            continue
+        key = (param.untyped_storage().data_ptr(), param.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = param.data
+    return tensors
+
+
+def _reason(failures: list[tuple[str, str]]) -> str | None:
+    if not failures:
+        return None
+    return "; ".join(f"{source}: {why}" for source, why in failures)
 
 
 def _disk_load_config(load_config: LoadConfig) -> LoadConfig:

@@ -47,6 +47,7 @@ class VllmServer:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] | None = None
     proc: subprocess.Popen | None = None
+    listen_port: int | None = None
 
     @property
     def url(self) -> str:

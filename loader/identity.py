@@ -1,0 +1,70 @@
+"""Who this worker is, as far as weight exchange cares: rank, shape and fingerprint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import vllm
+from vllm.config import ModelConfig, VllmConfig
+
+from loader.config import NetloaderConfig
+from loader.fingerprint import compute_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankIdentity:
+    rank: int
+    tp: int
+    pp: int
+    device: str
+    fingerprint: str | None
+    fingerprint_error: str | None = None
+
+
+def global_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def local_model_dir(model_config: ModelConfig) -> str | None:
+    """The directory holding config.json and the weights, without downloading anything."""
+    if os.path.isdir(model_config.model):
+        return model_config.model
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            model_config.model, revision=model_config.revision, local_files_only=True
+        )
+    except Exception:  # not in the local hub cache: no files to fingerprint
+        return None
+
+
+def rank_identity(
+    vllm_config: VllmConfig, model_config: ModelConfig, config: NetloaderConfig
+) -> RankIdentity:
+    parallel = vllm_config.parallel_config
+    rank = global_rank()
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    device = str(vllm_config.device_config.device)
+    try:
+        fingerprint = compute_fingerprint(
+            model_dir=local_model_dir(model_config),
+            model_id=config.model,
+            dtype=str(model_config.dtype),
+            quantization=model_config.quantization,
+            tp=tp,
+            pp=pp,
+            rank=rank,
+            vllm_version=vllm.__version__,
+        )
+        return RankIdentity(rank, tp, pp, device, fingerprint)
+    except (ValueError, OSError) as exc:
+        logger.warning("rank %d: no fingerprint, peers cannot be used: %s", rank, exc)
+        return RankIdentity(rank, tp, pp, device, None, str(exc))

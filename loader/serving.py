@@ -1,0 +1,76 @@
+"""After loading, every rank serves its weights to the next instance (one server per rank)."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+
+import torch
+
+from loader.config import NetloaderConfig
+from loader.identity import RankIdentity
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_servers: dict[int, object] = {}
+_keys_cache: dict[str | None, object] = {}
+
+
+def cluster_keys(config: NetloaderConfig):
+    """CURVE keys from the cluster secret, or None (open: the server logs that it is)."""
+    path = config.secret_file
+    with _lock:
+        if path not in _keys_cache:
+            from mesh.security import load_cluster_keys
+
+            _keys_cache[path] = load_cluster_keys(path)
+        return _keys_cache[path]
+
+
+def start_serving(
+    tensors: dict[str, torch.Tensor] | None, identity: RankIdentity, config: NetloaderConfig
+):
+    """Start this rank's weight server. Never raises: a rank that cannot serve still runs."""
+    if tensors is None or identity.fingerprint is None:
+        logger.warning("rank %d: weights not servable (no fingerprint or meta tensors)", identity.rank)
+        return None
+    try:
+        from loader.server import WeightServer
+
+        server = WeightServer(
+            tensors, identity.fingerprint, identity.rank, config.settings,
+            keys=cluster_keys(config), host=config.settings.listen_host,
+            port=config.port_for_rank(identity.rank), output_prefix=config.output_prefix,
+        )
+        server.start()
+    except Exception as exc:
+        logger.error("rank %d: weight server did not start: %s", identity.rank, exc)
+        return None
+    with _lock:
+        old = _servers.pop(identity.rank, None)
+        _servers[identity.rank] = server
+    if old is not None:
+        old.stop()
+    logger.info("rank %d: serving weights on %s", identity.rank, server.endpoint)
+    return server
+
+
+def running_server(rank: int):
+    with _lock:
+        return _servers.get(rank)
+
+
+def stop_all() -> None:
+    with _lock:
+        servers = list(_servers.values())
+        _servers.clear()
+    for server in servers:
+        try:
+            server.stop()
+        except Exception as exc:
+            logger.warning("weight server stop failed: %s", exc)
+
+
+atexit.register(stop_all)
