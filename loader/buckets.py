@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from loader.manifest import TensorSpec
@@ -30,7 +31,9 @@ class Bucket:
     nbytes: int
 
 
-def plan_buckets(specs: tuple[TensorSpec, ...] | list[TensorSpec], bucket_bytes: int) -> list[Bucket]:
+def plan_buckets(
+    specs: tuple[TensorSpec, ...] | list[TensorSpec], bucket_bytes: int
+) -> list[Bucket]:
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     direct_threshold = max(1, bucket_bytes // 2)
@@ -69,11 +72,15 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
-def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor], buffer: torch.Tensor) -> torch.Tensor:
+def pack_bucket(
+    bucket: Bucket, tensors: dict[str, torch.Tensor], buffer: torch.Tensor
+) -> torch.Tensor:
     """Copy the bucket's tensors into `buffer` (uint8, >= bucket.nbytes); return the used slice."""
     out = buffer[: bucket.nbytes]
     for item in bucket.items:
-        out[item.offset : item.offset + item.nbytes].copy_(byte_view(tensors[item.name].contiguous()))
+        copy_bytes(
+            out[item.offset : item.offset + item.nbytes], byte_view(tensors[item.name].contiguous())
+        )
     return out
 
 
@@ -83,7 +90,18 @@ def unpack_bucket(bucket: Bucket, data: torch.Tensor, tensors: dict[str, torch.T
         dest = tensors[item.name]
         src = data[item.offset : item.offset + item.nbytes]
         if dest.is_contiguous():
-            byte_view(dest).copy_(src)
+            copy_bytes(byte_view(dest), src)
         else:
             # clone: packed offsets need not be aligned for a dtype view
             dest.copy_(src.clone().view(dest.dtype).view(dest.shape))
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy between equal-length uint8 tensors.
+
+    On CPU a plain single-threaded memcpy (numpy): torch's copy_ would fan out over the
+    OpenMP pool that the serving model's inference uses, and stall under contention."""
+    if dst.device.type == "cpu" and src.device.type == "cpu":
+        np.copyto(dst.numpy(), src.numpy())
+    else:
+        dst.copy_(src)

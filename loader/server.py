@@ -235,7 +235,7 @@ class WeightServer:
                 self._send(identity, protocol.nack_message(busy, busy=True))
                 return
             session = _Session(
-                session_id=secrets.token_hex(8),
+                session_id=secrets.token_hex(16),
                 identity=identity,
                 hello=hello,
                 bucket_bytes=min(self.settings.bucket_bytes, hello.max_bucket_bytes),
@@ -267,9 +267,16 @@ class WeightServer:
     def _on_done(self, identity: bytes, done: protocol.Done) -> None:
         with self._sessions_lock:
             session = self._sessions.get(done.session)
-        if session is None or session.identity != identity:
-            self._bad_message("done for an unknown session")
+        if session is None:
+            if not self._stopping.is_set():
+                self._bad_message("done for an unknown session")
             return
+        if session.identity != identity:  # the session id is the credential; ZeroMQ may reconnect
+            log.debug(
+                "netloader server rank %d: done for %s arrived on another connection",
+                self.rank,
+                done.session,
+            )
         session.done_message = done
         session.done.set()
 
