@@ -59,12 +59,15 @@ def valid_addr(value) -> bool:
     return bool(m) and 0 < int(m.group(2)) < 65536
 
 
+_WHITESPACE_RE = re.compile(r"\s")
+
+
 def valid_name(value) -> bool:
     return (
         isinstance(value, str)
         and 0 < len(value) <= MAX_NAME_CHARS
         and value.isprintable()
-        and not any(c.isspace() for c in value)
+        and _WHITESPACE_RE.search(value) is None
     )
 
 

@@ -21,6 +21,7 @@ Mechanisms (see DESIGN.md §2):
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from dataclasses import dataclass
@@ -57,6 +58,33 @@ class ProtocolConfig:
     piggyback_bytes: int = 1200
     rtt_smoothing: float = 0.25
     max_members: int = 10000
+
+
+class IndexedSet:
+    """A set with O(1) add/remove and O(1) access by position (for random sampling)."""
+
+    __slots__ = ("items", "index")
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.index: dict[str, int] = {}
+
+    def add(self, item: str) -> None:
+        if item not in self.index:
+            self.index[item] = len(self.items)
+            self.items.append(item)
+
+    def discard(self, item: str) -> None:
+        position = self.index.pop(item, None)
+        if position is None:
+            return
+        last = self.items.pop()
+        if position < len(self.items):
+            self.items[position] = last
+            self.index[last] = position
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 @dataclass(slots=True)
@@ -133,7 +161,7 @@ class MeshCore:
         self.seq = rng.randrange(1 << 24)
         self.events: list[tuple[float, str, int | None, int | None, int]] = []
         self.alive_count = 0
-        self._candidate_cache: dict = {}
+        self.by_state = [IndexedSet() for _ in range(4)]  # other members' names per state
         c = self.config
         self.next_probe_at = now + rng.uniform(0, c.probe_interval)
         self.next_gossip_at = now
@@ -394,8 +422,8 @@ class MeshCore:
 
     def _expire_tombstones(self, now: float) -> None:
         ttl = self.config.tombstone_ttl
-        for name, entry in list(self.view.items()):
-            if entry.state in (DEAD, LEFT) and now - self.local[name].since >= ttl:
+        for name in self.by_state[DEAD].items + self.by_state[LEFT].items:
+            if now - self.local[name].since >= ttl:
                 self._remove(now, name)
 
     # ------------------------------------------------------------- state merge
@@ -451,6 +479,10 @@ class MeshCore:
             self.alive_count += 1
         self.view[name] = entry
         self.version += 1
+        if name != self.name:
+            if old is not None:
+                self.by_state[old.state].discard(name)
+            self.by_state[entry.state].add(name)
         info = self.local.get(name)
         if info is None:
             self.local[name] = LocalInfo(since=now)
@@ -480,6 +512,7 @@ class MeshCore:
             self.alive_count -= 1
         self.rumors.pop(name, None)
         self.suspicions.pop(name, None)
+        self.by_state[old.state].discard(name)
         self.version += 1
         self.events.append((now, name, old.state, None, old.incarnation))
 
@@ -538,7 +571,11 @@ class MeshCore:
         chosen = list(first)
         if not self.rumors:
             return chosen
-        for name, rumor in sorted(self.rumors.items(), key=lambda kv: -kv[1].remaining):
+        # least-sent first; at most MAX_PIGGYBACK_ENTRIES can fit anyway
+        candidates = heapq.nlargest(
+            MAX_PIGGYBACK_ENTRIES, self.rumors.items(), key=lambda kv: kv[1].remaining
+        )
+        for name, rumor in candidates:
             if len(chosen) >= MAX_PIGGYBACK_ENTRIES or rumor.size > budget:
                 break
             budget -= rumor.size
@@ -575,23 +612,22 @@ class MeshCore:
         if self.config.lifeguard:
             self.awareness = min(max(self.awareness + delta, 0), self.config.awareness_max - 1)
 
-    def _candidates(self, states: tuple) -> list[str]:
-        cached = self._candidate_cache.get(states)
-        if cached is not None and cached[0] == self.version:
-            return cached[1]
-        names = [n for n, e in self.view.items() if e.state in states and n != self.name]
-        self._candidate_cache[states] = (self.version, names)
-        return names
-
     def _random_members(self, count: int, states: tuple, exclude: tuple = ()) -> list[str]:
-        candidates = self._candidates(states)
-        if exclude:
-            candidates = [n for n in candidates if n not in exclude]
-        if len(candidates) <= count:
-            candidates = list(candidates)
-            self.rng.shuffle(candidates)
-            return candidates
-        return self.rng.sample(candidates, count)
+        """Up to `count` distinct random other members in `states`, none in `exclude`."""
+        pools = [self.by_state[state].items for state in states]
+        total = sum(len(pool) for pool in pools)
+        picked: list[str] = []
+        for index in self.rng.sample(range(total), min(total, count + len(exclude))):
+            for pool in pools:
+                if index < len(pool):
+                    name = pool[index]
+                    break
+                index -= len(pool)
+            if name not in exclude:
+                picked.append(name)
+                if len(picked) == count:
+                    break
+        return picked
 
     def _next_probe_target(self) -> str | None:
         for _ in range(2):

@@ -44,7 +44,11 @@ class Entry:
             return True
         if (self.incarnation, self.state) != (other.incarnation, other.state):
             return (self.incarnation, self.state) > (other.incarnation, other.state)
-        return self.precedence() > other.precedence()
+        if self.addr != other.addr:
+            return self.addr > other.addr
+        if self.meta == other.meta:
+            return False
+        return meta_blob(self.meta) > meta_blob(other.meta)
 
     def same_version(self, other: Entry) -> bool:
         return self.precedence() == other.precedence()

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=120)
     parser.add_argument("--cycle-s", type=float, default=15.0)
     parser.add_argument("--big-n", type=int, default=1000, help="0 skips the large run")
-    parser.add_argument("--big-steady-s", type=float, default=120.0)
+    parser.add_argument("--big-steady-s", type=float, default=60.0)
     parser.add_argument("--big-cycles", type=int, default=20)
     args = parser.parse_args(argv)
 
