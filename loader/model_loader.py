@@ -27,6 +27,7 @@ from vllm.utils.torch_utils import set_default_torch_dtype
 
 from loader import serving
 from loader.config import NetloaderConfig, parse_extra_config
+from loader.discovery import MeshPresence
 from loader.identity import RankIdentity, rank_identity
 from loader.result import LoadResult, log_result
 from loader.sources import SourcePlan, plan_sources
@@ -55,12 +56,13 @@ class NetloaderModelLoader(BaseModelLoader):
         if vllm_config.load_config.device is not None:
             load_device = vllm_config.load_config.device
         target_device = torch.device(load_device)
+        started = time.monotonic()
+        identity = rank_identity(vllm_config, model_config, self.config)
+        presence = self._join_mesh(identity, model_config)  # joins while the model is built
         with set_default_torch_dtype(model_config.dtype):
             with target_device:
                 model = self.create_model(vllm_config, model_config, prefix)
-            started = time.monotonic()
-            identity = rank_identity(vllm_config, model_config, self.config)
-            result = self._fill_weights(model, model_config, identity, started)
+            result = self._fill_weights(model, model_config, identity, presence, started)
 
             gc.collect()
             torch.accelerator.empty_cache()
@@ -69,46 +71,89 @@ class NetloaderModelLoader(BaseModelLoader):
             # Kernel post-processing may repack and drop parameters (oneDNN on CPU):
             # keep references to the raw tensors so they can be served afterwards.
             raw_tensors = servable_tensors(model)
+            processing = time.monotonic()
             process_weights_after_loading(model, model_config, target_device)
+            result.phases["process_weights"] = time.monotonic() - processing
             result.seconds = time.monotonic() - started
             log_result(result)
             gc.collect()
             torch.accelerator.empty_cache()
 
-        serving.start_serving(raw_tensors, identity, self.config)
+        server = serving.start_serving(raw_tensors, identity, self.config)
+        if presence is not None and server is not None:
+            presence.announce(server)
         return model.eval()
 
+    def _join_mesh(self, identity: RankIdentity, model_config: ModelConfig) -> MeshPresence | None:
+        if self.config.mesh is None:
+            return None
+        presence = MeshPresence(
+            self.config.mesh, identity, serving.cluster_keys(self.config), model_config.model
+        )
+        presence.start()
+        return presence
+
     def _fill_weights(
-        self, model: nn.Module, model_config: ModelConfig, identity: RankIdentity, started: float
+        self,
+        model: nn.Module,
+        model_config: ModelConfig,
+        identity: RankIdentity,
+        presence: MeshPresence | None,
+        started: float,
     ) -> LoadResult:
-        plan: SourcePlan = plan_sources(identity, self.config)
+        phases: dict[str, float] = {}
+        lookup = time.monotonic()
+        plan: SourcePlan = plan_sources(identity, self.config, presence)
+        phases["lookup"] = time.monotonic() - lookup
         tensors = servable_tensors(model)
         failures = list(plan.failures)
         if plan.sources and identity.fingerprint and tensors is not None:
             from loader.client import fetch_from_sources
 
+            transfer = time.monotonic()
             outcome = fetch_from_sources(
-                plan.sources, identity.fingerprint, tensors, identity.rank,
-                self.config.settings, keys=serving.cluster_keys(self.config),
+                plan.sources,
+                identity.fingerprint,
+                tensors,
+                identity.rank,
+                self.config.settings,
+                keys=serving.cluster_keys(self.config),
             )
+            phases["transfer"] = time.monotonic() - transfer
             failures += outcome.failures
             if outcome.ok:
-                return LoadResult(identity.rank, "peer", outcome.peer, outcome.bytes,
-                                  time.monotonic() - started, _reason(failures))
+                return LoadResult(
+                    identity.rank,
+                    "peer",
+                    outcome.peer,
+                    outcome.bytes,
+                    time.monotonic() - started,
+                    _reason(failures),
+                    phases,
+                )
         elif tensors is None:
             failures.append(("-", "model has parameters on the meta device (online quantization)"))
         logger.info("rank %d: loading from disk (%s)", identity.rank, _reason(failures))
         # The peer may have written part of the weights; the disk load rewrites every one.
+        disk = time.monotonic()
         try:
             self._disk.load_weights(model, model_config)
+            phases["disk"] = time.monotonic() - disk
         except Exception as exc:
             raise RuntimeError(
                 f"netloader rank {identity.rank}: no peer served the weights "
                 f"({_reason(failures) or 'no sources'}) and loading from disk failed: {exc}"
             ) from exc
         nbytes = sum(t.numel() * t.element_size() for t in (servable_tensors(model) or {}).values())
-        return LoadResult(identity.rank, "disk", None, nbytes,
-                          time.monotonic() - started, _reason(failures) or "no sources")
+        return LoadResult(
+            identity.rank,
+            "disk",
+            None,
+            nbytes,
+            time.monotonic() - started,
+            _reason(failures) or "no sources",
+            phases,
+        )
 
 
 def servable_tensors(model: nn.Module) -> dict[str, torch.Tensor] | None:

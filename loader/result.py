@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import orjson
 
@@ -19,10 +19,14 @@ class LoadResult:
     bytes: int
     seconds: float
     fallback_reason: str | None
+    # phase -> seconds (lookup, transfer, disk, process_weights), logged as `<phase>_s`
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         fields = asdict(self)
         fields["seconds"] = round(self.seconds, 3)
+        for phase, seconds in fields.pop("phases").items():
+            fields[f"{phase}_s"] = round(seconds, 3)
         return orjson.dumps(fields).decode()
 
 

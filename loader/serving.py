@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 
@@ -10,6 +9,7 @@ import torch
 
 from loader.config import NetloaderConfig
 from loader.identity import RankIdentity
+from loader.process_exit import on_process_exit
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +34,22 @@ def start_serving(
 ):
     """Start this rank's weight server. Never raises: a rank that cannot serve still runs."""
     if tensors is None or identity.fingerprint is None:
-        logger.warning("rank %d: weights not servable (no fingerprint or meta tensors)", identity.rank)
+        logger.warning(
+            "rank %d: weights not servable (no fingerprint or meta tensors)", identity.rank
+        )
         return None
     try:
         from loader.server import WeightServer
 
         server = WeightServer(
-            tensors, identity.fingerprint, identity.rank, config.settings,
-            keys=cluster_keys(config), host=config.settings.listen_host,
-            port=config.port_for_rank(identity.rank), output_prefix=config.output_prefix,
+            tensors,
+            identity.fingerprint,
+            identity.rank,
+            config.settings,
+            keys=cluster_keys(config),
+            host=config.settings.listen_host,
+            port=config.port_for_rank(identity.rank),
+            output_prefix=config.output_prefix,
         )
         server.start()
     except Exception as exc:
@@ -73,4 +80,4 @@ def stop_all() -> None:
             logger.warning("weight server stop failed: %s", exc)
 
 
-atexit.register(stop_all)
+on_process_exit(stop_all)

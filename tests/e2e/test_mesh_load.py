@@ -1,0 +1,132 @@
+"""A starting instance finds a running one through the gossip mesh, with nothing but a seed."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loader.tiny_checkpoint import CheckpointSpec, build_checkpoint
+from loader.vllm_process import VllmServer, free_port
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = ["Hello world", "Once upon a time", "The quick brown fox"]
+
+
+def _logprobs(server):
+    return [server.complete(p, max_tokens=6, logprobs=5)["logprobs"] for p in PROMPTS]
+
+
+def _mesh_status(seed: str, secret: str) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "mesh.cli", "status", "--seeds", seed, "--secret-file", secret,
+         "--json"], capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def secret(tmp_path_factory):
+    path = tmp_path_factory.mktemp("secret") / "cluster.secret"
+    path.write_text("correct horse battery staple\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def instance_a(tiny_checkpoint, secret, tmp_path_factory):
+    gossip = f"127.0.0.1:{free_port()}"
+    server = VllmServer(
+        model=tiny_checkpoint, log_path=tmp_path_factory.mktemp("a") / "A.log",
+        extra_config={"mesh": {"bind": gossip, "secret_file": secret, "name": "A"},
+                      "listen_host": "127.0.0.1"},
+    )
+    server.gossip = gossip
+    server.start().wait_ready()
+    yield server
+    server.stop()
+
+
+def _start_b(model, log_path, mesh, extra_args=(), **extra):
+    return VllmServer(model=model, log_path=log_path, extra_args=list(extra_args),
+                      extra_config={"mesh": {"wait_timeout_s": 5, **mesh}, **extra}).start()
+
+
+def test_b_finds_a_through_the_mesh_and_answers_identically(instance_a, tiny_checkpoint, secret,
+                                                             tmp_path):
+    members = _mesh_status(instance_a.gossip, secret)
+    [a] = [m for m in members if m["name"] == "A-r0"]
+    assert a["state"] == "alive" and a["meta"]["ready"] is True
+    assert a["meta"]["role"] == "vllm-worker" and a["meta"]["tp"] == 1
+    b = _start_b(tiny_checkpoint, tmp_path / "B.log",
+                 {"seeds": [instance_a.gossip], "secret_file": secret, "name": "B"},
+                 # a shutdown grace lets the worker leave the mesh; vLLM's default SIGKILLs it
+                 extra_args=["--shutdown-timeout", "5"])
+    try:
+        b.wait_ready()
+        [result] = b.result_lines()
+        assert result["source"] == "peer", result
+        assert result["peer"] == a["meta"]["endpoint"]
+        assert _logprobs(b) == _logprobs(instance_a)
+        names = {m["name"]: m for m in _mesh_status(instance_a.gossip, secret)}
+        assert names["B-r0"]["meta"]["ready"] is True
+    finally:
+        b.stop()
+    states = {m["name"]: m["state"] for m in _mesh_status(instance_a.gossip, secret)}
+    assert states.get("B-r0") == "left"
+
+
+def test_wrong_secret_never_sees_a_and_falls_back_to_disk(instance_a, tiny_checkpoint, tmp_path):
+    wrong = tmp_path / "wrong.secret"
+    wrong.write_text("not the cluster secret\n")
+    b = _start_b(tiny_checkpoint, tmp_path / "B.log",
+                 {"seeds": [instance_a.gossip], "secret_file": str(wrong)})
+    try:
+        b.wait_ready()
+        [result] = b.result_lines()
+        assert result["source"] == "disk"
+        assert "mesh: no mesh member reachable" in result["fallback_reason"]
+    finally:
+        b.stop()
+
+
+def test_b_with_another_model_ignores_a(instance_a, secret, tmp_path):
+    other = str(build_checkpoint(tmp_path / "other", CheckpointSpec(seed=1)))
+    b = _start_b(other, tmp_path / "B.log", {"seeds": [instance_a.gossip], "secret_file": secret})
+    try:
+        b.wait_ready()
+        [result] = b.result_lines()
+        assert result["source"] == "disk"
+        assert "no ready peer with this model" in result["fallback_reason"]
+    finally:
+        b.stop()
+
+
+def test_unresolvable_seed_falls_back_to_disk(tiny_checkpoint, tmp_path):
+    b = _start_b(tiny_checkpoint, tmp_path / "B.log",
+                 {"seeds": ["no-such-host.invalid:7946"], "wait_timeout_s": 3})
+    try:
+        b.wait_ready()
+        [result] = b.result_lines()
+        assert result["source"] == "disk"
+        assert "mesh" in result["fallback_reason"]
+    finally:
+        b.stop()
+
+
+def test_a_killed_before_b_starts_b_falls_back(tiny_checkpoint, secret, tmp_path):
+    gossip = f"127.0.0.1:{free_port()}"
+    a = VllmServer(model=tiny_checkpoint, log_path=tmp_path / "A2.log",
+                   extra_config={"mesh": {"bind": gossip, "secret_file": secret}}).start()
+    a.wait_ready()
+    a.kill()
+    b = _start_b(tiny_checkpoint, tmp_path / "B.log",
+                 {"seeds": [gossip], "secret_file": secret, "wait_timeout_s": 4})
+    try:
+        b.wait_ready()
+        [result] = b.result_lines()
+        assert result["source"] == "disk"
+        assert result["lookup_s"] <= 4 + 2
+    finally:
+        b.stop()
