@@ -75,6 +75,7 @@ class MeshAgent:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._joined = threading.Event()
         self._leave_on_stop = True
         self._transport: ZmqTransport | None = None
         self._core: MeshCore | None = None
@@ -121,6 +122,20 @@ class MeshAgent:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def wait_joined(self, timeout: float = 3.0) -> bool:
+        """Block until the agent has heard from the mesh (True), or `timeout` passed (False).
+
+        With no seeds there is nothing to join and this returns True at once. After it
+        returns True the view already holds the seed's full member list.
+        """
+        if not self._seed_specs:
+            return True
+        return self._joined.wait(timeout)
+
+    @property
+    def joined(self) -> bool:
+        return self._joined.is_set()
 
     @property
     def running(self) -> bool:
@@ -184,6 +199,8 @@ class MeshAgent:
                 if now - last_snapshot >= SNAPSHOT_REFRESH_S or self._snapshot_version != core.version:
                     self._refresh_snapshot(now)
                     last_snapshot = now
+                    if core.joined and core.alive_count > 1:
+                        self._joined.set()
                 if (
                     self._seed_specs
                     and core.alive_count <= 1

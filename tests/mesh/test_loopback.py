@@ -198,6 +198,8 @@ def test_in_process_agents_find_nearest_ready_source():
     with MeshAgent(bind="127.0.0.1:0", name="seed", meta={**key, "ready": True, "load": 3}) as seed, \
             MeshAgent(bind="127.0.0.1:0", seeds=[seed.addr], name="idle", meta={**key, "load": 0}) as idle, \
             MeshAgent(bind="127.0.0.1:0", seeds=[seed.addr], name="client") as client:
+        assert seed.wait_joined(0) and client.wait_joined(10)
+        assert {"seed", "client"} <= {m.name for m in client.members()}  # seed's full view arrived
         assert wait_for(lambda: len(client.members()) == 3, 10)
         assert wait_for(lambda: [m.name for m in client.find("fp", 1, 1, 0)] == ["seed"], 10)
         idle.advertise({"ready": True})
@@ -205,3 +207,15 @@ def test_in_process_agents_find_nearest_ready_source():
         assert client.find("fp", 2, 1, 0) == [] and client.find("other", 1, 1, 0) == []
         me = next(m for m in client.members() if m.is_self)
         assert me.name == "client" and me.state == "alive"
+
+
+def test_agent_with_unreachable_seed_starts_and_reports_not_joined():
+    agent = MeshAgent(bind="127.0.0.1:0", seeds=["127.0.0.1:9", "no-such-host.invalid:7946"], name="lonely")
+    agent.start()
+    try:
+        assert agent.running
+        assert agent.wait_joined(1.0) is False
+        assert [m.name for m in agent.members()] == ["lonely"]
+    finally:
+        agent.stop()
+    assert not agent.running
