@@ -128,6 +128,50 @@ def run(n: int, loss: float, seed: int, steady_s: float, cycles: int, cycle_s: f
     }
 
 
+def _time_until(sim: Simulator, predicate, limit: float, step: float = 0.05) -> float | None:
+    start = sim.now
+    while sim.now - start <= limit:
+        if predicate():
+            return round(sim.now - start, 3)
+        sim.run_for(step)
+    return None
+
+
+def run_scenarios(n: int, loss: float, seed: int) -> dict:
+    """Single-shot figures for the other targets: metadata update, leave, restart, partition heal."""
+    sim = Simulator(seed=seed, loss=loss)
+    names = [f"node-{i:04d}" for i in range(n)]
+    rng = random.Random(seed)
+    sim.add_node(names[0])
+    for i, name in enumerate(names[1:], start=1):
+        sim.add_node(name, seeds=rng.sample(names[:i], min(3, i)))
+        sim.run_for(0.02)
+    sim.run_for(30.0)
+
+    def everyone(subject, check):
+        return all(check(node.core.view.get(subject)) for node in sim.up_nodes() if node.name != subject)
+
+    figures = {}
+    sim.advertise(names[5], {"endpoint": "10.1.1.1:9000", "load": 7})
+    figures["meta_update_s"] = _time_until(
+        sim, lambda: everyone(names[5], lambda e: e is not None and e.meta.get("load") == 7), 10)
+    sim.leave(names[6])
+    figures["leave_seen_s"] = _time_until(
+        sim, lambda: everyone(names[6], lambda e: e is not None and e.state == 3), 10)
+    sim.crash(names[7])
+    sim.run_for(1.0)
+    sim.restart(names[7], meta={"generation": 2})
+    figures["restart_accepted_s"] = _time_until(
+        sim, lambda: everyone(names[7], lambda e: e is not None and e.state == ALIVE
+                              and e.meta.get("generation") == 2), 30)
+    half = [node.name for node in sim.up_nodes()]
+    sim.partition(half[: len(half) // 2], half[len(half) // 2:])
+    sim.run_for(30.0)
+    sim.heal()
+    figures["partition_30s_heal_s"] = _time_until(sim, sim.converged, 60, step=0.1)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100)
@@ -146,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         big = run(args.big_n, args.loss, args.seed, args.big_steady_s, args.big_cycles, args.cycle_s)
         big["wall_s"] = round(time.perf_counter() - started, 1)
         print(f"N={args.big_n}: " + orjson.dumps(big).decode(), flush=True)
+
+    scenarios = run_scenarios(args.n, args.loss, args.seed)
+    print(f"N={args.n} scenarios: " + orjson.dumps(scenarios).decode(), flush=True)
 
     started = time.perf_counter()
     result = run(args.n, args.loss, args.seed, args.steady_s, args.cycles, args.cycle_s)
