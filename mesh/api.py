@@ -76,6 +76,7 @@ class MeshAgent:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._joined = threading.Event()
+        self._meta_lock = threading.Lock()
         self._leave_on_stop = True
         self._transport: ZmqTransport | None = None
         self._core: MeshCore | None = None
@@ -157,19 +158,20 @@ class MeshAgent:
 
     def advertise(self, meta: dict, replace: bool = False) -> None:
         """Merge `meta` into our metadata (keys set to None are removed), or replace it."""
-        merged = {} if replace else dict(self._meta)
-        for key, value in meta.items():
-            if value is None:
-                merged.pop(key, None)
-            else:
-                merged[key] = value
-        if self.zone is not None:
-            merged.setdefault("zone", self.zone)
-        self._meta = validate_meta(merged)
-        try:
-            self._commands.put_nowait(("advertise", dict(self._meta)))
-        except queue.Full:
-            raise RuntimeError("mesh agent command queue is full") from None
+        with self._meta_lock:
+            merged = {} if replace else dict(self._meta)
+            for key, value in meta.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            if self.zone is not None:
+                merged.setdefault("zone", self.zone)
+            self._meta = validate_meta(merged)
+            try:
+                self._commands.put_nowait(("advertise", dict(self._meta)))
+            except queue.Full:
+                raise RuntimeError("mesh agent command queue is full") from None
 
     # ------------------------------------------------------------ the thread
 
