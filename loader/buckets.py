@@ -1,9 +1,11 @@
 """Bucket planning: coalesce small tensors into flat byte buffers, send large ones directly.
 
-Gloo send/recv is ~3x slower at 1 MiB than at 64 MiB per operation, so small tensors
-are packed into buckets of up to `bucket_bytes`; a tensor of at least half a bucket
-goes as its own operation straight from/into its storage (no extra copy).
-Both sides derive the same plan from the same manifest and bucket size.
+Gloo send/recv is ~3x slower at 1 MiB than at 64 MiB per operation when operations
+run one at a time, so small tensors are packed into buckets of up to `bucket_bytes`.
+A tensor of at least 1/16 of a bucket (4 MiB of 64) goes as its own operation straight
+from/into its storage: that saves a copy on each side, and with several receives
+posted ahead the per-operation cost is hidden. Both sides derive the same plan from the
+same manifest and bucket size, so the threshold is part of the protocol.
 """
 
 from __future__ import annotations
@@ -31,12 +33,19 @@ class Bucket:
     nbytes: int
 
 
+DIRECT_FRACTION = 16
+
+
+def direct_min_bytes(bucket_bytes: int) -> int:
+    return max(1, bucket_bytes // DIRECT_FRACTION)
+
+
 def plan_buckets(
     specs: tuple[TensorSpec, ...] | list[TensorSpec], bucket_bytes: int
 ) -> list[Bucket]:
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    direct_threshold = max(1, bucket_bytes // 2)
+    direct_threshold = direct_min_bytes(bucket_bytes)
     buckets: list[Bucket] = []
     pending: list[BucketItem] = []
     used = 0
@@ -105,3 +114,9 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
         np.copyto(dst.numpy(), src.numpy())
     else:
         dst.copy_(src)
+
+
+def bucket_tag(bucket: Bucket) -> int:
+    """The send/recv tag of a bucket: several operations are in flight at once, and a
+    distinct tag per bucket makes the backend match each send to its receive."""
+    return bucket.index % (1 << 30)

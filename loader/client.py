@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -19,7 +20,14 @@ import torch
 import zmq
 
 from loader import protocol
-from loader.buckets import Bucket, byte_view, max_packed_bytes, plan_buckets, unpack_bucket
+from loader.buckets import (
+    Bucket,
+    bucket_tag,
+    byte_view,
+    max_packed_bytes,
+    plan_buckets,
+    unpack_bucket,
+)
 from loader.checksum import digest
 from loader.config import TransferSettings, parse_host_port
 from loader.manifest import Manifest, build_manifest, unique_tensors
@@ -34,6 +42,8 @@ from loader.progress import ProgressReporter
 from loader.watchdog import PhaseTimeout, Watchdog
 
 log = logging.getLogger(__name__)
+
+RECV_DEPTH = 4  # receives posted ahead of the one being waited for
 
 
 @dataclass
@@ -281,33 +291,69 @@ class _BucketReceiver:
         )
         verifier = ThreadPoolExecutor(1, thread_name_prefix="netloader-verify")
         pending: list[Future] = []
+        # receives are posted ahead (up to RECV_DEPTH) so the link never idles between
+        # buckets; a packed bucket needs one of the two buffers, free once the bucket
+        # that used it last was verified and scattered
+        posted: deque[tuple[Bucket, object, torch.Tensor, int | None]] = deque()
         buffer_user: list[Future | None] = [None, None]
+        buffer_posted = [False, False]
+        next_post = packed_count = 0
         try:
-            for i, bucket in enumerate(self.plan):
+            while next_post < len(self.plan) or posted:
+                while next_post < len(self.plan) and len(posted) < RECV_DEPTH:
+                    bucket = self.plan[next_post]
+                    slot = None
+                    if bucket.direct:
+                        dest = attempt.tensors[bucket.items[0].name]
+                        target = (
+                            byte_view(dest)
+                            if dest.is_contiguous()
+                            else torch.empty(
+                                bucket.nbytes, dtype=torch.uint8, device=attempt.device
+                            )
+                        )
+                    else:
+                        slot = packed_count % 2
+                        if buffer_posted[slot]:
+                            break  # wait until the receive into that buffer completes
+                        if buffer_user[slot] is not None:
+                            buffer_user[slot].result()
+                        buffer_posted[slot] = True
+                        packed_count += 1
+                        target = buffers[slot][: bucket.nbytes]
+                    posted.append(
+                        (
+                            bucket,
+                            self.pg.recv([target], SOURCE_RANK, bucket_tag(bucket)),
+                            target,
+                            slot,
+                        )
+                    )
+                    next_post += 1
+                bucket, work, target, slot = posted.popleft()
                 # the backend's own timeout (bucket_timeout_s) should fire first; the
                 # watchdog is the backstop for a backend that does not honour it
-                watchdog.phase(f"bucket {i}/{len(self.plan)}", _backstop(settings.bucket_timeout_s))
+                watchdog.phase(
+                    f"bucket {bucket.index}/{len(self.plan)}", _backstop(settings.bucket_timeout_s)
+                )
+                t = time.perf_counter()
+                work.wait()
+                watchdog.check()
+                log.debug(
+                    "bucket %d (%s, %d B): recv wait %.1f ms",
+                    bucket.index,
+                    "direct" if bucket.direct else "packed",
+                    bucket.nbytes,
+                    1e3 * (time.perf_counter() - t),
+                )
                 pending = _without_finished(pending)
                 if bucket.direct:
                     dest = attempt.tensors[bucket.items[0].name]
-                    target = (
-                        byte_view(dest)
-                        if dest.is_contiguous()
-                        else torch.empty(bucket.nbytes, dtype=torch.uint8, device=attempt.device)
-                    )
-                    self.pg.recv([target], SOURCE_RANK, 0).wait()
-                    watchdog.check()
-                    pending.append(verifier.submit(self._verify_direct, bucket, target, dest))
+                    future = verifier.submit(self._verify_direct, bucket, target, dest)
                 else:
-                    slot = i % 2
-                    if buffer_user[slot] is not None:
-                        buffer_user[slot].result()  # the bucket that used this buffer is done
-                    target = buffers[slot][: bucket.nbytes]
-                    self.pg.recv([target], SOURCE_RANK, 0).wait()
-                    watchdog.check()
                     future = verifier.submit(self._verify_packed, bucket, target)
-                    buffer_user[slot] = future
-                    pending.append(future)
+                    buffer_user[slot], buffer_posted[slot] = future, False
+                pending.append(future)
                 progress.advance(bucket.nbytes)
             watchdog.phase("checksum verification", settings.bucket_timeout_s)
             for future in pending:
@@ -326,7 +372,10 @@ class _BucketReceiver:
 
     def _check(self, bucket: Bucket, data: torch.Tensor) -> None:
         expected = self.ack.checksums[bucket.index]
-        if digest(data, self.ack.algorithm) != expected:
+        t = time.perf_counter()
+        actual = digest(data, self.ack.algorithm)
+        log.debug("bucket %d: checksum %.1f ms", bucket.index, 1e3 * (time.perf_counter() - t))
+        if actual != expected:
             first, last = bucket.items[0].name, bucket.items[-1].name
             names = first if first == last else f"{first} .. {last}"
             raise SourceFailure(f"checksum mismatch in bucket {bucket.index} ({names})")

@@ -15,13 +15,21 @@ import secrets
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 import zmq
 
 from loader import protocol
-from loader.buckets import Bucket, byte_view, max_packed_bytes, pack_bucket, plan_buckets
+from loader.buckets import (
+    Bucket,
+    bucket_tag,
+    byte_view,
+    max_packed_bytes,
+    pack_bucket,
+    plan_buckets,
+)
 from loader.checksum import algorithm_for_device, digest
 from loader.config import TransferSettings
 from loader.manifest import build_manifest, unique_tensors
@@ -36,6 +44,7 @@ from loader.process_group import (
 log = logging.getLogger(__name__)
 
 _POLL_MS = 1000
+SEND_DEPTH = 4  # sends in flight; the client posts as many receives ahead
 _MAX_CACHED_PLANS = 4
 _BAD_MESSAGE_LOG_FIRST = 10
 
@@ -50,6 +59,21 @@ class _Session:
     done_message: protocol.Done | None = None
     pg: object | None = None
     thread: threading.Thread | None = None
+
+
+class _Send:
+    """An in-flight send. Gloo counts completions per buffer, so waiting twice on one
+    send blocks until a later send completes: wait() only once."""
+
+    def __init__(self, work, data: torch.Tensor) -> None:
+        self.work = work
+        self.data = data  # keeps a temporary (non-contiguous source) alive until sent
+        self.done = False
+
+    def wait(self) -> None:
+        if not self.done:
+            self.work.wait()
+            self.done = True
 
 
 class WeightServer:
@@ -337,33 +361,48 @@ class WeightServer:
                 self._sessions.pop(session.session_id, None)
 
     def _send_buckets(self, session: _Session, plan: list[Bucket]) -> None:
+        """Send in plan order with up to SEND_DEPTH operations in flight.
+
+        Packed buckets alternate between two zeroed buffers; a buffer is refilled only
+        after the send that used it completed."""
         size = max_packed_bytes(plan)
         buffers = (
-            [torch.empty(size, dtype=torch.uint8, device=self._device) for _ in range(2)]
+            [torch.zeros(size, dtype=torch.uint8, device=self._device) for _ in range(2)]
             if size
             else []
         )
-        in_flight: list = [None, None]  # send work per buffer, waited before the buffer is reused
-        pending_direct = None
-        for i, bucket in enumerate(plan):
+        buffer_work: list = [None, None]
+        in_flight: deque[_Send] = deque()
+        packed_count = 0
+        for bucket in plan:
             if self._stopping.is_set():
                 raise RuntimeError("server stopping")
             if bucket.direct:
-                data = self._tensors[bucket.items[0].name]
-                data = byte_view(data if data.is_contiguous() else data.contiguous())
-                work = session.pg.send([data], CLIENT_RANK, 0)
-                if pending_direct is not None:
-                    pending_direct.wait()
-                pending_direct = work
-                continue
-            slot = i % 2
-            if in_flight[slot] is not None:
-                in_flight[slot].wait()
-            data = pack_bucket(bucket, self._tensors, buffers[slot])
-            in_flight[slot] = session.pg.send([data], CLIENT_RANK, 0)
-        for work in (*in_flight, pending_direct):
-            if work is not None:
-                work.wait()
+                t = self._tensors[bucket.items[0].name]
+                data = byte_view(t if t.is_contiguous() else t.contiguous())
+            else:
+                slot = packed_count % 2
+                packed_count += 1
+                t0 = time.perf_counter()
+                if buffer_work[slot] is not None:
+                    buffer_work[slot].wait()
+                t1 = time.perf_counter()
+                data = pack_bucket(bucket, self._tensors, buffers[slot])
+                log.debug(
+                    "session %s bucket %d: waited for buffer %.1f ms, packed in %.1f ms",
+                    session.session_id[:8],
+                    bucket.index,
+                    1e3 * (t1 - t0),
+                    1e3 * (time.perf_counter() - t1),
+                )
+            send = _Send(session.pg.send([data], CLIENT_RANK, bucket_tag(bucket)), data)
+            if not bucket.direct:
+                buffer_work[slot] = send
+            in_flight.append(send)
+            while len(in_flight) > SEND_DEPTH:
+                in_flight.popleft().wait()
+        for send in in_flight:
+            send.wait()
 
     # ---- checksums (cached: the served tensors do not change) ------------------------
 
@@ -382,7 +421,7 @@ class WeightServer:
                 return cached
             plan = plan_buckets(self._manifest.specs, bucket_bytes)
             size = max_packed_bytes(plan)
-            scratch = torch.empty(size, dtype=torch.uint8, device=self._device) if size else None
+            scratch = torch.zeros(size, dtype=torch.uint8, device=self._device) if size else None
             checksums = []
             for bucket in plan:
                 if bucket.direct:

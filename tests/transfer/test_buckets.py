@@ -2,7 +2,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loader.buckets import max_packed_bytes, pack_bucket, plan_buckets, unpack_bucket
+from loader.buckets import (
+    direct_min_bytes,
+    max_packed_bytes,
+    pack_bucket,
+    plan_buckets,
+    unpack_bucket,
+)
 from loader.manifest import TensorSpec, build_manifest
 
 
@@ -11,22 +17,29 @@ def specs(sizes):
 
 
 def test_small_tensors_are_coalesced_and_large_ones_sent_directly():
-    plan = plan_buckets(specs([10, 20, 30, 600, 40, 1000, 5]), bucket_bytes=100)
+    # bucket 1600 bytes: tensors of >= 100 bytes (1/16) go directly
+    plan = plan_buckets(specs([10, 20, 30, 600, 40, 99, 100, 5000, 5]), bucket_bytes=1600)
     assert [(b.direct, [i.name for i in b.items], b.nbytes) for b in plan] == [
         (False, ["t0", "t1", "t2"], 60),
         (True, ["t3"], 600),
-        (False, ["t4"], 40),
-        (True, ["t5"], 1000),
-        (False, ["t6"], 5),
+        (False, ["t4", "t5"], 139),
+        (True, ["t6"], 100),
+        (True, ["t7"], 5000),
+        (False, ["t8"], 5),
     ]
-    assert [b.index for b in plan] == list(range(5))
-    assert max_packed_bytes(plan) == 60
+    assert [b.index for b in plan] == list(range(6))
+    assert max_packed_bytes(plan) == 139
+    assert direct_min_bytes(64 << 20) == 4 << 20
 
 
 def test_bucket_is_flushed_before_it_overflows():
-    plan = plan_buckets(specs([40, 40, 40]), bucket_bytes=100)
-    assert [[i.name for i in b.items] for b in plan] == [["t0", "t1"], ["t2"]]
-    assert [i.offset for i in plan[0].items] == [0, 40]
+    plan = plan_buckets(specs([40, 40, 40]), bucket_bytes=1000)  # all below 1000 // 16
+    assert [[i.name for i in b.items] for b in plan] == [["t0", "t1", "t2"]]
+    plan = plan_buckets(specs([60, 60, 60]), bucket_bytes=1000)  # 62-byte direct threshold
+    assert [[i.name for i in b.items] for b in plan] == [["t0", "t1", "t2"]]
+    plan = plan_buckets(specs([60] * 20), bucket_bytes=1000)
+    assert [len(b.items) for b in plan] == [16, 4]
+    assert [i.offset for i in plan[1].items] == [0, 60, 120, 180]
 
 
 def test_empty_tensors_are_skipped():
@@ -41,9 +54,10 @@ def test_plan_covers_every_byte_once_in_order(sizes, bucket_bytes):
     assert names == [f"t{i}" for i, n in enumerate(sizes) if n > 0]
     for b in plan:
         if b.direct:
-            assert len(b.items) == 1 and b.nbytes >= max(1, bucket_bytes // 2)
+            assert len(b.items) == 1 and b.nbytes >= direct_min_bytes(bucket_bytes)
         else:
             assert b.nbytes <= bucket_bytes
+            assert all(i.nbytes < direct_min_bytes(bucket_bytes) for i in b.items)
             offset = 0
             for item in b.items:
                 assert item.offset == offset

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from loader.checksum import SHA256, WSUM64, algorithm_for_device, digest
+from loader.checksum import BLAKE3, SHA256, WSUM64, algorithm_for_device, digest
 
 
-@pytest.mark.parametrize("algorithm", [SHA256, WSUM64])
+@pytest.mark.parametrize("algorithm", [BLAKE3, SHA256, WSUM64])
 @pytest.mark.parametrize("n", [1, 7, 8192, 8192 * 3 + 5, 100_003])
 def test_any_single_byte_change_is_detected(algorithm, n):
     g = torch.Generator().manual_seed(n)
@@ -29,9 +29,9 @@ def test_unaligned_slice_works():
 
 
 def test_algorithm_choice_and_input_checks():
-    assert algorithm_for_device("cpu") == SHA256
+    assert algorithm_for_device("cpu") == BLAKE3
     assert algorithm_for_device("cuda") == WSUM64 == algorithm_for_device("npu")
     with pytest.raises(ValueError):
-        digest(torch.zeros(4), SHA256)
+        digest(torch.zeros(4), BLAKE3)
     with pytest.raises(ValueError):
         digest(torch.zeros(4, dtype=torch.uint8), "md4")
