@@ -230,13 +230,16 @@ class MeshAgent:
             self._send_all(self._core.handle(time.monotonic(), msg))
 
     def _run_commands(self) -> None:
+        latest_meta = None
         while True:
             try:
                 command, arg = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
             if command == "advertise":
-                self._send_all(self._core.advertise(time.monotonic(), arg))
+                latest_meta = arg  # bursts of updates are spread as one new incarnation
+        if latest_meta is not None:
+            self._send_all(self._core.advertise(time.monotonic(), latest_meta))
 
     def _send_all(self, out) -> None:
         for addr, msg in out:
