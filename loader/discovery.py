@@ -69,6 +69,8 @@ class MeshPresence:
         `wait_timeout_s` for the mesh to show one."""
         if self._agent is None:
             return Candidates([], self.start_error or "agent not running")
+        if not self._mesh.seeds:
+            return Candidates([], "no seeds configured (first member of its mesh)")
         identity = self._identity
         deadline = time.monotonic() + self._mesh.wait_timeout_s
         first_peer_seen: float | None = None

@@ -58,11 +58,15 @@ class NetloaderModelLoader(BaseModelLoader):
         target_device = torch.device(load_device)
         started = time.monotonic()
         identity = rank_identity(vllm_config, model_config, self.config)
+        fingerprinted = time.monotonic()
         presence = self._join_mesh(identity, model_config)  # joins while the model is built
         with set_default_torch_dtype(model_config.dtype):
             with target_device:
                 model = self.create_model(vllm_config, model_config, prefix)
+            initialized = time.monotonic()
             result = self._fill_weights(model, model_config, identity, presence, started)
+            result.phases["fingerprint"] = fingerprinted - started
+            result.phases["init"] = initialized - fingerprinted
 
             gc.collect()
             torch.accelerator.empty_cache()
