@@ -7,6 +7,7 @@ one, with the first source's failure recorded.
 
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -141,7 +142,7 @@ def test_checksum_mismatch_fails_the_source(healthy_source):
 
 
 def test_source_killed_mid_transfer(healthy_source):
-    many = {"small": 3000}
+    many = {"small": 1500}
     with SourceProcess(fault="kill_mid_transfer", tensor_kwargs=many) as dying:
         with SourceProcess(tensor_kwargs=many) as healthy_big:
             outcome, dest, reference = fetch([dying, healthy_big], **many)
@@ -162,12 +163,12 @@ def test_source_that_hangs_after_the_handshake(healthy_source):
 
 
 def test_busy_source_when_over_the_client_limit():
-    one_slot = TransferSettings(**{**FAST.__dict__, "max_concurrent_clients": 1})
+    one_slot = TransferSettings(
+        **{**FAST.__dict__, "max_concurrent_clients": 1, "bucket_timeout_s": 4.0}
+    )
     with SourceProcess(settings=one_slot, fault="hang_after_ack") as busy:
         first = threading.Thread(target=fetch, args=([busy],), kwargs={"settings": FAST})
         first.start()
-        import time
-
         for _ in range(100):  # wait until the first client holds the only slot
             outcome, _, _ = fetch([busy])
             if outcome.failures and outcome.failures[0][1].startswith("busy"):
