@@ -83,18 +83,22 @@ def fetch_from_sources(
     must reload them (e.g. from disk). Never raises for a source's misbehaviour.
     """
     started = time.monotonic()
-    manifest = build_manifest(tensors)
-    unique, _ = unique_tensors(tensors)
     failures: list[tuple[str, str]] = []
     if not sources:
         return FetchOutcome(False, None, 0, 0.0, failures)
-    context = zmq.Context()
+    try:
+        manifest = build_manifest(tensors)
+        unique, _ = unique_tensors(tensors)
+        context = zmq.Context()
+    except Exception as exc:  # e.g. tensors without plain storage
+        failures.append(("local", f"cannot prepare the transfer: {type(exc).__name__}: {exc}"))
+        return FetchOutcome(False, None, 0, time.monotonic() - started, failures)
     try:
         for source in sources:
-            attempt = _SourceAttempt(
-                source, fingerprint, manifest, unique, rank, settings, keys, context
-            )
             try:
+                attempt = _SourceAttempt(
+                    source, fingerprint, manifest, unique, rank, settings, keys, context
+                )
                 attempt.run()
             except SourceFailure as exc:
                 reason = str(exc)

@@ -1,13 +1,15 @@
 """Benchmark the weight transfer between two processes over gloo on 127.0.0.1.
 
 Moves >= 1 GiB in >= 200 tensors with the real WeightServer / fetch_from_sources, and
-the same bytes over a plain TCP socket in the same run (before and after), so the
+the same bytes over a plain TCP socket in the same run, so the
 ratio is robust to how fast loopback happens to be on this machine. Also reports the
 client's peak RSS against the weights (goal: <= weights + two buckets) and the latency
 of a small compute step on the source while idle vs while it serves the transfer.
 
     python -m tests.bench.bench_transfer [--mib 1025] [--bucket-mb 64]
 
+The machine is shared, so the benchmark alternates raw TCP and netloader rounds
+(raw, net, raw, net, raw) and compares the best of each; every round is printed.
 The last stdout line is one JSON object.
 """
 
@@ -29,22 +31,22 @@ GIB = float(1 << 30)
 
 
 def make_tensors(total_mib: int, seed: int = 0, empty: bool = False) -> dict[str, torch.Tensor]:
+    return dict(iter_tensors(total_mib, seed, empty))
+
+
+def iter_tensors(total_mib: int, seed: int = 0, empty: bool = False):
     """96 large, 128 medium and 64 tiny float32 tensors, like a small decoder's layers."""
     g = torch.Generator().manual_seed(seed)
     tiny_numel = 4096
     medium_numel = max(1, (total_mib << 20) // 4 // 4 // 128)
     large_numel = max(1, ((total_mib << 20) // 4 - 128 * medium_numel - 64 * tiny_numel) // 96)
-    layout = [("tiny", 64, tiny_numel), ("medium", 128, medium_numel), ("large", 96, large_numel)]
-    tensors = {}
     for i in range(96):
-        for kind, count, numel in layout:
-            per_layer = count // 32
-            if i < 32 and kind != "large":
-                for j in range(per_layer):
-                    tensors[f"layers.{i}.{kind}{j}"] = _tensor(numel, g, empty)
-            if kind == "large":
-                tensors[f"layers.{i // 3}.large{i % 3}"] = _tensor(numel, g, empty)
-    return tensors
+        if i < 32:
+            for j in range(2):
+                yield f"layers.{i}.tiny{j}", _tensor(tiny_numel, g, empty)
+            for j in range(4):
+                yield f"layers.{i}.medium{j}", _tensor(medium_numel, g, empty)
+        yield f"layers.{i // 3}.large{i % 3}", _tensor(large_numel, g, empty)
 
 
 def _tensor(numel: int, g: torch.Generator, empty: bool) -> torch.Tensor:
@@ -87,7 +89,7 @@ def source_main(args, to_parent, from_parent) -> None:
     probe = StepProbe(server)
     probe.start()
     to_parent.put({"endpoint": server.endpoint, "raw_port": raw.getsockname()[1]})
-    for _ in range(2):  # two raw-TCP rounds: before and after the netloader transfer
+    for _ in range(args.rounds + 1):  # raw-TCP rounds around each netloader round
         conn, _ = raw.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for view in _byte_views(tensors):
@@ -141,35 +143,42 @@ def client_main(args, info, to_parent) -> None:
 
     from loader.client import fetch_from_sources
     from loader.config import TransferSettings
+    from loader.manifest import build_manifest
 
     rss_before = _peak_rss()
     dest = make_tensors(args.mib, empty=True)  # zeros: pages touched, as in a built model
     weights = sum(t.numel() * t.element_size() for t in dest.values())
     rss_allocated = _peak_rss()
-    raw_before = raw_tcp_receive(info["raw_port"], dest)
     settings = TransferSettings(bucket_mb=args.bucket_mb, bucket_timeout_s=args.bucket_timeout)
-    t = time.perf_counter()
-    from loader.manifest import build_manifest
-
-    build_manifest(dest)
-    manifest_s = time.perf_counter() - t
-    outcome = fetch_from_sources([info["endpoint"]], FINGERPRINT, dest, 0, settings)
-    rss_after_fetch = _peak_rss()
-    raw_after = raw_tcp_receive(info["raw_port"], dest)
-    reference = make_tensors(args.mib)
-    identical = all(torch.equal(dest[k], reference[k]) for k in reference)
+    raw_seconds, rounds = [], []
+    for _ in range(args.rounds):
+        raw_seconds.append(raw_tcp_receive(info["raw_port"], dest))
+        for t in dest.values():
+            t.zero_()  # the fetch must write every byte for the check below to pass
+        t0 = time.perf_counter()
+        build_manifest(dest)
+        manifest_s = time.perf_counter() - t0
+        outcome = fetch_from_sources([info["endpoint"]], FINGERPRINT, dest, 0, settings)
+        rss_after_fetch = _peak_rss()
+        identical = all(torch.equal(dest[name], ref) for name, ref in iter_tensors(args.mib))
+        rounds.append(
+            {
+                "ok": outcome.ok,
+                "failures": outcome.failures,
+                "identical": identical,
+                "seconds": outcome.seconds,
+                "handshake_s": outcome.handshake_s,
+                "setup_s": outcome.setup_s,
+                "manifest_s": manifest_s,
+                "bytes": outcome.bytes,
+            }
+        )
+    raw_seconds.append(raw_tcp_receive(info["raw_port"], dest))
     to_parent.put(
         {
-            "ok": outcome.ok,
-            "failures": outcome.failures,
-            "identical": identical,
-            "bytes": outcome.bytes,
+            "rounds": rounds,
             "tensors": len(dest),
-            "seconds": outcome.seconds,
-            "handshake_s": outcome.handshake_s,
-            "setup_s": outcome.setup_s,
-            "manifest_s": manifest_s,
-            "raw_seconds": [raw_before, raw_after],
+            "raw_seconds": raw_seconds,
             "weights": weights,
             "rss_before": rss_before,
             "rss_allocated": rss_allocated,
@@ -204,6 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=1025, help="weights size in MiB")
     parser.add_argument("--bucket-mb", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="netloader rounds (raw TCP: +1)")
     parser.add_argument("--bucket-timeout", type=float, default=120.0)
     parser.add_argument("--debug", action="store_true", help="per-bucket timings on stderr")
     args = parser.parse_args()
@@ -219,25 +229,31 @@ def main() -> None:
     to_source.put("stop")
     probe = from_source.get(timeout=60)
     source.join(30)
-    if not result["ok"] or not result["identical"]:
-        raise SystemExit(f"transfer failed: {result['failures']} identical={result['identical']}")
-
-    nbytes = result["bytes"]
-    raw_gib_s = statistics.mean(nbytes / s for s in result["raw_seconds"]) / GIB
-    gib_s = nbytes / result["seconds"] / GIB
-    overhead = result["handshake_s"] + result["setup_s"] + result["manifest_s"]
+    for r in result["rounds"]:
+        if not r["ok"] or not r["identical"]:
+            raise SystemExit(f"transfer failed: {r['failures']} identical={r['identical']}")
+    best = min(result["rounds"], key=lambda r: r["seconds"])  # least disturbed by neighbours
+    result.update(best)
+    nbytes = best["bytes"]
+    raw_gib_s = max(nbytes / s for s in result["raw_seconds"]) / GIB  # raw at its best, too
+    gib_s = nbytes / best["seconds"] / GIB
+    overhead = best["handshake_s"] + best["setup_s"] + best["manifest_s"]
     bucket_bytes = args.bucket_mb << 20
     extra_rss = result["rss_after_fetch"] - result["rss_allocated"]
-    print(f"weights: {nbytes / GIB:.3f} GiB in {result['tensors']} tensors, {args.bucket_mb} MiB buckets")
     print(
-        f"netloader: {result['seconds']:.2f}s = {gib_s:.3f} GiB/s "
+        f"weights: {nbytes / GIB:.3f} GiB in {result['tensors']} tensors, {args.bucket_mb} MiB buckets"
+    )
+    print(
+        "netloader rounds: "
+        + ", ".join(f"{nbytes / r['seconds'] / GIB:.3f} GiB/s" for r in result["rounds"])
+        + f"; best {result['seconds']:.2f}s = {gib_s:.3f} GiB/s "
         f"(handshake {result['handshake_s'] * 1000:.1f} ms, process group {result['setup_s'] * 1000:.1f} ms, "
         f"manifest {result['manifest_s'] * 1000:.1f} ms)"
     )
     print(
         "raw TCP: "
         + ", ".join(f"{nbytes / s / GIB:.3f} GiB/s" for s in result["raw_seconds"])
-        + f" (mean {raw_gib_s:.3f}); ratio {gib_s / raw_gib_s:.3f}"
+        + f" (best {raw_gib_s:.3f}); ratio {gib_s / raw_gib_s:.3f} (best netloader round / best raw)"
     )
     print(
         f"client peak RSS: {result['rss_after_fetch'] / GIB:.3f} GiB; weights {result['weights'] / GIB:.3f} GiB; "
