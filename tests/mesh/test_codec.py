@@ -74,7 +74,7 @@ def test_valid_messages_round_trip(msg):
 
 @settings(max_examples=200, deadline=None)
 @given(messages(), st.sampled_from(["v", "t", "f", "fa", "q", "tg", "ta", "h", "d", "u", "w", "r"]),
-       st.one_of(st.none(), st.integers(-5, 5), st.text(max_size=3), st.lists(st.integers(), max_size=2),
+       st.one_of(st.none(), st.integers(-5, 5), st.text(max_size=3), st.lists(st.integers(-(2**63), 2**63 - 1), max_size=2),
                  st.floats(allow_nan=True)))
 def test_corrupted_field_is_rejected_not_raised(msg, key, value):
     if key not in msg:
