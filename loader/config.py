@@ -108,7 +108,9 @@ def parse_extra_config(raw: dict | str | None, environ: dict | None = None) -> N
         obj = {**obj, **file_obj}
     unknown = sorted(set(obj) - _TOP_LEVEL_KEYS)
     if unknown:
-        raise ValueError(f"{unknown[0]}: unknown key (allowed: {', '.join(sorted(_TOP_LEVEL_KEYS))})")
+        raise ValueError(
+            f"{unknown[0]}: unknown key (allowed: {', '.join(sorted(_TOP_LEVEL_KEYS))})"
+        )
     return NetloaderConfig(
         source=_parse_source(obj.get("SOURCE")),
         model=_optional(obj, "MODEL", _require_str),
@@ -193,12 +195,12 @@ def _require_host(key: str, value: Any) -> str:
 def parse_host_port(key: str, value: Any, allow_port_zero: bool = False) -> tuple[str, int]:
     """Split "host:port" (IPv6 as "[::1]:port"); ValueError naming key on bad input."""
     if not isinstance(value, str) or ":" not in value:
-        raise ValueError(f"{key}: expected \"host:port\", got {value!r}")
+        raise ValueError(f'{key}: expected "host:port", got {value!r}')
     host, _, port_text = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host or not _HOST_RE.match(host) or not port_text.isdigit():
-        raise ValueError(f"{key}: expected \"host:port\", got {value!r}")
+        raise ValueError(f'{key}: expected "host:port", got {value!r}')
     port = int(port_text)
     if not (0 if allow_port_zero else 1) <= port <= 65535:
         raise ValueError(f"{key}: port {port} out of range in {value!r}")
@@ -225,7 +227,7 @@ def _parse_source(value: Any) -> tuple[SourceEntry, ...]:
         device_id = _require_int(f"{where}.device_id", item["device_id"], 0)
         sources = item["sources"]
         if not isinstance(sources, list):
-            raise ValueError(f"{where}.sources: expected a list of \"host:port\", got {sources!r}")
+            raise ValueError(f'{where}.sources: expected a list of "host:port", got {sources!r}')
         for j, addr in enumerate(sources):
             parse_host_port(f"{where}.sources[{j}]", addr)
         entries.append(SourceEntry(device_id, tuple(sources)))
@@ -250,7 +252,7 @@ def _parse_mesh(value: Any, env) -> MeshConfig | None:
     else:
         seeds_key = "mesh.seeds"
         if not isinstance(seeds, list):
-            raise ValueError(f"mesh.seeds: expected a list of \"host:port\", got {seeds!r}")
+            raise ValueError(f'mesh.seeds: expected a list of "host:port", got {seeds!r}')
     for j, addr in enumerate(seeds):
         parse_host_port(f"{seeds_key}[{j}]", addr)
     bind = value.get("bind")
@@ -292,5 +294,12 @@ def _parse_settings(obj: dict) -> TransferSettings:
 
 
 _SETTINGS_KEYS = {f.name for f in dataclasses.fields(TransferSettings)}
-_TOP_LEVEL_KEYS = {"SOURCE", "MODEL", "LISTEN_PORT", "CONFIG_FILE", "OUTPUT_PREFIX", "mesh"} | _SETTINGS_KEYS
+_TOP_LEVEL_KEYS = {
+    "SOURCE",
+    "MODEL",
+    "LISTEN_PORT",
+    "CONFIG_FILE",
+    "OUTPUT_PREFIX",
+    "mesh",
+} | _SETTINGS_KEYS
 _MESH_KEYS = {f.name for f in dataclasses.fields(MeshConfig)}

@@ -82,7 +82,12 @@ def decode(payload: bytes, max_bytes: int) -> dict:
 
 
 def hello_message(
-    fingerprint: str, rank: int, manifest: Manifest, pg_host: str, backend: str, max_bucket_bytes: int
+    fingerprint: str,
+    rank: int,
+    manifest: Manifest,
+    pg_host: str,
+    backend: str,
+    max_bucket_bytes: int,
 ) -> dict:
     return {
         "type": "hello",
@@ -113,11 +118,20 @@ def nack_message(reason: str, busy: bool = False) -> dict:
 
 
 def done_message(session: str, ok: bool, reason: str | None) -> dict:
-    return {"type": "done", "session": session, "ok": ok, "reason": (reason or "")[:MAX_REASON_LEN] or None}
+    return {
+        "type": "done",
+        "session": session,
+        "ok": ok,
+        "reason": (reason or "")[:MAX_REASON_LEN] or None,
+    }
 
 
 def parse_hello(obj: dict) -> Hello:
-    _expect(obj, "hello", {"v", "fingerprint", "rank", "manifest", "pg_host", "backend", "max_bucket_bytes"})
+    _expect(
+        obj,
+        "hello",
+        {"v", "fingerprint", "rank", "manifest", "pg_host", "backend", "max_bucket_bytes"},
+    )
     if obj["v"] != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {obj['v']!r}")
     try:
@@ -130,7 +144,9 @@ def parse_hello(obj: dict) -> Hello:
         manifest=manifest,
         pg_host=_match("pg_host", obj["pg_host"], _HOST_RE),
         backend=_choice("backend", obj["backend"], tuple(BACKEND_BY_DEVICE.values())),
-        max_bucket_bytes=_int("max_bucket_bytes", obj["max_bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES),
+        max_bucket_bytes=_int(
+            "max_bucket_bytes", obj["max_bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES
+        ),
     )
 
 
@@ -139,7 +155,11 @@ def parse_reply(obj: dict) -> Ack | Refusal:
     if kind in ("nack", "busy"):
         _expect(obj, kind, {"reason"})
         return Refusal(busy=kind == "busy", reason=clean_reason(obj["reason"]))
-    _expect(obj, "ack", {"session", "store_port", "bucket_bytes", "algorithm", "checksums", "manifest_digest"})
+    _expect(
+        obj,
+        "ack",
+        {"session", "store_port", "bucket_bytes", "algorithm", "checksums", "manifest_digest"},
+    )
     checksums = obj["checksums"]
     if not isinstance(checksums, list) or len(checksums) > MAX_BUCKETS:
         raise ProtocolError("checksums: expected a list")
