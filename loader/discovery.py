@@ -51,7 +51,7 @@ class MeshPresence:
         try:
             self._agent = MeshAgent(
                 bind=_bind_for_rank(self._mesh.bind, self._identity.rank),
-                seeds=list(self._mesh.seeds),
+                seeds=_seeds_for_rank(self._mesh, self._identity.rank),
                 name=_agent_name(self._mesh.name, self._identity.rank),
                 meta=self._base_meta(ready=False),
                 keys=self._keys,
@@ -166,6 +166,19 @@ def _bind_for_rank(bind: str | None, rank: int) -> str:
     host, _, port = bind.rpartition(":")
     port_num = int(port)
     return f"{host}:{port_num + rank if port_num else 0}"
+
+
+def _seeds_for_rank(mesh: MeshConfig, rank: int) -> list[str]:
+    """The configured seeds, plus, for ranks > 0, rank 0 of this same instance: otherwise
+    the ranks of a seedless first instance would each form a mesh of their own."""
+    seeds = list(mesh.seeds)
+    if rank > 0 and mesh.bind:
+        host, _, port = mesh.bind.rpartition(":")
+        if int(port):
+            if host in ("0.0.0.0", "::", "[::]", ""):
+                host = "127.0.0.1"
+            seeds.append(f"{host}:{port}")
+    return seeds
 
 
 def _agent_name(name: str | None, rank: int) -> str | None:

@@ -117,3 +117,14 @@ def test_meta_parameters_make_a_model_unservable():
     with torch.device("meta"):
         model = Tied()
     assert servable_tensors(model) is None
+
+
+@pytest.mark.parametrize("bind,seeds,rank,expected", [
+    ("10.0.0.1:7946", (), 0, []),
+    ("10.0.0.1:7946", (), 2, ["10.0.0.1:7946"]),
+    ("0.0.0.0:7946", ("s:1",), 1, ["s:1", "127.0.0.1:7946"]),
+    ("0.0.0.0:0", ("s:1",), 1, ["s:1"]),
+    (None, ("s:1",), 3, ["s:1"]),
+])
+def test_ranks_above_zero_also_seed_to_their_own_rank_zero(bind, seeds, rank, expected):
+    assert discovery._seeds_for_rank(MeshConfig(seeds=seeds, bind=bind), rank) == expected

@@ -130,3 +130,34 @@ def test_a_killed_before_b_starts_b_falls_back(tiny_checkpoint, secret, tmp_path
         assert result["lookup_s"] <= 4 + 2
     finally:
         b.stop()
+
+
+TP2 = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
+# one NUMA node here: vLLM CPU needs each TP worker's OpenMP threads bound by hand
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+
+def test_tp2_each_rank_pulls_its_own_shard_through_the_mesh(tiny_checkpoint, secret, tmp_path):
+    gossip = f"127.0.0.1:{free_port()}"
+    a = VllmServer(model=tiny_checkpoint, log_path=tmp_path / "A.log", extra_args=TP2,
+                   env=TP2_ENV,
+                   extra_config={"mesh": {"bind": gossip, "secret_file": secret, "name": "A"}})
+    b = VllmServer(model=tiny_checkpoint, log_path=tmp_path / "B.log", extra_args=TP2,
+                   env=TP2_ENV,
+                   extra_config={"mesh": {"seeds": [gossip], "secret_file": secret, "name": "B"}})
+    try:
+        a.start().wait_ready()
+        b.start().wait_ready()
+        a_by_rank = {r["rank"]: r for r in a.result_lines()}
+        b_by_rank = {r["rank"]: r for r in b.result_lines()}
+        assert sorted(b_by_rank) == [0, 1]
+        a_endpoints = {m["name"]: m["meta"]["endpoint"] for m in _mesh_status(gossip, secret)
+                       if m["name"].startswith("A-r")}
+        for rank in (0, 1):
+            assert b_by_rank[rank]["source"] == "peer", b_by_rank[rank]
+            assert b_by_rank[rank]["peer"] == a_endpoints[f"A-r{rank}"]
+            assert b_by_rank[rank]["bytes"] == a_by_rank[rank]["bytes"]
+        assert _logprobs(b) == _logprobs(a)
+    finally:
+        b.stop()
+        a.stop()
