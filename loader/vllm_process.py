@@ -122,17 +122,29 @@ class VllmServer:
         """SIGTERM the whole process group (vLLM spawns engine and worker processes), then SIGKILL."""
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        self._signal_group(signal.SIGTERM)
         try:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(10)
+            self.kill()
+            return self.proc.returncode
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        """SIGKILL the process group and reap it (a loaded machine may take a while)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self._signal_group(signal.SIGKILL)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            print(f"vLLM server pid {self.proc.pid} still not reaped 60s after SIGKILL",
+                  file=sys.stderr)
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def __enter__(self) -> VllmServer:
         return self.start()
