@@ -1,0 +1,44 @@
+"""Server and client in one process (two threads): quick end-to-end checks of variants."""
+
+import pytest
+import torch
+
+from loader.checksum import SHA256, WSUM64
+from loader.client import fetch_from_sources
+from loader.server import WeightServer
+from tests.transfer.helpers import FAST, FINGERPRINT, empty_like_all, make_tensors
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("algorithm", [SHA256, WSUM64])
+def test_every_checksum_algorithm_round_trips(algorithm):
+    source = make_tensors(1, small=5, big_numel=100_000)
+    server = WeightServer(source, FINGERPRINT, 0, FAST, host="127.0.0.1")
+    server._algorithm = algorithm  # as a source on another device type would choose
+    server.start()
+    try:
+        dest = empty_like_all(source)
+        outcome = fetch_from_sources([server.endpoint], FINGERPRINT, dest, 0, FAST)
+    finally:
+        server.stop()
+    assert outcome.ok, outcome.failures
+    for name, t in source.items():
+        assert torch.equal(dest[name], t), name
+
+
+def test_client_bucket_limit_is_respected_and_non_contiguous_destinations_work():
+    source = make_tensors(2, small=5, big_numel=100_000)
+    server = WeightServer(source, FINGERPRINT, 0, FAST, host="127.0.0.1")
+    server.start()
+    try:
+        dest = empty_like_all(source)
+        # a transposed destination with the same shape and dtype
+        dest["layer0.weight"] = torch.zeros(3, 97).t()
+        small = FAST.__class__(**{**FAST.__dict__, "bucket_mb": 1})
+        outcome = fetch_from_sources([server.endpoint], FINGERPRINT, dest, 0, small)
+    finally:
+        server.stop()
+    assert outcome.ok, outcome.failures
+    for name, t in source.items():
+        assert torch.equal(dest[name], t), name
