@@ -49,8 +49,30 @@ def iter_tensors(total_mib: int, seed: int = 0, empty: bool = False):
         yield f"layers.{i // 3}.large{i % 3}", _tensor(large_numel, g, empty)
 
 
+_BLOCK = 1 << 20  # random floats, tiled with a per-tensor shift: cheap to (re)generate
+
+
 def _tensor(numel: int, g: torch.Generator, empty: bool) -> torch.Tensor:
-    return torch.zeros(numel) if empty else torch.randn(numel, generator=g)
+    if empty:
+        return torch.zeros(numel)
+    base = _random_block(g.initial_seed())
+    shift = int(torch.randint(0, _BLOCK, (1,), generator=g))
+    pattern = torch.cat([base[shift:], base[:shift]])
+    out = torch.empty(numel)
+    dst, src = out.numpy(), pattern.numpy()
+    for pos in range(0, numel, _BLOCK):
+        k = min(_BLOCK, numel - pos)
+        dst[pos : pos + k] = src[:k]  # numpy: a plain memcpy, no thread pool
+    return out
+
+
+_blocks: dict[int, torch.Tensor] = {}
+
+
+def _random_block(seed: int) -> torch.Tensor:
+    if seed not in _blocks:
+        _blocks[seed] = torch.randn(_BLOCK, generator=torch.Generator().manual_seed(seed))
+    return _blocks[seed]
 
 
 def _byte_views(tensors):
