@@ -74,6 +74,7 @@ def fetch_from_sources(
     rank: int,
     settings: TransferSettings,
     keys=None,
+    observer=None,
 ) -> FetchOutcome:
     """Fill `tensors` in place from the first source that serves matching weights.
 
@@ -81,6 +82,9 @@ def fetch_from_sources(
     dtypes. The caller removes aliases (tied weights) first; names that still share
     storage are received once. On failure the tensors may be half-written: the caller
     must reload them (e.g. from disk). Never raises for a source's misbehaviour.
+
+    `observer` (optional, see loader.relay.TransferObserver) is told when a source's
+    transfer starts, each bucket once it is verified and written, and each failure.
     """
     started = time.monotonic()
     failures: list[tuple[str, str]] = []
@@ -99,6 +103,7 @@ def fetch_from_sources(
                 attempt = _SourceAttempt(
                     source, fingerprint, manifest, unique, rank, settings, keys, context
                 )
+                attempt.observer = observer
                 attempt.run()
             except SourceFailure as exc:
                 reason = str(exc)
@@ -119,6 +124,8 @@ def fetch_from_sources(
                 )
             log.warning("netloader rank %d: source %s failed: %s", rank, source, reason)
             failures.append((source, reason))
+            if observer is not None:
+                observer.attempt_failed(source, reason)
     finally:
         _close_context(context)
     return FetchOutcome(False, None, 0, time.monotonic() - started, failures)
@@ -137,6 +144,7 @@ class _SourceAttempt:
         self.handshake_s = 0.0
         self.setup_s = 0.0
         self.pg = None
+        self.observer = None
         devices = {t.device for t in tensors.values()} or {torch.device("cpu")}
         if len({d.type for d in devices}) != 1:
             raise SourceFailure(f"destination tensors span several device types: {devices}")
@@ -214,7 +222,8 @@ class _SourceAttempt:
             sock.send(protocol.encode(hello))
         except zmq.Again:
             raise SourceFailure(
-                f"handshake timed out after {timeout:g}s (no ZeroMQ session)"
+                f"handshake timed out after {timeout:g}s (no ZeroMQ session: the peer is "
+                "not a netloader source, is hung, or rejected our cluster key)"
             ) from None
         remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
         if not sock.poll(remaining_ms, zmq.POLLIN):
@@ -239,6 +248,8 @@ class _SourceAttempt:
             raise SourceFailure(
                 f"source sent {len(ack.checksums)} checksums for {len(plan)} buckets"
             )
+        if self.observer is not None:
+            self.observer.transfer_started(self.source, ack, plan)
         receiver = _BucketReceiver(self, host, ack, plan)
         try:
             Watchdog().run(receiver.run, on_timeout=receiver.abort)
@@ -369,10 +380,17 @@ class _BucketReceiver:
         self._check(bucket, data)
         if data.data_ptr() != dest.data_ptr():
             dest.copy_(data.view(dest.dtype).view(dest.shape))
+        self._verified(bucket)
 
     def _verify_packed(self, bucket: Bucket, data: torch.Tensor) -> None:
         self._check(bucket, data)
         unpack_bucket(bucket, data, self.attempt.tensors)
+        self._verified(bucket)
+
+    def _verified(self, bucket: Bucket) -> None:
+        """Bucket checked and in the destination tensors: tell the observer (relay hook)."""
+        if self.attempt.observer is not None:
+            self.attempt.observer.bucket_verified(self.attempt.source, bucket.index)
 
     def _check(self, bucket: Bucket, data: torch.Tensor) -> None:
         expected = self.ack.checksums[bucket.index]
