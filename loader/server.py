@@ -377,6 +377,7 @@ class WeightServer:
         for bucket in plan:
             if self._stopping.is_set():
                 raise RuntimeError("server stopping")
+            self._before_bucket(session, bucket)
             if bucket.direct:
                 t = self._tensors[bucket.items[0].name]
                 data = byte_view(t if t.is_contiguous() else t.contiguous())
@@ -403,6 +404,10 @@ class WeightServer:
                 in_flight.popleft().wait()
         for send in in_flight:
             send.wait()
+
+    def _before_bucket(self, session: _Session, bucket: Bucket) -> None:
+        """Hook run before each bucket is read for sending (loader.relay waits here until
+        the bucket is verified locally); raise to abort the session."""
 
     # ---- checksums (cached: the served tensors do not change) ------------------------
 

@@ -1,0 +1,229 @@
+"""Chained distribution: an instance that is still receiving serves what it has verified.
+
+A `RelayServer` is a WeightServer over the destination tensors of a fetch in progress.
+It is also the fetch's observer (see `fetch_from_sources(..., observer=)`):
+
+- `transfer_started` gives it the upstream's plan and per-bucket checksums. Those
+  checksums came over the authenticated control channel and originate at the root
+  source; the relay hands exactly these to its own clients, so every hop verifies the
+  root's checksums, never ones it computed from bytes it received.
+- `bucket_verified` marks a bucket checked and written; only then may a downstream
+  session read it (`_before_bucket` blocks until it is). Unverified bytes never leave.
+- `attempt_failed` invalidates everything: downstream sessions are aborted (they fail
+  that source and re-attach elsewhere), and the relay refuses new clients until the
+  next upstream transfer starts. The fetch's next attempt overwrites the tensors only
+  after the aborted sessions have stopped reading them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+from loader.buckets import Bucket
+from loader.process_group import destroy_group
+from loader.server import WeightServer
+
+log = logging.getLogger(__name__)
+
+NOT_RECEIVING = "relay not receiving yet"
+_SESSION_DRAIN_S = 10.0
+
+
+class TransferObserver(Protocol):
+    def transfer_started(self, source: str, ack, plan: list[Bucket]) -> None: ...
+    def bucket_verified(self, source: str, index: int) -> None: ...
+    def attempt_failed(self, source: str, reason: str) -> None: ...
+
+
+class ObserverFanout:
+    """Pass each event to several observers, in order."""
+
+    def __init__(self, *observers) -> None:
+        self.observers = [o for o in observers if o is not None]
+
+    def transfer_started(self, source, ack, plan) -> None:
+        for o in self.observers:
+            o.transfer_started(source, ack, plan)
+
+    def bucket_verified(self, source, index) -> None:
+        for o in self.observers:
+            o.bucket_verified(source, index)
+
+    def attempt_failed(self, source, reason) -> None:
+        for o in self.observers:
+            o.attempt_failed(source, reason)
+
+
+class ProgressRecorder:
+    """Verified bytes over time (wall clock, so several processes share one time axis)."""
+
+    def __init__(self, clock=time.time) -> None:
+        self._clock = clock
+        self._sizes: list[int] = []
+        self._lock = threading.Lock()
+        self.samples: list[tuple[float, int]] = []  # (time, verified bytes of the attempt)
+        self.events: list[tuple[float, str, str]] = []  # (time, "start"|"failed", source)
+        self._done = 0
+
+    def transfer_started(self, source, ack, plan) -> None:
+        with self._lock:
+            self._sizes = [b.nbytes for b in plan]
+            self._done = 0
+            now = self._clock()
+            self.events.append((now, "start", source))
+            self.samples.append((now, 0))
+
+    def bucket_verified(self, source, index) -> None:
+        with self._lock:
+            if 0 <= index < len(self._sizes):
+                self._done += self._sizes[index]
+                self.samples.append((self._clock(), self._done))
+
+    def attempt_failed(self, source, reason) -> None:
+        with self._lock:
+            self.events.append((self._clock(), "failed", source))
+
+
+class RelayServer(WeightServer):
+    """Serve `tensors` while they are being fetched; see the module docstring.
+
+    `tensors` must be the very dict passed to fetch_from_sources together with this
+    relay as (part of) its observer. Call `fetch_succeeded()` once the fetch is done."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._relay = threading.Condition()
+        self._relay_source: str | None = None
+        self._relay_plan: list[Bucket] | None = None
+        self._relay_checksums: tuple[str, ...] = ()
+        self._relay_bucket_bytes = 0
+        self._verified: list[bool] = []
+        self._verified_bytes = 0
+        self._generation = 0
+        self._complete = False
+        self._session_generation = threading.local()
+        self.buckets_forwarded = 0
+
+    # ---- observer side (called from the fetch) ---------------------------------------
+
+    def transfer_started(self, source: str, ack, plan: list[Bucket]) -> None:
+        with self._relay:
+            if ack.algorithm != self._algorithm:
+                log.warning("relay: upstream checksum algorithm %s unsupported", ack.algorithm)
+                return
+            self._relay_source = source
+            self._relay_plan = list(plan)
+            self._relay_checksums = tuple(ack.checksums)
+            self._relay_bucket_bytes = ack.bucket_bytes
+            self._verified = [False] * len(plan)
+            self._verified_bytes = 0
+            self._relay.notify_all()
+
+    def bucket_verified(self, source: str, index: int) -> None:
+        with self._relay:
+            if source != self._relay_source or not 0 <= index < len(self._verified):
+                return
+            if not self._verified[index]:
+                self._verified[index] = True
+                self._verified_bytes += self._relay_plan[index].nbytes
+                self._relay.notify_all()
+
+    def attempt_failed(self, source: str, reason: str) -> None:
+        self.invalidate(f"upstream {source} failed: {reason}")
+
+    def fetch_succeeded(self) -> None:
+        with self._relay:
+            self._complete = True
+            self._relay.notify_all()
+
+    def invalidate(self, why: str) -> None:
+        """Forget what was verified, abort downstream sessions and wait until they stop."""
+        with self._relay:
+            if self._complete:
+                return
+            self._generation += 1
+            self._relay_source = None
+            self._relay_plan = None
+            self._verified = []
+            self._verified_bytes = 0
+            self._relay.notify_all()
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        if sessions:
+            log.info("relay: aborting %d downstream session(s): %s", len(sessions), why[:200])
+        for s in sessions:
+            s.done.set()
+            destroy_group(s.pg)
+        deadline = time.monotonic() + _SESSION_DRAIN_S
+        for s in sessions:
+            if s.thread is not None and s.thread is not threading.current_thread():
+                s.thread.join(max(0.0, deadline - time.monotonic()))
+
+    # ---- status for the gossip table -------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """One of "complete", "receiving" (can serve verified buckets), "attaching"."""
+        with self._relay:
+            if self._complete:
+                return "complete"
+            return "receiving" if self._relay_plan is not None else "attaching"
+
+    @property
+    def verified_fraction(self) -> float:
+        with self._relay:
+            if self._complete:
+                return 1.0
+            total = sum(b.nbytes for b in self._relay_plan or ())
+            return self._verified_bytes / total if total else 0.0
+
+    # ---- server side (WeightServer hooks) --------------------------------------------
+
+    def _precompute(self) -> None:
+        self._ready.set()  # checksums come from upstream; nothing to compute
+
+    def _refusal_reason(self, hello) -> str | None:
+        reason = super()._refusal_reason(hello)
+        if reason:
+            return reason
+        with self._relay:
+            if self._complete:
+                return None
+            if self._relay_plan is None:
+                return NOT_RECEIVING
+            wanted = min(self.settings.bucket_bytes, hello.max_bucket_bytes)
+            if wanted != self._relay_bucket_bytes:
+                return f"relay forwards {self._relay_bucket_bytes}-byte buckets only"
+        return None
+
+    def _plan_for(self, bucket_bytes: int):
+        with self._relay:
+            self._session_generation.value = self._generation
+            if self._relay_plan is not None and bucket_bytes == self._relay_bucket_bytes:
+                return self._relay_plan, self._relay_checksums
+            complete = self._complete
+        if complete:
+            return super()._plan_for(bucket_bytes)
+        raise RuntimeError(f"relay has no checksums for {bucket_bytes}-byte buckets")
+
+    def _before_bucket(self, session, bucket: Bucket) -> None:
+        generation = getattr(self._session_generation, "value", None)
+        deadline = time.monotonic() + self.settings.bucket_timeout_s
+        with self._relay:
+            while True:
+                if self._stopping.is_set():
+                    raise RuntimeError("relay stopping")
+                if self._generation != generation:
+                    raise RuntimeError("relay's upstream failed; downstream must re-attach")
+                if self._complete:
+                    break  # every tensor is verified (whichever plan this session uses)
+                if self._relay_plan is not None and self._verified[bucket.index]:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"bucket {bucket.index} not verified upstream in time")
+                self._relay.wait(min(remaining, 0.5))
+        self.buckets_forwarded += 1

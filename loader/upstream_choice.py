@@ -1,0 +1,108 @@
+"""Where a new instance attaches, decided by each instance alone from the gossip table.
+
+Every instance advertises (mesh meta, or any table with the same fields): `endpoint`,
+`state` ("complete" | "receiving" | "attaching"), `load` (active downstream transfers),
+`capacity` (how many it serves at once), `progress` (verified fraction), `upstream`
+(the name it receives from) and optionally `zone`. The rule:
+
+    attach to the least-loaded instance that has or is receiving the weights,
+    nearest first, complete before receiving, further ahead first, then by name;
+    instances already at capacity go last (they answer "busy").
+
+Simultaneous newcomers may pick the same instance; it takes `capacity` of them and
+tells the others "busy", who re-read the table and pick again. With capacity 1
+everywhere this forms a chain behind the root, without a coordinator.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from loader.client import FetchOutcome, fetch_from_sources
+from loader.relay import NOT_RECEIVING
+
+SERVING_STATES = ("complete", "receiving")
+
+
+def rank_upstreams(members: list[dict], self_name: str, zone: str | None = None) -> list[str]:
+    """Endpoints to try, best first. `members` are untrusted table rows: bad rows are skipped."""
+    rows = []
+    for m in members:
+        try:
+            name, endpoint, state = str(m["name"]), str(m["endpoint"]), m["state"]
+            load, capacity = int(m.get("load", 0)), int(m.get("capacity", 1))
+            progress = float(m.get("progress", 0.0))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if name == self_name or state not in SERVING_STATES or not endpoint:
+            continue
+        if m.get("upstream") == self_name:
+            continue  # it receives from us: attaching would make a cycle
+        rows.append(
+            (
+                load >= capacity,
+                zone is not None and m.get("zone") != zone,
+                load,
+                state != "complete",
+                -progress,
+                name,
+                endpoint,
+            )
+        )
+    rows.sort()
+    seen: list[str] = []
+    for row in rows:
+        if row[-1] not in seen:
+            seen.append(row[-1])
+    return seen
+
+
+def is_retryable(reason: str) -> bool:
+    """A refusal that says "not now" rather than "never": try the source again later."""
+    return reason.startswith("busy:") or NOT_RECEIVING in reason
+
+
+def fetch_with_reattach(
+    read_table: Callable[[], list[dict]],
+    self_name: str,
+    fingerprint: str,
+    tensors,
+    rank: int,
+    settings,
+    keys=None,
+    observer=None,
+    deadline_s: float = 300.0,
+    retry_s: float = 0.05,
+    suspect_s: float = 10.0,
+    zone: str | None = None,
+) -> FetchOutcome:
+    """Fetch from the best upstream in the table; re-read and re-attach until done.
+
+    A source that failed for a reason other than busy/not-ready is skipped for
+    `suspect_s` (a dead hop may linger in the table until gossip declares it dead)."""
+    started = time.monotonic()
+    rng = random.Random(self_name)
+    failures: list[tuple[str, str]] = []
+    suspects: dict[str, float] = {}
+    while time.monotonic() - started < deadline_s:
+        now = time.monotonic()
+        candidates = [
+            c for c in rank_upstreams(read_table(), self_name, zone) if suspects.get(c, 0) <= now
+        ]
+        if candidates:
+            outcome = fetch_from_sources(
+                candidates, fingerprint, tensors, rank, settings, keys=keys, observer=observer
+            )
+            if outcome.ok:
+                outcome.failures[:0] = failures
+                outcome.seconds = time.monotonic() - started
+                return outcome
+            for source, reason in outcome.failures:
+                if not is_retryable(reason):
+                    suspects[source] = time.monotonic() + suspect_s
+                    failures.append((source, reason))
+        time.sleep(retry_s * (1 + rng.random()))
+    failures.append(("table", f"no upstream served us within {deadline_s:g}s"))
+    return FetchOutcome(False, None, 0, time.monotonic() - started, failures)

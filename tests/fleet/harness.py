@@ -1,0 +1,156 @@
+"""Run fleet nodes (tests.fleet.node) as processes on a network (netns or loopback).
+
+Host 0 runs the root source, hosts 1..N the clients. The harness starts the
+processes, drops the `go`/`stop` files and collects results; which client attaches
+where is decided by the clients themselves from the wave's table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.fleet.node import ROOT
+from tests.fleet.table import FileTable
+
+_POLL_S = 0.02
+
+
+class FleetError(RuntimeError):
+    pass
+
+
+class Fleet:
+    """Processes for one source and some clients sharing a list of waves."""
+
+    def __init__(self, network, base_cfg: dict, waves: list[dict], keep_dir: bool = False):
+        self.network = network
+        self.base = dict(base_cfg)
+        self.waves = waves
+        self.keep_dir = keep_dir
+        self.dir = Path(tempfile.mkdtemp(prefix="nlm-fleet-"))
+        for wave in waves:
+            (self.dir / wave["id"]).mkdir()
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def table(self, wave_id: str) -> FileTable:
+        return FileTable(self.dir / wave_id)
+
+    # ---- processes -------------------------------------------------------------------
+
+    def start(self, host: int, name: str, role: str, **cfg) -> None:
+        cfg = {
+            **self.base,
+            **cfg,
+            "role": role,
+            "name": name,
+            "waves": self.waves,
+            "dir": str(self.dir),
+            "host": self.network.address(host),
+        }
+        argv = self.network.wrap(host, [sys.executable, "-m", "tests.fleet.node", json.dumps(cfg)])
+        env = {**os.environ, **self.network.env()}
+        with open(self.dir / f"{name}.log", "wb") as log:
+            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_armed(self, names, timeout_s: float = 180) -> None:
+        self._wait(
+            lambda: all((self.dir / f"{n}.armed").exists() for n in names),
+            timeout_s,
+            f"nodes {list(names)} not armed",
+        )
+
+    def go(self, wave_id: str) -> float:
+        (self.dir / wave_id / "go").write_text("1")
+        return time.time()
+
+    def wait_results(self, wave_id: str, names, timeout_s: float) -> dict[str, dict]:
+        paths = {n: self.dir / wave_id / f"{n}.result.json" for n in names}
+        self._wait(
+            lambda: all(p.exists() for p in paths.values()),
+            timeout_s,
+            "clients did not finish: " + ", ".join(sorted(names)),
+        )
+        return {n: json.loads(p.read_text()) for n, p in paths.items()}
+
+    def end_wave(self, wave_id: str) -> None:
+        (self.dir / wave_id / "stop").write_text("1")
+
+    def wait_row(self, wave_id: str, name: str, predicate, timeout_s: float) -> dict:
+        found: dict = {}
+
+        def check() -> bool:
+            for row in self.table(wave_id).read():
+                if row.get("name") == name and predicate(row):
+                    found.update(row)
+                    return True
+            return False
+
+        self._wait(check, timeout_s, f"row {name!r} never matched")
+        return found
+
+    def _wait(self, condition, timeout_s: float, what: str) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if condition():
+                return
+            failed = [n for n, p in self.procs.items() if p.poll() not in (None, 0, -9)]
+            if failed:
+                raise FleetError(f"{what}; process(es) failed: {failed} (logs in {self.dir})")
+            time.sleep(_POLL_S)
+        raise FleetError(f"{what} within {timeout_s:g}s (logs in {self.dir})")
+
+    def stop(self, grace_s: float = 15) -> None:
+        (self.dir / "stop").write_text("1")
+        end = time.monotonic() + grace_s
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if not self.keep_dir and exc[0] is None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_waves(
+    network, clients: int, base_cfg: dict, waves: list[dict], timeout_s: float, on_wave=None
+) -> dict[str, dict]:
+    """Start one source and `clients` clients, run each wave in turn (its clients start
+    together), and return per wave: t0, makespan, all_verified and per-client results."""
+    names = [f"c{i}" for i in range(1, clients + 1)]
+    out: dict[str, dict] = {}
+    with Fleet(network, base_cfg, waves) as fleet:
+        fleet.start(0, ROOT, "source")
+        for i, name in enumerate(names, start=1):
+            fleet.start(i, name, "client")
+        fleet.wait_armed([ROOT, *names])
+        for wave in waves:
+            wid = wave["id"]
+            fleet.wait_row(wid, ROOT, lambda r: r.get("load") == 0, 30)
+            time.sleep(0.3)  # relays of a chained wave publish their rows
+            t0 = fleet.go(wid)
+            results = fleet.wait_results(wid, wave["clients"], timeout_s)
+            fleet.end_wave(wid)
+            out[wid] = {
+                "mode": wave["mode"],
+                "t0": t0,
+                "makespan": max(r["end"] for r in results.values()) - t0,
+                "all_verified": all(r["verified"] for r in results.values()),
+                "results": results,
+            }
+            if on_wave is not None:
+                on_wave(wid, out[wid])
+    return out

@@ -1,0 +1,149 @@
+"""Simulated hosts: one network namespace per host, veth links to a bridge, shaped by tc.
+
+    with NetnsNetwork(hosts=9, rate_mbit=300) as net:
+        subprocess.Popen(net.wrap(3, [sys.executable, ...]))   # runs "on" host 3
+
+Host i gets 10.77.0.(i+1)/24 on its eth0; its link is shaped in both directions (host
+egress = uplink, bridge-port egress = downlink). Everything lives in namespaces this
+object creates (names carry the pid) and is deleted on exit, also after errors.
+`LoopbackNetwork` is the fallback when namespaces cannot be created (not root, no
+`ip`/`tc`): every host is 127.0.0.1 and nothing is shaped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+
+SUBNET = "10.77.0"
+_TIMEOUT_S = 10
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=_TIMEOUT_S)
+
+
+class LoopbackNetwork:
+    shaped = False
+    description = "loopback 127.0.0.1, unshaped"
+
+    def __init__(self, hosts: int) -> None:
+        self.hosts = hosts
+
+    def address(self, i: int) -> str:
+        return "127.0.0.1"
+
+    def wrap(self, i: int, argv: list[str]) -> list[str]:
+        return argv
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class NetnsNetwork:
+    shaped = True
+
+    def __init__(self, hosts: int, rate_mbit: int) -> None:
+        if not 1 <= hosts <= 200:
+            raise ValueError("hosts must be in 1..200")
+        self.hosts = hosts
+        self.rate_mbit = rate_mbit
+        tag = f"nlm{os.getpid()}"
+        self.switch = f"{tag}-sw"
+        self.names = [f"{tag}-h{i}" for i in range(hosts)]
+        self._created: list[str] = []
+        self.description = (
+            f"{hosts} network namespaces, veth to a bridge, tc tbf {rate_mbit} Mbit/s "
+            "each way per host link (no added latency: no sch_netem here)"
+        )
+
+    def address(self, i: int) -> str:
+        return f"{SUBNET}.{i + 1}"
+
+    def wrap(self, i: int, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.names[i], *argv]
+
+    def env(self) -> dict[str, str]:
+        # gloo picks its address from the hostname (127.0.0.1 inside a namespace)
+        return {"GLOO_SOCKET_IFNAME": "eth0"}
+
+    def __enter__(self):
+        atexit.register(self.cleanup)
+        try:
+            self._create()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    def _netns_add(self, name: str) -> None:
+        _run("ip", "netns", "add", name)
+        self._created.append(name)
+
+    def _create(self) -> None:
+        sw = self.switch
+        self._netns_add(sw)
+        _run("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", sw, "link", "set", "br0", "up")
+        # token bucket: sch_netem is missing from some kernels (this one), tbf is common;
+        # the burst holds a few GSO segments, the queue ~10 ms at the link rate
+        shape = ["tbf", "rate", f"{self.rate_mbit}mbit", "burst", "256kb", "latency", "10ms"]
+        for i, ns in enumerate(self.names):
+            self._netns_add(ns)
+            port = f"p{i}"
+            _run(
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                sw,
+            )
+            _run("ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            _run("ip", "-n", sw, "link", "set", port, "master", "br0")
+            _run("ip", "-n", sw, "link", "set", port, "up")
+            _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", *shape)
+            _run("ip", "netns", "exec", sw, "tc", "qdisc", "add", "dev", port, "root", *shape)
+
+    def cleanup(self) -> None:
+        """Delete every namespace we created (their veths and qdiscs go with them)."""
+        while self._created:
+            name = self._created.pop()
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=_TIMEOUT_S)
+
+
+def netns_unavailable_reason() -> str | None:
+    """None when namespaces, veth and tc work here; else why not."""
+    if os.geteuid() != 0:
+        return "not root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"{tool!r} not found"
+    probe = NetnsNetwork(hosts=1, rate_mbit=100)
+    try:
+        with probe:
+            pass
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        return f"cannot create a shaped namespace: {detail.decode(errors='replace').strip() or exc}"
+    return None
