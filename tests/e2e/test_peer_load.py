@@ -83,3 +83,42 @@ def test_result_line_is_one_json_object_per_rank(instance_a):
     payload = json.loads(lines[0].split("netloader result: ", 1)[1])
     assert set(payload) >= {"rank", "source", "peer", "bytes", "seconds", "fallback_reason"}
     assert isinstance(payload["seconds"], float)
+
+
+def _weightless_copy(checkpoint: str, dest) -> str:
+    """config + tokenizer only: what a client that never downloaded the weights holds."""
+    import shutil
+    from pathlib import Path
+
+    dest.mkdir()
+    for f in Path(checkpoint).iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, dest / f.name)
+    return str(dest)
+
+
+def test_client_without_weight_files_loads_by_model_id_or_fails_clearly(tiny_checkpoint, tmp_path):
+    model_id = {"MODEL": "tiny-llama@seed0"}
+    port = free_port()
+    a = VllmServer(model=tiny_checkpoint, log_path=tmp_path / "A.log",
+                   extra_config={"LISTEN_PORT": port, **model_id})
+    bare = _weightless_copy(tiny_checkpoint, tmp_path / "bare")
+    try:
+        a.start().wait_ready()
+        source = {"SOURCE": [{"device_id": 0, "sources": [f"127.0.0.1:{port}"]}]}
+        with VllmServer(model=bare, log_path=tmp_path / "B.log",
+                        extra_config={**source, **model_id}) as b:
+            b.wait_ready()
+            [result] = b.result_lines()
+            assert result["source"] == "peer", result
+            prompt = "Hello world"
+            assert b.complete(prompt)["logprobs"] == a.complete(prompt)["logprobs"]
+        orphan = VllmServer(model=bare, log_path=tmp_path / "C.log",
+                            extra_config={**source, "MODEL": "some-other-model@v2"}).start()
+        with pytest.raises(RuntimeError, match="exited"):
+            orphan.wait_ready(timeout_s=180)
+        assert "no peer served the weights" in orphan.log_text()
+        assert "fingerprint mismatch" in orphan.log_text() or "mismatch" in orphan.log_text()
+        orphan.stop()
+    finally:
+        a.stop()
