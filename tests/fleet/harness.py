@@ -1,6 +1,6 @@
 """Run fleet nodes (tests.fleet.node) as processes on a network (netns or loopback).
 
-Host 0 runs the root source, hosts 1..N the clients. The harness starts the
+Host 0 runs the root source, hosts 1..N the clients, each a forked process. The harness starts the
 processes, drops the `go`/`stop` files and collects results; which client attaches
 where is decided by the clients themselves from the wave's table.
 """
@@ -8,18 +8,29 @@ where is decided by the clients themselves from the wave's table.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tests.fleet import node
 from tests.fleet.node import ROOT
 from tests.fleet.table import FileTable
 
 _POLL_S = 0.02
+# fork: the parent imported torch/vLLM once; a child only enters its namespace
+_FORK = mp.get_context("fork")
+
+
+def _node_entry(network, host: int, cfg: dict, log_path: str) -> None:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    network.enter(host)
+    node.run(cfg)
 
 
 class FleetError(RuntimeError):
@@ -37,7 +48,7 @@ class Fleet:
         self.dir = Path(tempfile.mkdtemp(prefix="nlm-fleet-"))
         for wave in waves:
             (self.dir / wave["id"]).mkdir()
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, mp.Process] = {}
 
     def table(self, wave_id: str) -> FileTable:
         return FileTable(self.dir / wave_id)
@@ -54,10 +65,10 @@ class Fleet:
             "dir": str(self.dir),
             "host": self.network.address(host),
         }
-        argv = self.network.wrap(host, [sys.executable, "-m", "tests.fleet.node", json.dumps(cfg)])
-        env = {**os.environ, **self.network.env()}
-        with open(self.dir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log_path = str(self.dir / f"{name}.log")
+        proc = _FORK.Process(target=_node_entry, args=(self.network, host, cfg, log_path))
+        proc.start()
+        self.procs[name] = proc
 
     def wait_armed(self, names, timeout_s: float = 180) -> None:
         self._wait(
@@ -100,7 +111,7 @@ class Fleet:
         while time.monotonic() < end:
             if condition():
                 return
-            failed = [n for n, p in self.procs.items() if p.poll() not in (None, 0, -9)]
+            failed = [n for n, p in self.procs.items() if p.exitcode not in (None, 0, -9)]
             if failed:
                 raise FleetError(f"{what}; process(es) failed: {failed} (logs in {self.dir})")
             time.sleep(_POLL_S)
@@ -110,11 +121,10 @@ class Fleet:
         (self.dir / "stop").write_text("1")
         end = time.monotonic() + grace_s
         for p in self.procs.values():
-            try:
-                p.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            p.join(max(0.1, end - time.monotonic()))
+            if p.is_alive():
                 p.kill()
-                p.wait(5)
+                p.join(5)
 
     def __enter__(self) -> Fleet:
         return self

@@ -1,7 +1,7 @@
 """Simulated hosts: one network namespace per host, veth links to a bridge, shaped by tc.
 
     with NetnsNetwork(hosts=9, rate_mbit=300) as net:
-        subprocess.Popen(net.wrap(3, [sys.executable, ...]))   # runs "on" host 3
+        ... in a forked child: net.enter(3)   # from now on this process is "on" host 3
 
 Host i gets 10.77.0.(i+1)/24 on its eth0; its link is shaped in both directions (host
 egress = uplink, bridge-port egress = downlink). Everything lives in namespaces this
@@ -13,12 +13,18 @@ object creates (names carry the pid) and is deleted on exit, also after errors.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import shutil
 import subprocess
 
 SUBNET = "10.77.0"
 _TIMEOUT_S = 10
+_CLONE_NEWNET = 0x40000000
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _run(*argv: str) -> None:
@@ -35,11 +41,8 @@ class LoopbackNetwork:
     def address(self, i: int) -> str:
         return "127.0.0.1"
 
-    def wrap(self, i: int, argv: list[str]) -> list[str]:
-        return argv
-
-    def env(self) -> dict[str, str]:
-        return {}
+    def enter(self, i: int) -> None:
+        pass
 
     def __enter__(self):
         return self
@@ -68,12 +71,19 @@ class NetnsNetwork:
     def address(self, i: int) -> str:
         return f"{SUBNET}.{i + 1}"
 
-    def wrap(self, i: int, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.names[i], *argv]
-
-    def env(self) -> dict[str, str]:
+    def enter(self, i: int) -> None:
+        """Move the calling (single-threaded, e.g. just forked) process into host i's
+        namespace. Forking beats `ip netns exec python ...`: torch/vLLM are imported
+        once, not once per host."""
+        fd = os.open(f"/run/netns/{self.names[i]}", os.O_RDONLY)
+        try:
+            if _libc().setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns({self.names[i]}): {os.strerror(err)}")
+        finally:
+            os.close(fd)
         # gloo picks its address from the hostname (127.0.0.1 inside a namespace)
-        return {"GLOO_SOCKET_IFNAME": "eth0"}
+        os.environ["GLOO_SOCKET_IFNAME"] = "eth0"
 
     def __enter__(self):
         atexit.register(self.cleanup)

@@ -215,6 +215,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
             "samples": recorder.samples,
             "events": recorder.events,
             "forwarded": relay.forwarded_indices if relay is not None else [],
+            "upstream": upstream.name if relay is not None else ROOT,
         },
     )
     if relay is not None:
@@ -233,7 +234,11 @@ def run_client(cfg: dict, d: Path) -> None:
 
 
 def main() -> None:
-    cfg = json.loads(sys.argv[1])
+    run(json.loads(sys.argv[1]))
+
+
+def run(cfg: dict) -> None:
+    """Run the node described by `cfg`, then exit the process (never returns)."""
     logging.basicConfig(
         level=cfg.get("log_level", "WARNING"),
         format=f"%(asctime)s {cfg['name']} %(levelname)s %(name)s: %(message)s",
