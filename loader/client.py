@@ -37,6 +37,7 @@ from loader.process_group import (
     backend_for_device,
     create_transfer_group,
     destroy_group,
+    wait_for_store,
 )
 from loader.progress import ProgressReporter
 from loader.watchdog import PhaseTimeout, Watchdog
@@ -283,6 +284,8 @@ class _BucketReceiver:
         attempt, settings = self.attempt, self.settings
         watchdog.phase("process-group setup", settings.pg_setup_timeout_s)
         t0 = time.monotonic()
+        wait_for_store(self.host, self.ack.store_port, settings.pg_setup_timeout_s)
+        watchdog.check()
         self.pg = create_transfer_group(
             attempt.device.type,
             self.host,

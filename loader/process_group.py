@@ -9,6 +9,7 @@ socket it bound beforehand (no port race); the client is rank 1.
 from __future__ import annotations
 
 import socket
+import time
 from datetime import timedelta
 
 from torch.distributed import ProcessGroup
@@ -60,6 +61,28 @@ def _stateless_group(host, port, rank, backend, timeout, listen_socket) -> Proce
     return stateless_init_torch_distributed_process_group(
         host, port, rank, 2, backend, listen_socket=listen_socket, timeout=timeout
     )
+
+
+def wait_for_store(host: str, port: int, timeout_s: float) -> None:
+    """Return once the peer's store accepts TCP connections; TimeoutError after timeout_s.
+
+    torch's TCPStore client retries its connect in C++ while holding the GIL, freezing
+    every Python thread of the process (a vLLM worker's watchdog and mesh agent too)
+    until its own timeout. Python's socket calls release the GIL, so probe first and
+    enter C++ only when the store is known to answer.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_error: OSError | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"store {host}:{port} not reachable within {timeout_s:g}s: {last_error}")
+        try:
+            with socket.create_connection((host, port), timeout=min(1.0, remaining)):
+                return
+        except OSError as exc:
+            last_error = exc
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 def destroy_group(pg: ProcessGroup | None) -> None:

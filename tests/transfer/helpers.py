@@ -13,9 +13,11 @@ import torch
 from loader.config import TransferSettings
 
 FINGERPRINT = "ab" * 32
+# Short enough to keep the fault tests quick, long enough for a source process on a
+# machine whose load average is far above its 2 cores.
 FAST = TransferSettings(
-    connect_timeout_s=2.0,
-    handshake_timeout_s=3.0,
+    connect_timeout_s=3.0,
+    handshake_timeout_s=8.0,
     pg_setup_timeout_s=10.0,
     bucket_timeout_s=10.0,
     bucket_mb=1,
