@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit test-e2e demo bench bench-transfer bench-mesh lint clean
+.PHONY: setup test test-unit test-e2e demo bench bench-transfer bench-mesh bench-scale lint clean
 
 setup: $(STAMP)
 
@@ -34,13 +34,17 @@ test-e2e: setup
 demo: setup
 	$(PY) -m loader.demo
 
-bench: bench-transfer bench-mesh
+bench: bench-transfer bench-mesh bench-scale
 
 bench-transfer: setup
 	$(PY) -m tests.bench.bench_transfer
 
 bench-mesh: setup
 	$(PY) -m tests.bench.bench_mesh
+
+# needs root for network namespaces and tc (falls back to loopback without them)
+bench-scale: setup
+	$(PY) -m tests.bench.bench_scale
 
 lint: setup
 	$(VENV)/bin/ruff check mesh loader tests
