@@ -8,7 +8,8 @@ Wave `w` has its own directory `dir/w`: the gossip table rows of that wave
 `stop` (relays of that wave stop serving). `dir/<name>.armed` says a node is ready,
 `dir/stop` ends the process. Config keys: role, name, dir, host, size_mib, bucket_mb,
 waves ([{"id", "mode": "serial"|"concurrent"|"chained", "capacity", "clients"}]);
-test faults: bucket_delay_s, corrupt_bucket (source), die_after_forwarded (client).
+test knobs: bucket_delay_s, corrupt_bucket (source), die_after_forwarded and
+after_receiving (client: start fetching once that instance is receiving).
 """
 
 from __future__ import annotations
@@ -54,12 +55,17 @@ class FaultySource(WeightServer):
 
     bucket_delay_s = 0.0
     corrupt_bucket: int | None = None
+    _corrupted: str | None = None  # tensor changed; restored when the next session starts
 
     def _before_bucket(self, session, bucket) -> None:
         if self.bucket_delay_s:
             time.sleep(self.bucket_delay_s)
-        if bucket.index == self.corrupt_bucket:
-            self._tensors[bucket.items[0].name].view(-1)[0] += 1
+        if bucket.index == 0 and self._corrupted is not None:
+            self._tensors[self._corrupted].view(-1)[0] -= 1  # a transient fault: once only
+            self._corrupted, self.corrupt_bucket = None, None
+        if bucket.index == self.corrupt_bucket and self._corrupted is None:
+            self._corrupted = bucket.items[0].name
+            self._tensors[self._corrupted].view(-1)[0] += 1
 
 
 class CrashingRelay(RelayServer):
@@ -79,7 +85,8 @@ class CrashingRelay(RelayServer):
             and self.buckets_forwarded > self.die_after_forwarded
         ):
             os.kill(os.getpid(), signal.SIGKILL)
-        self.forwarded_indices.append(bucket.index)
+        # (upstream attempt number, bucket index): what was forwarded while receiving from whom
+        self.forwarded_indices.append([self._session_generation.value, bucket.index])
 
 
 def wait_for(path: Path, deadline_s: float) -> bool:
@@ -149,6 +156,15 @@ class _UpstreamName:
         self.name = None
 
 
+def _wait_receiving(table: FileTable, name: str, deadline_s: float) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if any(r.get("name") == name and r.get("state") == "receiving" for r in table.read()):
+            return
+        time.sleep(_POLL_S)
+    raise SystemExit(f"{name} never started receiving")
+
+
 def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
     name, mode, deadline = cfg["name"], wave["mode"], cfg.get("deadline_s", 900)
     wd = d / wave["id"]
@@ -178,6 +194,8 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
         observer = ObserverFanout(upstream, relay, recorder)
     if not wait_for(wd / "go", deadline):
         raise SystemExit(f"{name}: no go signal for wave {wave['id']}")
+    if cfg.get("after_receiving"):  # tests: attach only once that instance can relay
+        _wait_receiving(table, cfg["after_receiving"], deadline)
     started = time.time()
     if mode == "chained":
         outcome = fetch_with_reattach(

@@ -1,0 +1,64 @@
+"""The coordinator-free attach rule: pure ordering over (untrusted) gossip rows."""
+
+from loader.relay import NOT_RECEIVING
+from loader.upstream_choice import is_retryable, rank_upstreams
+
+
+def row(name, state="receiving", load=0, capacity=1, progress=0.0, upstream=None, **extra):
+    return {
+        "name": name,
+        "endpoint": f"{name}:1",
+        "state": state,
+        "load": load,
+        "capacity": capacity,
+        "progress": progress,
+        "upstream": upstream,
+        **extra,
+    }
+
+
+def test_least_loaded_first_and_full_ones_last():
+    rows = [
+        row("root", "complete", load=1),
+        row("a", load=1, progress=0.8, upstream="root"),
+        row("b", load=0, progress=0.5, upstream="a"),
+    ]
+    assert rank_upstreams(rows, "me") == ["b:1", "root:1", "a:1"]
+
+
+def test_complete_before_receiving_then_further_ahead_then_name():
+    rows = [
+        row("r2", progress=0.2),
+        row("r9", progress=0.9),
+        row("done", "complete", progress=1.0),
+        row("r9b", progress=0.9),
+    ]
+    assert rank_upstreams(rows, "me") == ["done:1", "r9:1", "r9b:1", "r2:1"]
+
+
+def test_never_self_never_our_own_downstream_never_attaching():
+    rows = [row("me"), row("child", upstream="me"), row("new", state="attaching"), row("ok")]
+    assert rank_upstreams(rows, "me") == ["ok:1"]
+
+
+def test_nearest_zone_before_less_loaded():
+    rows = [row("far", zone="b"), row("near", load=1, capacity=2, zone="a")]
+    assert rank_upstreams(rows, "me", zone="a") == ["near:1", "far:1"]
+
+
+def test_malformed_rows_are_skipped():
+    rows = [
+        {"name": "x"},
+        row("bad-load", load="many"),
+        row("bad-state", state=["receiving"]),
+        "not a row",
+        row("good"),
+    ]
+    assert rank_upstreams([r for r in rows if isinstance(r, dict)], "me") == ["good:1"]
+
+
+def test_retryable_reasons():
+    assert is_retryable("busy: source busy (1 transfers running)")
+    assert is_retryable(f"refused: {NOT_RECEIVING}")
+    assert not is_retryable("checksum mismatch in bucket 3 (a)")
+    assert not is_retryable("connection refused")
