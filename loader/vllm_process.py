@@ -79,7 +79,7 @@ class VllmServer:
         log.close()
         return self
 
-    def wait_ready(self, timeout_s: float = 240.0) -> VllmServer:
+    def wait_ready(self, timeout_s: float = 480.0) -> VllmServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
