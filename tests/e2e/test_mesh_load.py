@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -83,7 +84,13 @@ def test_b_finds_a_through_the_mesh_and_answers_identically(instance_a, tiny_che
         assert names["B-r0"]["meta"]["ready"] is True
     finally:
         b.stop()
-    states = {m["name"]: m["state"] for m in _mesh_status(instance_a.gossip, secret)}
+    # the worker leaves as its process exits, which may be just after the API server's exit
+    deadline = time.monotonic() + 15
+    while True:
+        states = {m["name"]: m["state"] for m in _mesh_status(instance_a.gossip, secret)}
+        if states.get("B-r0") == "left" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert states.get("B-r0") == "left"
 
 
