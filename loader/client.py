@@ -59,9 +59,14 @@ class FetchOutcome:
 
     @property
     def fallback_reason(self) -> str | None:
-        if not self.failures:
-            return None
-        return "; ".join(f"{src}: {why}" for src, why in self.failures)
+        return describe_failures(self.failures)
+
+
+def describe_failures(failures: list[tuple[str, str]]) -> str | None:
+    """`source: reason; source: reason`, or None when nothing failed."""
+    if not failures:
+        return None
+    return "; ".join(f"{src}: {why}" for src, why in failures)
 
 
 class SourceFailure(Exception):

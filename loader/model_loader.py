@@ -26,6 +26,7 @@ from vllm.model_executor.model_loader.utils import process_weights_after_loading
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from loader import serving
+from loader.client import describe_failures, fetch_from_sources
 from loader.config import NetloaderConfig, parse_extra_config
 from loader.discovery import MeshPresence
 from loader.identity import RankIdentity, rank_identity
@@ -112,8 +113,6 @@ class NetloaderModelLoader(BaseModelLoader):
         tensors = servable_tensors(model)
         failures = list(plan.failures)
         if plan.sources and identity.fingerprint and tensors is not None:
-            from loader.client import fetch_from_sources
-
             transfer = time.monotonic()
             outcome = fetch_from_sources(
                 plan.sources,
@@ -132,12 +131,12 @@ class NetloaderModelLoader(BaseModelLoader):
                     outcome.peer,
                     outcome.bytes,
                     time.monotonic() - started,
-                    _reason(failures),
+                    describe_failures(failures),
                     phases,
                 )
         elif tensors is None:
             failures.append(("-", "model has parameters on the meta device (online quantization)"))
-        logger.info("rank %d: loading from disk (%s)", identity.rank, _reason(failures))
+        logger.info("rank %d: loading from disk (%s)", identity.rank, describe_failures(failures))
         # The peer may have written part of the weights; the disk load rewrites every one.
         disk = time.monotonic()
         try:
@@ -146,16 +145,19 @@ class NetloaderModelLoader(BaseModelLoader):
         except Exception as exc:
             raise RuntimeError(
                 f"netloader rank {identity.rank}: no peer served the weights "
-                f"({_reason(failures) or 'no sources'}) and loading from disk failed: {exc}"
+                f"({describe_failures(failures) or 'no sources'}) and loading from disk failed: {exc}"
             ) from exc
-        nbytes = sum(t.numel() * t.element_size() for t in (servable_tensors(model) or {}).values())
+        # the disk load wrote into the same parameters (meta ones have storage only now)
+        if tensors is None:
+            tensors = servable_tensors(model) or {}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return LoadResult(
             identity.rank,
             "disk",
             None,
             nbytes,
             time.monotonic() - started,
-            _reason(failures) or "no sources",
+            describe_failures(failures) or "no sources",
             phases,
         )
 
@@ -179,12 +181,6 @@ def servable_tensors(model: nn.Module) -> dict[str, torch.Tensor] | None:
         seen.add(key)
         tensors[name] = param.data
     return tensors
-
-
-def _reason(failures: list[tuple[str, str]]) -> str | None:
-    if not failures:
-        return None
-    return "; ".join(f"{source}: {why}" for source, why in failures)
 
 
 def _disk_load_config(load_config: LoadConfig) -> LoadConfig:

@@ -64,11 +64,6 @@ def start_serving(
     return server
 
 
-def running_server(rank: int):
-    with _lock:
-        return _servers.get(rank)
-
-
 def stop_all() -> None:
     with _lock:
         servers = list(_servers.values())
