@@ -58,6 +58,8 @@ class MeshConfig:
     secret_file: str | None = None
     zone: str | None = None
     wait_timeout_s: float = 10.0
+    # how long a rank keeps re-attaching to mesh upstreams (busy ones, failed hops)
+    attach_timeout_s: float = 300.0
     name: str | None = None
 
 
@@ -268,6 +270,10 @@ def _parse_mesh(value: Any, env) -> MeshConfig | None:
             value, "wait_timeout_s", lambda k, v: _require_seconds("mesh." + k, v)
         )
         or MeshConfig.wait_timeout_s,
+        attach_timeout_s=_optional(
+            value, "attach_timeout_s", lambda k, v: _require_seconds("mesh." + k, v)
+        )
+        or MeshConfig.attach_timeout_s,
         name=_optional(value, "name", lambda k, v: _require_str("mesh." + k, v)),
     )
 

@@ -23,7 +23,9 @@ POLL_S = 0.1
 # Once another member is visible the joiner has had a state sync; give the view this long
 # to fill in before deciding that no compatible peer exists.
 SETTLE_S = 1.5
-LOAD_REFRESH_S = 1.0
+STATUS_REFRESH_S = 0.2
+# progress is gossiped in steps of this size: a few metadata updates per transfer
+PROGRESS_STEP = 0.1
 ROLE = "vllm-worker"
 
 
@@ -41,7 +43,9 @@ class MeshPresence:
         self._model_name = model_name
         self._agent = None
         self._stop = threading.Event()
-        self._load_thread: threading.Thread | None = None
+        self._publisher: threading.Thread | None = None
+        self._status_lock = threading.Lock()
+        self._last_status: dict | None = None
         self.start_error: str | None = None
 
     def start(self) -> None:
@@ -65,8 +69,8 @@ class MeshPresence:
             logger.warning("rank %d: mesh %s", self._identity.rank, self.start_error)
 
     def candidates(self) -> Candidates:
-        """Endpoints of compatible peers, nearest and least loaded first, waiting at most
-        `wait_timeout_s` for the mesh to show one."""
+        """Endpoints of compatible peers that hold or are receiving the weights, nearest and
+        least loaded first, waiting at most `wait_timeout_s` for the mesh to show one."""
         if self._agent is None:
             return Candidates([], self.start_error or "agent not running")
         if not self._mesh.seeds:
@@ -75,7 +79,9 @@ class MeshPresence:
         deadline = time.monotonic() + self._mesh.wait_timeout_s
         first_peer_seen: float | None = None
         while True:
-            found = self._agent.find(identity.fingerprint, identity.tp, identity.pp, identity.rank)
+            found = self._agent.find(
+                identity.fingerprint, identity.tp, identity.pp, identity.rank, receiving=True
+            )
             if found:
                 return Candidates(
                     [m.meta["endpoint"] for m in found if m.meta.get("endpoint")], None
@@ -96,34 +102,90 @@ class MeshPresence:
                 )
             time.sleep(POLL_S)
 
-    def announce(self, server) -> None:
-        """Advertise this rank as a ready source and keep its load figure current."""
-        if self._agent is None:
-            return
-        try:
-            self._agent.advertise(
+    def upstream_rows(self) -> list[dict]:
+        """The gossip table as `loader.upstream_choice` reads it: compatible members that
+        hold or are receiving this rank's weights, with their transfer status."""
+        agent = self._agent
+        if agent is None:
+            return []
+        identity = self._identity
+        found = agent.find(
+            identity.fingerprint, identity.tp, identity.pp, identity.rank, receiving=True
+        )
+        rows = []
+        for m in found:
+            meta = m.meta
+            state = meta.get("state")
+            if state not in ("complete", "receiving"):
+                state = "complete" if meta.get("ready") else None  # peers without chain status
+            if state is None:
+                continue
+            rows.append(
                 {
-                    **self._base_meta(ready=True),
-                    "endpoint": server.endpoint,
-                    "load": server.active_clients,
+                    "name": m.name,
+                    "endpoint": meta.get("endpoint"),
+                    "state": state,
+                    "load": meta.get("load", 0),
+                    "capacity": meta.get("capacity", 1),
+                    "progress": meta.get("progress", 1.0 if state == "complete" else 0.0),
+                    "upstream": meta.get("upstream"),
+                    "zone": meta.get("zone"),
+                    "rtt": m.rtt,
                 }
             )
-        except Exception as exc:
-            logger.warning("rank %d: mesh advertise failed: %s", self._identity.rank, exc)
+        return rows
+
+    def publish(self, server) -> None:
+        """Advertise `server` as this rank's endpoint and keep its status current: state,
+        progress, load, capacity, upstream (a RelayServer reports them while receiving;
+        any other server is complete). `ready` is advertised once the state is complete."""
+        if self._agent is None or self._publisher is not None:
             return
-        self._load_thread = threading.Thread(
-            target=self._refresh_load,
+        if not self._advertise_status(server):
+            return
+        self._publisher = threading.Thread(
+            target=self._refresh_status,
             args=(server,),
             daemon=True,
-            name=f"netloader-mesh-load-r{self._identity.rank}",
+            name=f"netloader-mesh-status-r{self._identity.rank}",
         )
-        self._load_thread.start()
-        logger.info(
-            "rank %d: advertised in the mesh as %s (%s)",
-            self._identity.rank,
-            self._agent.name,
-            self._agent.addr,
-        )
+        self._publisher.start()
+
+    def announce(self, server) -> None:
+        """Advertise this rank as a ready source (publishing `server` if not done yet)."""
+        self.publish(server)
+        self._advertise_status(server)
+
+    def _advertise_status(self, server) -> bool:
+        status = _server_status(server)
+        with self._status_lock:
+            if status == self._last_status:
+                return True
+            agent = self._agent
+            if agent is None:
+                return False
+            try:
+                agent.advertise({**self._base_meta(ready=status["state"] == "complete"), **status})
+            except Exception as exc:
+                logger.warning("rank %d: mesh advertise failed: %s", self._identity.rank, exc)
+                return False
+            became_ready = status["state"] == "complete" and (
+                self._last_status is None or self._last_status["state"] != "complete"
+            )
+            self._last_status = status
+        if became_ready:
+            logger.info(
+                "rank %d: advertised in the mesh as ready: %s (%s), weights on %s",
+                self._identity.rank,
+                agent.name,
+                agent.addr,
+                status["endpoint"],
+            )
+        return True
+
+    def _refresh_status(self, server) -> None:
+        while not self._stop.wait(STATUS_REFRESH_S):
+            self._advertise_status(server)
 
     def stop(self) -> None:
         self._stop.set()
@@ -147,16 +209,17 @@ class MeshPresence:
             meta["zone"] = self._mesh.zone
         return meta
 
-    def _refresh_load(self, server) -> None:
-        last = server.active_clients
-        while not self._stop.wait(LOAD_REFRESH_S):
-            load = server.active_clients
-            if load != last and self._agent is not None:
-                try:
-                    self._agent.advertise({"load": load})
-                    last = load
-                except Exception as exc:
-                    logger.debug("mesh load update failed: %s", exc)
+def _server_status(server) -> dict:
+    state = getattr(server, "state", "complete")
+    progress = 1.0 if state == "complete" else getattr(server, "verified_fraction", 0.0)
+    return {
+        "endpoint": server.endpoint,
+        "state": state,
+        "progress": round(round(progress / PROGRESS_STEP) * PROGRESS_STEP, 3),
+        "load": server.active_clients,
+        "capacity": server.settings.max_concurrent_clients,
+        "upstream": getattr(server, "upstream", None) if state != "complete" else None,
+    }
 
 
 def _bind_for_rank(bind: str | None, rank: int) -> str:

@@ -26,12 +26,13 @@ from vllm.model_executor.model_loader.utils import process_weights_after_loading
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from loader import serving
-from loader.client import describe_failures, fetch_from_sources
+from loader.client import FetchOutcome, describe_failures, fetch_from_sources
 from loader.config import NetloaderConfig, parse_extra_config
 from loader.discovery import MeshPresence
 from loader.identity import RankIdentity, rank_identity
 from loader.result import LoadResult, log_result
 from loader.sources import SourcePlan, plan_sources
+from loader.upstream_choice import fetch_with_reattach
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class NetloaderModelLoader(BaseModelLoader):
             with target_device:
                 model = self.create_model(vllm_config, model_config, prefix)
             initialized = time.monotonic()
-            result = self._fill_weights(model, model_config, identity, presence, started)
+            result, server = self._fill_weights(model, model_config, identity, presence, started)
             result.phases["fingerprint"] = fingerprinted - started
             result.phases["init"] = initialized - fingerprinted
 
@@ -84,7 +85,11 @@ class NetloaderModelLoader(BaseModelLoader):
             gc.collect()
             torch.accelerator.empty_cache()
 
-        server = serving.start_serving(raw_tensors, identity, self.config)
+        if server is not None and not _same_storage(server.tensors, raw_tensors):
+            serving.stop_server(server)  # the disk load replaced parameters: serve the new ones
+            server = None
+        if server is None:
+            server = serving.start_serving(raw_tensors, identity, self.config)
         if presence is not None and server is not None:
             presence.announce(server)
         return model.eval()
@@ -105,7 +110,24 @@ class NetloaderModelLoader(BaseModelLoader):
         identity: RankIdentity,
         presence: MeshPresence | None,
         started: float,
-    ) -> LoadResult:
+    ) -> tuple[LoadResult, object]:
+        """Fetch from a peer or load from disk. Returns the result and the rank's server:
+        a relay started before the fetch, forwarding verified buckets to instances that
+        start after this one, and serving everything once the weights are complete."""
+        relay = serving.start_relay(servable_tensors(model), identity, self.config)
+        if presence is not None and relay is not None:
+            presence.publish(relay)  # state "attaching": not a source until receiving
+        try:
+            result = self._fetch_or_read(model, model_config, identity, presence, relay, started)
+        except BaseException:
+            if relay is not None:
+                serving.stop_server(relay)
+            raise
+        if relay is not None:
+            relay.fetch_succeeded()
+        return result, relay
+
+    def _fetch_or_read(self, model, model_config, identity, presence, relay, started) -> LoadResult:
         phases: dict[str, float] = {}
         lookup = time.monotonic()
         plan: SourcePlan = plan_sources(identity, self.config, presence)
@@ -114,14 +136,7 @@ class NetloaderModelLoader(BaseModelLoader):
         failures = list(plan.failures)
         if plan.sources and identity.fingerprint and tensors is not None:
             transfer = time.monotonic()
-            outcome = fetch_from_sources(
-                plan.sources,
-                identity.fingerprint,
-                tensors,
-                identity.rank,
-                self.config.settings,
-                keys=serving.cluster_keys(self.config),
-            )
+            outcome = self._fetch(plan, identity, presence, relay, tensors)
             phases["transfer"] = time.monotonic() - transfer
             failures += outcome.failures
             if outcome.ok:
@@ -160,6 +175,42 @@ class NetloaderModelLoader(BaseModelLoader):
             describe_failures(failures) or "no sources",
             phases,
         )
+
+    def _fetch(self, plan: SourcePlan, identity, presence, relay, tensors) -> FetchOutcome:
+        """Mesh upstreams first (re-attaching while the table offers any), then SOURCE."""
+        keys = serving.cluster_keys(self.config)
+        settings = self.config.settings
+        failures: list[tuple[str, str]] = []
+        if plan.mesh and presence is not None:
+            mesh = self.config.mesh
+            outcome = fetch_with_reattach(
+                presence.upstream_rows,
+                relay.endpoint if relay is not None else "",
+                identity.fingerprint,
+                tensors,
+                identity.rank,
+                settings,
+                keys=keys,
+                observer=relay,
+                deadline_s=mesh.attach_timeout_s,
+                idle_s=mesh.wait_timeout_s,
+                zone=mesh.zone,
+            )
+            if outcome.ok or not plan.static:
+                return outcome
+            failures = outcome.failures
+        outcome = fetch_from_sources(
+            plan.static, identity.fingerprint, tensors, identity.rank, settings, keys=keys,
+            observer=relay,
+        )
+        outcome.failures[:0] = failures
+        return outcome
+
+
+def _same_storage(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor] | None) -> bool:
+    if b is None or a.keys() != b.keys():
+        return False
+    return all(a[k].data_ptr() == b[k].data_ptr() and a[k].shape == b[k].shape for k in a)
 
 
 def servable_tensors(model: nn.Module) -> dict[str, torch.Tensor] | None:

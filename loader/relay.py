@@ -135,9 +135,18 @@ class RelayServer(WeightServer):
         self.invalidate(f"upstream {source} failed: {reason}")
 
     def fetch_succeeded(self) -> None:
+        """Every tensor now holds its final value (fetched, or loaded from disk)."""
         with self._relay:
             self._complete = True
             self._relay.notify_all()
+            have_checksums = self._relay_plan is not None
+        if not have_checksums:  # filled from disk: compute checksums before a client asks
+            threading.Thread(
+                target=WeightServer._plan_for,
+                args=(self, self.settings.bucket_bytes),
+                name=f"netloader-checksums-r{self.rank}",
+                daemon=True,
+            ).start()
 
     def invalidate(self, why: str) -> None:
         """Forget what was verified, abort downstream sessions and wait until they stop."""
@@ -171,6 +180,12 @@ class RelayServer(WeightServer):
             if self._complete:
                 return "complete"
             return "receiving" if self._relay_plan is not None else "attaching"
+
+    @property
+    def upstream(self) -> str | None:
+        """Endpoint of the source currently being received from (None when not receiving)."""
+        with self._relay:
+            return None if self._complete else self._relay_source
 
     @property
     def verified_fraction(self) -> float:

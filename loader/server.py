@@ -169,6 +169,11 @@ class WeightServer:
             "" if self._keys else " without authentication (no secret configured)",
         )
 
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors served, by name (each storage once)."""
+        return dict(self._tensors)
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         """True once checksums for the default bucket size are cached."""
         return self._ready.wait(timeout)

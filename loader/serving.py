@@ -33,15 +33,29 @@ def start_serving(
     tensors: dict[str, torch.Tensor] | None, identity: RankIdentity, config: NetloaderConfig
 ):
     """Start this rank's weight server. Never raises: a rank that cannot serve still runs."""
+    from loader.server import WeightServer
+
+    return _start(WeightServer, tensors, identity, config, "serving weights")
+
+
+def start_relay(
+    tensors: dict[str, torch.Tensor] | None, identity: RankIdentity, config: NetloaderConfig
+):
+    """Start this rank's server before its weights arrive: a RelayServer over the tensors
+    about to be fetched, forwarding each bucket once verified (see loader.relay)."""
+    from loader.relay import RelayServer
+
+    return _start(RelayServer, tensors, identity, config, "relaying weights while receiving")
+
+
+def _start(server_cls, tensors, identity: RankIdentity, config: NetloaderConfig, what: str):
     if tensors is None or identity.fingerprint is None:
         logger.warning(
             "rank %d: weights not servable (no fingerprint or meta tensors)", identity.rank
         )
         return None
     try:
-        from loader.server import WeightServer
-
-        server = WeightServer(
+        server = server_cls(
             tensors,
             identity.fingerprint,
             identity.rank,
@@ -60,8 +74,16 @@ def start_serving(
         _servers[identity.rank] = server
     if old is not None:
         old.stop()
-    logger.info("rank %d: serving weights on %s", identity.rank, server.endpoint)
+    logger.info("rank %d: %s on %s", identity.rank, what, server.endpoint)
     return server
+
+
+def stop_server(server) -> None:
+    with _lock:
+        for rank, running in list(_servers.items()):
+            if running is server:
+                del _servers[rank]
+    server.stop()
 
 
 def stop_all() -> None:

@@ -10,9 +10,14 @@ from loader.identity import RankIdentity
 
 @dataclass
 class SourcePlan:
-    sources: list[str] = field(default_factory=list)
+    mesh: list[str] = field(default_factory=list)  # endpoints the gossip table offered
+    static: list[str] = field(default_factory=list)  # SOURCE entries not already in `mesh`
     # (where, why) for every place that could not offer a source, for the result line
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[str]:
+        return self.mesh + self.static
 
 
 def plan_sources(identity: RankIdentity, config: NetloaderConfig, presence=None) -> SourcePlan:
@@ -23,12 +28,12 @@ def plan_sources(identity: RankIdentity, config: NetloaderConfig, presence=None)
         return plan
     if presence is not None:
         found = presence.candidates()
-        plan.sources.extend(found.endpoints)
+        plan.mesh.extend(found.endpoints)
         if found.reason:
             plan.failures.append(("mesh", found.reason))
     for addr in config.sources_for_rank(identity.rank):
         if addr not in plan.sources:
-            plan.sources.append(addr)
+            plan.static.append(addr)
     if not plan.sources and (presence is None or config.source):
         plan.failures.append(("SOURCE", f"no source configured for rank {identity.rank}"))
     return plan

@@ -3,11 +3,13 @@
 Every instance advertises (mesh meta, or any table with the same fields): `endpoint`,
 `state` ("complete" | "receiving" | "attaching"), `load` (active downstream transfers),
 `capacity` (how many it serves at once), `progress` (verified fraction), `upstream`
-(the name it receives from) and optionally `zone`. The rule:
+(the endpoint it receives from) and optionally `zone`; the reader may add `rtt`
+(seconds, measured by its mesh agent). The rule:
 
-    attach to the least-loaded instance that has or is receiving the weights,
-    nearest first, complete before receiving, further ahead first, then by name;
-    instances already at capacity go last (they answer "busy").
+    attach to the nearest instance that has or is receiving the weights (same zone,
+    then RTT within a factor of two), least loaded first, complete before receiving,
+    further ahead first, then by name; instances already at capacity go last (they
+    answer "busy").
 
 Simultaneous newcomers may pick the same instance; it takes `capacity` of them and
 tells the others "busy", who re-read the table and pick again. With capacity 1
@@ -16,6 +18,7 @@ everywhere this forms a chain behind the root, without a coordinator.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -26,7 +29,16 @@ from loader.relay import NOT_RECEIVING
 SERVING_STATES = ("complete", "receiving")
 
 
-def rank_upstreams(members: list[dict], self_name: str, zone: str | None = None) -> list[str]:
+def rtt_class(rtt) -> int:
+    """0 below 1 ms, then one class per doubling: links within 2x count as equally near."""
+    if rtt is None or isinstance(rtt, bool) or not isinstance(rtt, (int, float)):
+        return 1 << 20
+    if not math.isfinite(rtt) or rtt < 0:
+        return 1 << 20
+    return 0 if rtt < 0.001 else 1 + int(math.log2(rtt * 1000))
+
+
+def rank_upstreams(members: list[dict], self_endpoint: str, zone: str | None = None) -> list[str]:
     """Endpoints to try, best first. `members` are untrusted table rows: bad rows are skipped."""
     rows = []
     for m in members:
@@ -36,14 +48,15 @@ def rank_upstreams(members: list[dict], self_name: str, zone: str | None = None)
             progress = float(m.get("progress", 0.0))
         except (KeyError, TypeError, ValueError):
             continue
-        if name == self_name or state not in SERVING_STATES or not endpoint:
+        if endpoint == self_endpoint or state not in SERVING_STATES or not endpoint:
             continue
-        if m.get("upstream") == self_name:
+        if m.get("upstream") == self_endpoint:
             continue  # it receives from us: attaching would make a cycle
         rows.append(
             (
                 load >= capacity,
                 zone is not None and m.get("zone") != zone,
+                rtt_class(m.get("rtt")),
                 load,
                 state != "complete",
                 -progress,
@@ -66,7 +79,7 @@ def is_retryable(reason: str) -> bool:
 
 def fetch_with_reattach(
     read_table: Callable[[], list[dict]],
-    self_name: str,
+    self_endpoint: str,
     fingerprint: str,
     tensors,
     rank: int,
@@ -76,22 +89,33 @@ def fetch_with_reattach(
     deadline_s: float = 300.0,
     retry_s: float = 0.05,
     suspect_s: float = 10.0,
+    idle_s: float | None = None,
     zone: str | None = None,
 ) -> FetchOutcome:
     """Fetch from the best upstream in the table; re-read and re-attach until done.
 
     A source that failed for a reason other than busy/not-ready is skipped for
-    `suspect_s` (a dead hop may linger in the table until gossip declares it dead)."""
+    `suspect_s` (a dead hop may linger in the table until gossip declares it dead).
+    Gives up after `deadline_s`, or once the table has offered no usable upstream for
+    `idle_s` (None: keep waiting until the deadline)."""
     started = time.monotonic()
-    rng = random.Random(self_name)
+    rng = random.Random(self_endpoint)
     failures: list[tuple[str, str]] = []
     suspects: dict[str, float] = {}
-    while time.monotonic() - started < deadline_s:
+    last_offer = started
+    while True:
         now = time.monotonic()
+        if now - started >= deadline_s:
+            failures.append(("mesh", f"no upstream served us within {deadline_s:g}s"))
+            break
+        if idle_s is not None and now - last_offer >= idle_s:
+            failures.append(("mesh", f"no usable upstream in the table for {idle_s:g}s"))
+            break
         candidates = [
-            c for c in rank_upstreams(read_table(), self_name, zone) if suspects.get(c, 0) <= now
+            c for c in rank_upstreams(read_table(), self_endpoint, zone) if suspects.get(c, 0) <= now
         ]
         if candidates:
+            last_offer = now
             outcome = fetch_from_sources(
                 candidates, fingerprint, tensors, rank, settings, keys=keys, observer=observer
             )
@@ -103,6 +127,6 @@ def fetch_with_reattach(
                 if not is_retryable(reason):
                     suspects[source] = time.monotonic() + suspect_s
                     failures.append((source, reason))
+            last_offer = time.monotonic()
         time.sleep(retry_s * (1 + rng.random()))
-    failures.append(("table", f"no upstream served us within {deadline_s:g}s"))
     return FetchOutcome(False, None, 0, time.monotonic() - started, failures)

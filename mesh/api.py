@@ -148,9 +148,21 @@ class MeshAgent:
         """Every member in the local view, ourselves included (is_self=True)."""
         return list(self._snapshot)
 
-    def find(self, fingerprint: str, tp: int, pp: int, rank: int) -> list[Member]:
-        """Alive, ready members advertising this key; same host, same zone, lower RTT, lower load first."""
-        return select_sources(self._snapshot, fingerprint, tp, pp, rank, own=self._self_member, zone=self.zone)
+    def find(
+        self, fingerprint: str, tp: int, pp: int, rank: int, receiving: bool = False
+    ) -> list[Member]:
+        """Alive, ready members advertising this key; same host, same zone, lower RTT, lower load first.
+        With `receiving`, members advertising state "receiving" (relaying what they verified) too."""
+        return select_sources(
+            self._snapshot,
+            fingerprint,
+            tp,
+            pp,
+            rank,
+            own=self._self_member,
+            zone=self.zone,
+            receiving=receiving,
+        )
 
     @property
     def meta(self) -> dict:

@@ -69,12 +69,19 @@ def _load(meta) -> float:
     return load if math.isfinite(load) else math.inf
 
 
-def is_compatible(member: Member, fingerprint: str, tp: int, pp: int, rank: int) -> bool:
+# Advertised in meta["state"] by a rank that forwards weights while still receiving them.
+RECEIVING = "receiving"
+
+
+def is_compatible(
+    member: Member, fingerprint: str, tp: int, pp: int, rank: int, receiving: bool = False
+) -> bool:
+    """Alive, same key, and ready (or, with `receiving`, already relaying verified buckets)."""
     meta = member.meta
     return (
         member.state == "alive"
         and not member.is_self
-        and bool(meta.get("ready"))
+        and (bool(meta.get("ready")) or (receiving and meta.get("state") == RECEIVING))
         and meta.get("fingerprint") == fingerprint
         and _as_int(meta.get("tp")) == tp
         and _as_int(meta.get("pp")) == pp
@@ -102,8 +109,10 @@ def select_sources(
     rank: int,
     own: Member | None = None,
     zone: str | None = None,
+    receiving: bool = False,
 ) -> list[Member]:
-    """Alive, ready members advertising exactly this (fingerprint, tp, pp, rank), nearest first."""
-    matches = [m for m in members if is_compatible(m, fingerprint, tp, pp, rank)]
+    """Alive, ready members advertising exactly this (fingerprint, tp, pp, rank), nearest first;
+    with `receiving`, also those still receiving that already forward verified buckets."""
+    matches = [m for m in members if is_compatible(m, fingerprint, tp, pp, rank, receiving)]
     matches.sort(key=lambda m: nearness_key(m, own, zone))
     return matches

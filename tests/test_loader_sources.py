@@ -22,7 +22,7 @@ class FakeAgent:
         self.found, self.others = list(found), others
         self.name, self.addr = "fake", "127.0.0.1:1"
 
-    def find(self, fingerprint, tp, pp, rank):
+    def find(self, fingerprint, tp, pp, rank, receiving=False):
         return self.found
 
     def members(self):

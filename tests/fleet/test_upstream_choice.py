@@ -20,10 +20,10 @@ def row(name, state="receiving", load=0, capacity=1, progress=0.0, upstream=None
 def test_least_loaded_first_and_full_ones_last():
     rows = [
         row("root", "complete", load=1),
-        row("a", load=1, progress=0.8, upstream="root"),
-        row("b", load=0, progress=0.5, upstream="a"),
+        row("a", load=1, progress=0.8, upstream="root:1"),
+        row("b", load=0, progress=0.5, upstream="a:1"),
     ]
-    assert rank_upstreams(rows, "me") == ["b:1", "root:1", "a:1"]
+    assert rank_upstreams(rows, "me:1") == ["b:1", "root:1", "a:1"]
 
 
 def test_complete_before_receiving_then_further_ahead_then_name():
@@ -33,17 +33,27 @@ def test_complete_before_receiving_then_further_ahead_then_name():
         row("done", "complete", progress=1.0),
         row("r9b", progress=0.9),
     ]
-    assert rank_upstreams(rows, "me") == ["done:1", "r9:1", "r9b:1", "r2:1"]
+    assert rank_upstreams(rows, "me:1") == ["done:1", "r9:1", "r9b:1", "r2:1"]
 
 
 def test_never_self_never_our_own_downstream_never_attaching():
-    rows = [row("me"), row("child", upstream="me"), row("new", state="attaching"), row("ok")]
-    assert rank_upstreams(rows, "me") == ["ok:1"]
+    rows = [row("me"), row("child", upstream="me:1"), row("new", state="attaching"), row("ok")]
+    assert rank_upstreams(rows, "me:1") == ["ok:1"]
 
 
 def test_nearest_zone_before_less_loaded():
     rows = [row("far", zone="b"), row("near", load=1, capacity=2, zone="a")]
-    assert rank_upstreams(rows, "me", zone="a") == ["near:1", "far:1"]
+    assert rank_upstreams(rows, "me:1", zone="a") == ["near:1", "far:1"]
+
+
+def test_rtt_within_a_factor_of_two_counts_as_equally_near():
+    rows = [
+        row("far", rtt=0.040),
+        row("near-busy", load=1, capacity=2, rtt=0.0021),
+        row("near-idle", rtt=0.0035),
+        row("unmeasured"),
+    ]
+    assert rank_upstreams(rows, "me:1") == ["near-idle:1", "near-busy:1", "far:1", "unmeasured:1"]
 
 
 def test_malformed_rows_are_skipped():

@@ -68,3 +68,22 @@ def test_never_selects_an_incompatible_member(rows):
         assert m.meta["fingerprint"] == "fp-a"
         assert int(m.meta["tp"]) == 2 and int(m.meta["pp"]) == 1 and int(m.meta["rank"]) == 1
         assert not isinstance(m.meta["rank"], bool)
+
+
+def with_transfer_state(m: Member, transfer_state: str) -> Member:
+    return Member(m.name, m.addr, m.state, 0, MappingProxyType({**m.meta, "state": transfer_state}))
+
+
+def test_receiving_members_only_when_asked():
+    own = member("me", addr="10.0.0.1:1", is_self=True)
+    members = [
+        own,
+        member("complete"),
+        with_transfer_state(member("relaying", ready=False), "receiving"),
+        with_transfer_state(member("attaching", ready=False), "attaching"),
+        with_transfer_state(member("relaying-dead", state="dead", ready=False), "receiving"),
+        with_transfer_state(member("relaying-other", ready=False, fingerprint="fp-b"), "receiving"),
+    ]
+    assert [m.name for m in select_sources(members, *KEY, own=own)] == ["complete"]
+    found = [m.name for m in select_sources(members, *KEY, own=own, receiving=True)]
+    assert sorted(found) == ["complete", "relaying"]
