@@ -128,7 +128,8 @@ def fetch_from_sources(
                     handshake_s=attempt.handshake_s,
                     setup_s=attempt.setup_s,
                 )
-            log.warning("netloader rank %d: source %s failed: %s", rank, source, reason)
+            level = logging.DEBUG if protocol.is_retryable(reason) else logging.WARNING
+            log.log(level, "netloader rank %d: source %s failed: %s", rank, source, reason)
             failures.append((source, reason))
             if observer is not None:
                 observer.attempt_failed(source, reason)

@@ -217,3 +217,12 @@ def _choice(name: str, value, allowed) -> str:
     if value not in allowed:
         raise ProtocolError(f"{name}: expected one of {list(allowed)}")
     return value
+
+
+# A relay (loader.relay) refuses with this until its own upstream transfer has started.
+NOT_RECEIVING = "relay not receiving yet"
+
+
+def is_retryable(reason: str) -> bool:
+    """A refusal that says "not now" rather than "never": try the source again later."""
+    return reason.startswith("busy:") or NOT_RECEIVING in reason

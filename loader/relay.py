@@ -24,11 +24,12 @@ from typing import Protocol
 
 from loader.buckets import Bucket
 from loader.process_group import destroy_group
+from loader.protocol import NOT_RECEIVING
 from loader.server import WeightServer
 
 log = logging.getLogger(__name__)
+__all__ = ["NOT_RECEIVING", "ObserverFanout", "ProgressRecorder", "RelayServer"]
 
-NOT_RECEIVING = "relay not receiving yet"
 _SESSION_DRAIN_S = 10.0
 
 

@@ -45,7 +45,7 @@ def start_relay(
     about to be fetched, forwarding each bucket once verified (see loader.relay)."""
     from loader.relay import RelayServer
 
-    return _start(RelayServer, tensors, identity, config, "relaying weights while receiving")
+    return _start(RelayServer, tensors, identity, config, "serving (verified buckets while still loading)")
 
 
 def _start(server_cls, tensors, identity: RankIdentity, config: NetloaderConfig, what: str):

@@ -18,14 +18,17 @@ everywhere this forms a chain behind the root, without a coordinator.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
 from collections.abc import Callable
 
 from loader.client import FetchOutcome, fetch_from_sources
-from loader.relay import NOT_RECEIVING
+from loader.protocol import is_retryable
 
+log = logging.getLogger(__name__)
+__all__ = ["fetch_with_reattach", "is_retryable", "rank_upstreams", "rtt_class"]
 SERVING_STATES = ("complete", "receiving")
 
 
@@ -72,11 +75,6 @@ def rank_upstreams(members: list[dict], self_endpoint: str, zone: str | None = N
     return seen
 
 
-def is_retryable(reason: str) -> bool:
-    """A refusal that says "not now" rather than "never": try the source again later."""
-    return reason.startswith("busy:") or NOT_RECEIVING in reason
-
-
 def fetch_with_reattach(
     read_table: Callable[[], list[dict]],
     self_endpoint: str,
@@ -102,11 +100,14 @@ def fetch_with_reattach(
     rng = random.Random(self_endpoint)
     failures: list[tuple[str, str]] = []
     suspects: dict[str, float] = {}
+    refusals = 0  # "busy" / "not receiving yet" answers: expected while a chain forms
     last_offer = started
     while True:
         now = time.monotonic()
         if now - started >= deadline_s:
-            failures.append(("mesh", f"no upstream served us within {deadline_s:g}s"))
+            failures.append(
+                ("mesh", f"no upstream served us within {deadline_s:g}s ({refusals} busy refusals)")
+            )
             break
         if idle_s is not None and now - last_offer >= idle_s:
             failures.append(("mesh", f"no usable upstream in the table for {idle_s:g}s"))
@@ -122,9 +123,19 @@ def fetch_with_reattach(
             if outcome.ok:
                 outcome.failures[:0] = failures
                 outcome.seconds = time.monotonic() - started
+                if refusals:
+                    log.info(
+                        "netloader rank %d: attached to %s after %d busy/not-ready refusals in %.1fs",
+                        rank,
+                        outcome.peer,
+                        refusals,
+                        outcome.seconds,
+                    )
                 return outcome
             for source, reason in outcome.failures:
-                if not is_retryable(reason):
+                if is_retryable(reason):
+                    refusals += 1
+                else:
                     suspects[source] = time.monotonic() + suspect_s
                     failures.append((source, reason))
             last_offer = time.monotonic()

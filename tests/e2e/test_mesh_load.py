@@ -69,6 +69,7 @@ def test_b_finds_a_through_the_mesh_and_answers_identically(instance_a, tiny_che
     members = _mesh_status(instance_a.gossip, secret)
     [a] = [m for m in members if m["name"] == "A-r0"]
     assert a["state"] == "alive" and a["meta"]["ready"] is True
+    assert a["meta"]["state"] == "complete" and a["meta"]["progress"] == 1.0  # loaded from disk
     assert a["meta"]["role"] == "vllm-worker" and a["meta"]["tp"] == 1
     b = _start_b(tiny_checkpoint, tmp_path / "B.log",
                  {"seeds": [instance_a.gossip], "secret_file": secret, "name": "B"},
@@ -128,6 +129,45 @@ def test_a_killed_before_b_starts_b_falls_back(tiny_checkpoint, secret, tmp_path
                                    {"seeds": [gossip], "secret_file": secret, "wait_timeout_s": 4}))
     assert result["source"] == "disk"
     assert result["lookup_s"] <= 4 + 5  # the configured mesh wait, not a hang
+
+
+def test_two_starting_together_behind_a_one_client_source_both_load_from_peers(
+    tiny_checkpoint, secret, tmp_path
+):
+    """A serves one client at a time: B and C, started together, either chain (one relays
+    to the other while receiving) or take turns at A; both end with A's exact weights."""
+    gossip = f"127.0.0.1:{free_port()}"
+    a = VllmServer(model=tiny_checkpoint, log_path=tmp_path / "A.log",
+                   extra_config={"mesh": {"bind": gossip, "secret_file": secret, "name": "A"},
+                                 "max_concurrent_clients": 1})
+    starting = [
+        VllmServer(model=tiny_checkpoint, log_path=tmp_path / f"{name}.log",
+                   extra_config={"mesh": {"seeds": [gossip], "secret_file": secret,
+                                          "name": name}, "max_concurrent_clients": 1})
+        for name in ("B", "C")
+    ]
+    try:
+        a.start().wait_ready()
+        for server in starting:
+            server.start()
+        for server in starting:
+            server.wait_ready()
+        members = {m["name"]: m for m in _mesh_status(gossip, secret)}
+        endpoints = {members[n]["meta"]["endpoint"]: n for n in ("A-r0", "B-r0", "C-r0")}
+        peers = []
+        for name, server in zip(("B", "C"), starting, strict=True):
+            [result] = server.result_lines()
+            assert result["source"] == "peer", result
+            peers.append(endpoints[result["peer"]])
+            meta = members[f"{name}-r0"]["meta"]
+            assert (meta["state"], meta["progress"], meta["capacity"]) == ("complete", 1.0, 1)
+            assert "upstream" not in meta  # only advertised while receiving
+        assert peers in (["A-r0", "A-r0"], ["A-r0", "B-r0"], ["C-r0", "A-r0"]), peers
+        reference = _logprobs(a)
+        assert all(_logprobs(server) == reference for server in starting)
+    finally:
+        for server in (*starting, a):
+            server.stop()
 
 
 TP2 = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]

@@ -1,0 +1,123 @@
+"""What a rank gossips about its transfer, how the table is read back, and when a rank
+stops re-attaching (no vLLM process, no real mesh)."""
+
+import socket
+import time
+from types import MappingProxyType, SimpleNamespace
+
+from loader import discovery
+from loader.config import MeshConfig, TransferSettings
+from loader.discovery import MeshPresence
+from loader.identity import RankIdentity
+from loader.upstream_choice import fetch_with_reattach
+
+IDENTITY = RankIdentity(rank=0, tp=1, pp=1, device="cpu", fingerprint="f" * 64)
+
+
+class RecordingAgent:
+    def __init__(self, found=()):
+        self.found = list(found)
+        self.advertised: list[dict] = []
+        self.name, self.addr = "me-r0", "127.0.0.1:1"
+
+    def find(self, fingerprint, tp, pp, rank, receiving=False):
+        assert receiving, "the upstream table includes relaying members"
+        return self.found
+
+    def advertise(self, meta):
+        self.advertised.append(dict(meta))
+
+
+class FakeRelay:
+    def __init__(self):
+        self.endpoint = "10.0.0.9:5000"
+        self.state, self.verified_fraction, self.upstream = "attaching", 0.0, None
+        self.active_clients = 0
+        self.settings = TransferSettings(max_concurrent_clients=2)
+
+
+def presence(agent):
+    p = MeshPresence(MeshConfig(seeds=("127.0.0.1:7946",)), IDENTITY, None, "m")
+    p._agent = agent
+    return p
+
+
+def member(name, rtt=None, **meta):
+    return SimpleNamespace(name=name, rtt=rtt, meta=MappingProxyType(meta))
+
+
+def test_status_follows_the_relay_and_ready_only_when_complete():
+    agent, relay = RecordingAgent(), FakeRelay()
+    p = presence(agent)
+    p._advertise_status(relay)
+    relay.state, relay.verified_fraction, relay.upstream = "receiving", 0.34, "10.0.0.1:5000"
+    relay.active_clients = 1
+    p._advertise_status(relay)
+    relay.verified_fraction = 0.29  # same 0.1 step: nothing new to gossip
+    p._advertise_status(relay)
+    relay.state, relay.verified_fraction = "complete", 1.0
+    p._advertise_status(relay)
+    first, receiving, complete = agent.advertised
+    assert (first["state"], first["ready"], first["endpoint"]) == ("attaching", False, relay.endpoint)
+    assert receiving["state"] == "receiving" and receiving["progress"] == 0.3
+    assert receiving["upstream"] == "10.0.0.1:5000" and receiving["load"] == 1
+    assert receiving["capacity"] == 2 and receiving["ready"] is False
+    assert complete["ready"] is True and complete["progress"] == 1.0
+    assert complete["upstream"] is None  # removes the key from the gossiped meta
+    assert complete["fingerprint"] == IDENTITY.fingerprint and complete["role"] == "vllm-worker"
+
+
+def test_table_rows_from_members_old_peers_without_status_count_as_complete():
+    agent = RecordingAgent(
+        [
+            member("relaying", rtt=0.002, endpoint="r:1", state="receiving", progress=0.5,
+                   load=1, capacity=1, upstream="root:1"),
+            member("old-peer", endpoint="o:1", ready=True, load=0),
+            member("not-serving", endpoint="n:1", state="attaching"),
+        ]
+    )
+    rows = {r["name"]: r for r in presence(agent).upstream_rows()}
+    assert sorted(rows) == ["old-peer", "relaying"]
+    assert rows["relaying"]["upstream"] == "root:1" and rows["relaying"]["rtt"] == 0.002
+    assert rows["old-peer"]["state"] == "complete" and rows["old-peer"]["progress"] == 1.0
+
+
+def closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+SETTINGS = TransferSettings(connect_timeout_s=0.5, handshake_timeout_s=0.5)
+
+
+def test_reattach_gives_up_once_the_table_offers_nothing_usable():
+    dead = closed_port()
+    row = {"name": "dead", "endpoint": dead, "state": "complete", "load": 0, "capacity": 1}
+    started = time.monotonic()
+    outcome = fetch_with_reattach(
+        lambda: [row], "10.0.0.9:5000", "f" * 64, {}, 0, SETTINGS, idle_s=0.5, deadline_s=60
+    )
+    assert not outcome.ok and time.monotonic() - started < 10
+    assert outcome.failures[0][0] == dead  # the dead hop, with its reason
+    assert "no usable upstream in the table for 0.5s" in outcome.failures[-1][1]
+
+
+def test_reattach_stops_at_the_deadline_when_upstreams_stay_busy(monkeypatch):
+    import loader.upstream_choice as choice
+
+    busy = SimpleNamespace(ok=False, failures=[("a:1", "busy: source busy (1 transfers running)")])
+    monkeypatch.setattr(choice, "fetch_from_sources", lambda *a, **k: busy)
+    row = {"name": "a", "endpoint": "a:1", "state": "complete", "load": 1, "capacity": 1}
+    outcome = fetch_with_reattach(
+        lambda: [row], "me:1", "f" * 64, {}, 0, SETTINGS, idle_s=0.3, deadline_s=0.6
+    )
+    assert not outcome.ok
+    assert outcome.failures[-1][0] == "mesh" and "within 0.6s" in outcome.failures[-1][1]
+    assert "busy refusals" in outcome.failures[-1][1]
+
+
+def test_progress_is_gossiped_in_steps():
+    relay = FakeRelay()
+    relay.state, relay.verified_fraction = "receiving", 0.66
+    assert discovery._server_status(relay)["progress"] == 0.7
