@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -73,6 +74,51 @@ class SourceFailure(Exception):
     """This source cannot serve us; the message is the reason recorded."""
 
 
+class ResumeState:
+    """Buckets verified in the destination tensors by earlier attempts, with the checksum
+    each was verified against. Passed from attempt to attempt (and source to source) so
+    an interrupted transfer continues where it stopped instead of starting over."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bucket_bytes: int | None = None
+        self._checksums: dict[int, str] = {}
+
+    def offer(self) -> protocol.Resume | None:
+        with self._lock:
+            if not self._checksums or self.bucket_bytes is None:
+                return None
+            return protocol.Resume.of(self.bucket_bytes, self._checksums)
+
+    def accept(self, ack: protocol.Ack) -> frozenset[int]:
+        """The buckets this attempt skips: those the source says it will not send. Each
+        must be one we verified, against the very checksum the source announces now."""
+        with self._lock:
+            if ack.bucket_bytes != self.bucket_bytes:
+                self.bucket_bytes, self._checksums = ack.bucket_bytes, {}
+            for i in ack.skip:
+                if self._checksums.get(i) != ack.checksums[i]:
+                    self._checksums.clear()
+                    raise SourceFailure(
+                        f"resume: source skips bucket {i}, which we do not hold verified"
+                    )
+            return ack.skip
+
+    def forget(self, index: int) -> None:
+        """About to receive into this bucket again: it is no longer known good."""
+        with self._lock:
+            self._checksums.pop(index, None)
+
+    def record(self, index: int, checksum: str) -> None:
+        with self._lock:
+            self._checksums[index] = checksum
+
+    @property
+    def verified_buckets(self) -> int:
+        with self._lock:
+            return len(self._checksums)
+
+
 def fetch_from_sources(
     sources: list[str],
     fingerprint: str,
@@ -81,6 +127,7 @@ def fetch_from_sources(
     settings: TransferSettings,
     keys=None,
     observer=None,
+    resume: ResumeState | None = None,
 ) -> FetchOutcome:
     """Fill `tensors` in place from the first source that serves matching weights.
 
@@ -91,8 +138,11 @@ def fetch_from_sources(
 
     `observer` (optional, see loader.relay.TransferObserver) is told when a source's
     transfer starts, each bucket once it is verified and written, and each failure.
+    `resume` carries verified buckets across calls (one is made per call if not given):
+    a later attempt only receives what is missing.
     """
     started = time.monotonic()
+    resume = resume if resume is not None else ResumeState()
     failures: list[tuple[str, str]] = []
     if not sources:
         return FetchOutcome(False, None, 0, 0.0, failures)
@@ -110,6 +160,7 @@ def fetch_from_sources(
                     source, fingerprint, manifest, unique, rank, settings, keys, context
                 )
                 attempt.observer = observer
+                attempt.resume = resume
                 attempt.run()
             except SourceFailure as exc:
                 reason = str(exc)
@@ -152,6 +203,7 @@ class _SourceAttempt:
         self.setup_s = 0.0
         self.pg = None
         self.observer = None
+        self.resume = ResumeState()
         devices = {t.device for t in tensors.values()} or {torch.device("cpu")}
         if len({d.type for d in devices}) != 1:
             raise SourceFailure(f"destination tensors span several device types: {devices}")
@@ -224,6 +276,7 @@ class _SourceAttempt:
             host,
             backend_for_device(self.device.type),
             self.settings.bucket_bytes,
+            self.resume.offer(),
         )
         try:
             sock.send(protocol.encode(hello))
@@ -255,9 +308,20 @@ class _SourceAttempt:
             raise SourceFailure(
                 f"source sent {len(ack.checksums)} checksums for {len(plan)} buckets"
             )
+        skip = self.resume.accept(ack)
+        if skip:
+            log.info(
+                "netloader rank %d: resuming from %s: %d of %d buckets already verified",
+                self.rank,
+                self.source,
+                len(skip),
+                len(plan),
+            )
         if self.observer is not None:
             self.observer.transfer_started(self.source, ack, plan)
-        receiver = _BucketReceiver(self, host, ack, plan)
+            for index in sorted(skip):
+                self.observer.bucket_verified(self.source, index)
+        receiver = _BucketReceiver(self, host, ack, [b for b in plan if b.index not in skip])
         try:
             Watchdog().run(receiver.run, on_timeout=receiver.abort)
         except PhaseTimeout as exc:
@@ -272,7 +336,8 @@ class _SourceAttempt:
 
 
 class _BucketReceiver:
-    """The data path: group setup, receive buckets, verify bucket i while receiving i+1."""
+    """The data path: group setup, receive buckets, verify bucket i while receiving i+1.
+    `plan` holds only the buckets to receive (a resumed attempt skips verified ones)."""
 
     def __init__(self, attempt: _SourceAttempt, host: str, ack: protocol.Ack, plan: list[Bucket]):
         self.attempt = attempt
@@ -308,7 +373,7 @@ class _BucketReceiver:
             else []
         )
         progress = ProgressReporter(
-            attempt.manifest.total_bytes,
+            sum(b.nbytes for b in self.plan),
             f"netloader rank {attempt.rank} from {attempt.source}",
             log,
             settings.progress_interval_s,
@@ -326,6 +391,7 @@ class _BucketReceiver:
             while next_post < len(self.plan) or posted:
                 while next_post < len(self.plan) and len(posted) < RECV_DEPTH:
                     bucket = self.plan[next_post]
+                    attempt.resume.forget(bucket.index)
                     slot = None
                     if bucket.direct:
                         dest = attempt.tensors[bucket.items[0].name]
@@ -398,6 +464,7 @@ class _BucketReceiver:
 
     def _verified(self, bucket: Bucket) -> None:
         """Bucket checked and in the destination tensors: tell the observer (relay hook)."""
+        self.attempt.resume.record(bucket.index, self.ack.checksums[bucket.index])
         if self.attempt.observer is not None:
             self.attempt.observer.bucket_verified(self.attempt.source, bucket.index)
 

@@ -26,7 +26,7 @@ from vllm.model_executor.model_loader.utils import process_weights_after_loading
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from loader import serving
-from loader.client import FetchOutcome, describe_failures, fetch_from_sources
+from loader.client import FetchOutcome, ResumeState, describe_failures, fetch_from_sources
 from loader.config import NetloaderConfig, parse_extra_config
 from loader.discovery import MeshPresence
 from loader.identity import RankIdentity, rank_identity
@@ -180,6 +180,7 @@ class NetloaderModelLoader(BaseModelLoader):
         """Mesh upstreams first (re-attaching while the table offers any), then SOURCE."""
         keys = serving.cluster_keys(self.config)
         settings = self.config.settings
+        resume = ResumeState()  # a later source only sends what an interrupted one did not
         failures: list[tuple[str, str]] = []
         if plan.mesh and presence is not None:
             mesh = self.config.mesh
@@ -195,13 +196,20 @@ class NetloaderModelLoader(BaseModelLoader):
                 deadline_s=mesh.attach_timeout_s,
                 idle_s=mesh.wait_timeout_s,
                 zone=mesh.zone,
+                resume=resume,
             )
             if outcome.ok or not plan.static:
                 return outcome
             failures = outcome.failures
         outcome = fetch_from_sources(
-            plan.static, identity.fingerprint, tensors, identity.rank, settings, keys=keys,
+            plan.static,
+            identity.fingerprint,
+            tensors,
+            identity.rank,
+            settings,
+            keys=keys,
             observer=relay,
+            resume=resume,
         )
         outcome.failures[:0] = failures
         return outcome

@@ -1,7 +1,9 @@
 """Control messages between a transfer client and a weight server (orjson over ZeroMQ).
 
-client -> server: hello (identity, manifest, how to reach the store), done (result)
-server -> client: ack (session, store port, bucket size, checksums), nack (reason), busy
+client -> server: hello (identity, manifest, how to reach the store, optionally the buckets
+                  it already holds verified: `resume`), done (result)
+server -> client: ack (session, store port, bucket size, checksums, optionally the buckets
+                  it will not send: `skip`), nack (reason), busy
 Every decoded message is untrusted: size, type and every field are checked here.
 """
 
@@ -21,6 +23,7 @@ MAX_REASON_LEN = 500
 MIN_BUCKET_BYTES = 1 << 10
 MAX_BUCKET_BYTES = 1 << 34
 MAX_BUCKETS = 10_000_000
+MAX_RANGES = 100_000
 
 _HEX_RE = re.compile(r"^[0-9a-f]{1,128}$")
 _SESSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
@@ -33,6 +36,23 @@ class ProtocolError(ValueError):
 
 
 @dataclass(frozen=True)
+class Resume:
+    """Buckets (of `bucket_bytes`) the client verified in an earlier, interrupted attempt,
+    as half-open index ranges (kept as ranges: an untrusted peer's list is expanded only
+    up to the real number of buckets)."""
+
+    bucket_bytes: int
+    have: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, bucket_bytes: int, indices) -> Resume:
+        return cls(bucket_bytes, tuple((a, b) for a, b in to_ranges(indices)))
+
+    def indices(self, limit: int) -> frozenset[int]:
+        return frozenset(i for a, b in self.have for i in range(a, min(b, limit)))
+
+
+@dataclass(frozen=True)
 class Hello:
     fingerprint: str
     rank: int
@@ -40,6 +60,7 @@ class Hello:
     pg_host: str
     backend: str
     max_bucket_bytes: int
+    resume: Resume | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,7 @@ class Ack:
     algorithm: str
     checksums: tuple[str, ...]
     manifest_digest: str
+    skip: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -88,8 +110,9 @@ def hello_message(
     pg_host: str,
     backend: str,
     max_bucket_bytes: int,
+    resume: Resume | None = None,
 ) -> dict:
-    return {
+    msg = {
         "type": "hello",
         "v": PROTOCOL_VERSION,
         "fingerprint": fingerprint,
@@ -99,10 +122,13 @@ def hello_message(
         "backend": backend,
         "max_bucket_bytes": max_bucket_bytes,
     }
+    if resume is not None and resume.have:
+        msg["resume"] = {"bucket_bytes": resume.bucket_bytes, "have": [list(r) for r in resume.have]}
+    return msg
 
 
 def ack_message(ack: Ack) -> dict:
-    return {
+    msg = {
         "type": "ack",
         "session": ack.session,
         "store_port": ack.store_port,
@@ -111,6 +137,37 @@ def ack_message(ack: Ack) -> dict:
         "checksums": list(ack.checksums),
         "manifest_digest": ack.manifest_digest,
     }
+    if ack.skip:
+        msg["skip"] = to_ranges(ack.skip)
+    return msg
+
+
+def to_ranges(indices) -> list[list[int]]:
+    """Sorted indices as half-open [start, stop) ranges: compact for long verified runs."""
+    ranges: list[list[int]] = []
+    for i in sorted(indices):
+        if ranges and ranges[-1][1] == i:
+            ranges[-1][1] = i + 1
+        else:
+            ranges.append([i, i + 1])
+    return ranges
+
+
+def parse_ranges(name: str, value, limit: int) -> tuple[tuple[int, int], ...]:
+    """Untrusted [[start, stop], ...], sorted and disjoint, with 0 <= start < stop <= limit
+    (so the ranges cover at most `limit` indices)."""
+    if not isinstance(value, list) or len(value) > MAX_RANGES:
+        raise ProtocolError(f"{name}: expected a list of at most {MAX_RANGES} [start, stop] ranges")
+    ranges: list[tuple[int, int]] = []
+    for pair in value:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ProtocolError(f"{name}: expected [start, stop] pairs")
+        floor = ranges[-1][1] if ranges else 0
+        if floor >= limit:
+            raise ProtocolError(f"{name}: ranges overlap, are unsorted or exceed {limit}")
+        start = _int(f"{name}[].start", pair[0], floor, limit - 1)
+        ranges.append((start, _int(f"{name}[].stop", pair[1], start + 1, limit)))
+    return tuple(ranges)
 
 
 def nack_message(reason: str, busy: bool = False) -> dict:
@@ -131,6 +188,7 @@ def parse_hello(obj: dict) -> Hello:
         obj,
         "hello",
         {"v", "fingerprint", "rank", "manifest", "pg_host", "backend", "max_bucket_bytes"},
+        optional={"resume"},
     )
     if obj["v"] != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {obj['v']!r}")
@@ -147,6 +205,20 @@ def parse_hello(obj: dict) -> Hello:
         max_bucket_bytes=_int(
             "max_bucket_bytes", obj["max_bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES
         ),
+        resume=_parse_resume(obj.get("resume")),
+    )
+
+
+def _parse_resume(value) -> Resume | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"bucket_bytes", "have"}:
+        raise ProtocolError("resume: expected {bucket_bytes, have}")
+    return Resume(
+        bucket_bytes=_int(
+            "resume.bucket_bytes", value["bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES
+        ),
+        have=parse_ranges("resume.have", value["have"], MAX_BUCKETS),
     )
 
 
@@ -159,10 +231,15 @@ def parse_reply(obj: dict) -> Ack | Refusal:
         obj,
         "ack",
         {"session", "store_port", "bucket_bytes", "algorithm", "checksums", "manifest_digest"},
+        optional={"skip"},
     )
     checksums = obj["checksums"]
     if not isinstance(checksums, list) or len(checksums) > MAX_BUCKETS:
         raise ProtocolError("checksums: expected a list")
+    skip = frozenset()
+    if "skip" in obj:
+        ranges = parse_ranges("skip", obj["skip"], max(1, len(checksums)))
+        skip = frozenset(i for a, b in ranges for i in range(a, b))
     return Ack(
         session=_match("session", obj["session"], _SESSION_RE),
         store_port=_int("store_port", obj["store_port"], 1, 65535),
@@ -170,6 +247,7 @@ def parse_reply(obj: dict) -> Ack | Refusal:
         algorithm=_choice("algorithm", obj["algorithm"], ALGORITHMS),
         checksums=tuple(_match("checksums[]", c, _CHECKSUM_RE) for c in checksums),
         manifest_digest=_match("manifest_digest", obj["manifest_digest"], _HEX_RE),
+        skip=skip,
     )
 
 
@@ -192,10 +270,10 @@ def clean_reason(value) -> str:
     return "".join(c if c.isprintable() else "?" for c in value[:MAX_REASON_LEN])
 
 
-def _expect(obj: dict, kind: str, fields: set[str]) -> None:
+def _expect(obj: dict, kind: str, fields: set[str], optional: set[str] = frozenset()) -> None:
     if obj.get("type") != kind:
         raise ProtocolError(f"expected a {kind!r} message, got {str(obj.get('type'))[:40]!r}")
-    keys = set(obj) - {"type"}
+    keys = set(obj) - {"type"} - optional
     if keys != fields:
         missing, extra = sorted(fields - keys), sorted(keys - fields)
         raise ProtocolError(f"{kind}: missing fields {missing}, unexpected fields {extra}")

@@ -316,6 +316,10 @@ class WeightServer:
         started = time.monotonic()
         try:
             plan, checksums = self._plan_for(session.bucket_bytes)
+            resume = session.hello.resume
+            skip = frozenset()
+            if resume is not None and resume.bucket_bytes == session.bucket_bytes:
+                skip = resume.indices(len(plan))  # the client verified these already
             store_socket = bind_store_socket(self._store_bind_host())
             ack = protocol.Ack(
                 session=session.session_id,
@@ -324,6 +328,7 @@ class WeightServer:
                 algorithm=self._algorithm,
                 checksums=checksums,
                 manifest_digest=self._manifest_digest,
+                skip=skip,
             )
             self._send(session.identity, protocol.ack_message(ack))
             session.pg = create_transfer_group(
@@ -335,7 +340,8 @@ class WeightServer:
                 listen_socket=store_socket,
             )
             store_socket = None  # owned by the TCPStore now
-            self._send_buckets(session, plan)
+            to_send = [b for b in plan if b.index not in skip]
+            self._send_buckets(session, to_send)
             if not session.done.wait(self.settings.bucket_timeout_s):
                 raise TimeoutError("client did not confirm the transfer")
             done = session.done_message
@@ -343,10 +349,11 @@ class WeightServer:
                 raise RuntimeError(f"client reported failure: {done.reason if done else 'stopped'}")
             self.transfers_ok += 1
             log.info(
-                "netloader server rank %d: sent %.2f GiB to a client in %.2fs",
+                "netloader server rank %d: sent %.2f GiB to a client in %.2fs%s",
                 self.rank,
-                self._manifest.total_bytes / (1 << 30),
+                sum(b.nbytes for b in to_send) / (1 << 30),
                 time.monotonic() - started,
+                f" (resumed: {len(skip)} of {len(plan)} buckets held already)" if skip else "",
             )
         except Exception as exc:
             self.transfers_failed += 1
@@ -366,7 +373,7 @@ class WeightServer:
                 self._sessions.pop(session.session_id, None)
 
     def _send_buckets(self, session: _Session, plan: list[Bucket]) -> None:
-        """Send in plan order with up to SEND_DEPTH operations in flight.
+        """Send `plan` (the buckets the client lacks) in order, up to SEND_DEPTH in flight.
 
         Packed buckets alternate between two zeroed buffers; a buffer is refilled only
         after the send that used it completed."""

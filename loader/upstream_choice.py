@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Callable
 
-from loader.client import FetchOutcome, fetch_from_sources
+from loader.client import FetchOutcome, ResumeState, fetch_from_sources
 from loader.protocol import is_retryable
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,18 @@ def fetch_with_reattach(
     suspect_s: float = 10.0,
     idle_s: float | None = None,
     zone: str | None = None,
+    resume: ResumeState | None = None,
 ) -> FetchOutcome:
     """Fetch from the best upstream in the table; re-read and re-attach until done.
 
     A source that failed for a reason other than busy/not-ready is skipped for
     `suspect_s` (a dead hop may linger in the table until gossip declares it dead).
     Gives up after `deadline_s`, or once the table has offered no usable upstream for
-    `idle_s` (None: keep waiting until the deadline)."""
+    `idle_s` (None: keep waiting until the deadline). Every attempt continues from the
+    buckets verified so far (`resume`)."""
     started = time.monotonic()
     rng = random.Random(self_endpoint)
+    resume = resume if resume is not None else ResumeState()
     failures: list[tuple[str, str]] = []
     suspects: dict[str, float] = {}
     refusals = 0  # "busy" / "not receiving yet" answers: expected while a chain forms
@@ -118,7 +121,14 @@ def fetch_with_reattach(
         if candidates:
             last_offer = now
             outcome = fetch_from_sources(
-                candidates, fingerprint, tensors, rank, settings, keys=keys, observer=observer
+                candidates,
+                fingerprint,
+                tensors,
+                rank,
+                settings,
+                keys=keys,
+                observer=observer,
+                resume=resume,
             )
             if outcome.ok:
                 outcome.failures[:0] = failures

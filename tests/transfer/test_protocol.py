@@ -87,3 +87,41 @@ def test_bad_done_and_refusals_are_rejected():
         protocol.parse_done({"type": "done", "session": "0123456789abcdef", "ok": "yes", "reason": None})
     with pytest.raises(protocol.ProtocolError):
         protocol.parse_reply({"type": "nack", "reason": 5})
+
+
+def test_resume_and_skip_round_trip_as_ranges():
+    resume = protocol.Resume.of(1 << 20, {0, 1, 2, 5, 7, 8})
+    msg = protocol.hello_message("ab" * 32, 0, MANIFEST, "127.0.0.1", "gloo", 1 << 20, resume)
+    assert msg["resume"]["have"] == [[0, 3], [5, 6], [7, 9]]
+    parsed = protocol.parse_hello(protocol.decode(protocol.encode(msg), 1 << 20))
+    assert parsed.resume.indices(100) == {0, 1, 2, 5, 7, 8}
+    assert parsed.resume.indices(6) == {0, 1, 2, 5}  # never beyond the real bucket count
+    assert protocol.parse_hello(hello()).resume is None
+    reply = protocol.parse_reply(ack(checksums=["ff"] * 4, skip=[[0, 2], [3, 4]]))
+    assert reply.skip == {0, 1, 3}
+    assert protocol.parse_reply(ack()).skip == frozenset()
+
+
+@pytest.mark.parametrize(
+    "have",
+    [
+        "0-3",
+        [[0]],
+        [[2, 1]],
+        [[0, 3], [2, 5]],  # overlapping
+        [[5, 6], [0, 1]],  # unsorted
+        [[0, True]],
+        [[-1, 2]],
+        [[0, protocol.MAX_BUCKETS + 1]],
+        [[i, i + 1] for i in range(0, 2 * protocol.MAX_RANGES + 2, 2)],
+    ],
+)
+def test_bad_resume_ranges_are_rejected(have):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_hello(hello(resume={"bucket_bytes": 1 << 20, "have": have}))
+
+
+@pytest.mark.parametrize("skip", [[[0, 2]], [[1, 1]], "all", [[0, 1], [0, 1]]])
+def test_skip_beyond_the_checksums_or_malformed_is_rejected(skip):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_reply(ack(skip=skip))  # one checksum: only bucket 0 exists

@@ -1,0 +1,87 @@
+"""An interrupted transfer continues where it stopped: only unverified buckets move again."""
+
+import pytest
+import torch
+
+from loader import protocol
+from loader.client import ResumeState, SourceFailure, fetch_from_sources
+from loader.server import WeightServer
+from tests.transfer.helpers import FAST, FINGERPRINT, empty_like_all, make_tensors
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class CountingServer(WeightServer):
+    """Records the buckets it sends; can corrupt one bucket's bytes after its checksum."""
+
+    corrupt_bucket: int | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent: list[int] = []
+
+    def _before_bucket(self, session, bucket) -> None:
+        self.sent.append(bucket.index)
+        if bucket.index == self.corrupt_bucket:
+            self._tensors[bucket.items[0].name].view(-1)[0] += 1  # in flight, as a bad link would
+
+
+def serve(tensors, **attrs):
+    server = CountingServer(tensors, FINGERPRINT, 0, FAST, host="127.0.0.1")
+    for key, value in attrs.items():
+        setattr(server, key, value)
+    server.start()
+    return server
+
+
+def test_second_source_sends_only_the_buckets_the_first_did_not_deliver():
+    source = make_tensors(3, small=40, big_numel=600_000)
+    reference = make_tensors(3, small=40, big_numel=600_000)  # the same weights, uncorrupted
+    dest = empty_like_all(source)
+    resume = ResumeState()
+    bad = serve(source, corrupt_bucket=2)
+    try:
+        first = fetch_from_sources([bad.endpoint], FINGERPRINT, dest, 0, FAST, resume=resume)
+    finally:
+        bad.stop()
+    assert not first.ok and "checksum mismatch in bucket 2" in first.failures[0][1]
+    held = resume.verified_buckets
+    assert held == 2  # buckets 0 and 1 were verified before bucket 2 failed
+
+    good = serve(reference)
+    try:
+        second = fetch_from_sources([good.endpoint], FINGERPRINT, dest, 0, FAST, resume=resume)
+        plan_len = len(good._plan_for(FAST.bucket_bytes)[0])
+    finally:
+        good.stop()
+    assert second.ok, second.failures
+    assert sorted(good.sent) == list(range(held, plan_len))  # nothing verified was resent
+    for name, t in reference.items():
+        assert torch.equal(dest[name], t), name
+
+
+def test_a_source_skipping_a_bucket_we_never_verified_is_refused():
+    resume = ResumeState()
+    resume.bucket_bytes = 1 << 20
+    resume.record(0, "aa")
+    ack = protocol.Ack("0" * 16, 4000, 1 << 20, "sha256", ("aa", "bb"), "cc", skip=frozenset({0, 1}))
+    with pytest.raises(SourceFailure, match="skips bucket 1"):
+        resume.accept(ack)
+    assert resume.offer() is None  # after a lie, nothing is trusted: start over
+
+
+def test_a_checksum_that_changed_since_verification_is_refused():
+    resume = ResumeState()
+    resume.bucket_bytes = 1 << 20
+    resume.record(0, "aa")
+    ack = protocol.Ack("0" * 16, 4000, 1 << 20, "sha256", ("a0",), "cc", skip=frozenset({0}))
+    with pytest.raises(SourceFailure):
+        resume.accept(ack)
+
+
+def test_another_bucket_size_starts_over():
+    resume = ResumeState()
+    resume.bucket_bytes = 1 << 20
+    resume.record(0, "aa")
+    ack = protocol.Ack("0" * 16, 4000, 2 << 20, "sha256", ("aa",), "cc")
+    assert resume.accept(ack) == frozenset() and resume.offer() is None
