@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,48 @@ def chain_depths(results: dict[str, dict]) -> dict[str, int]:
     for name in results:
         depth(name)
     return depths
+
+
+def gossip_delays(results: dict[str, dict]) -> dict[str, list[float]]:
+    """Per chain link X -> D (X a client), from X's last transfer start (it is receiving):
+    `advertised` until X's own agent carried the new status (MeshPresence refresh),
+    `visible` until the first other client's table showed X receiving, `downstream` until
+    D's table did, `attach` until D's transfer from X started. The tables are polled
+    every 10 ms by each client (tests.fleet.node.TableWatcher), in wall-clock time."""
+    out: dict[str, list[float]] = {"advertised": [], "visible": [], "downstream": [], "attach": []}
+    for d in results.values():
+        x_name = d.get("upstream")
+        if x_name not in results:
+            continue  # served by the root
+        x_starts = [t for t, kind, _ in results[x_name]["events"] if kind == "start"]
+        d_starts = [t for t, kind, _ in d["events"] if kind == "start"]
+        if not x_starts or not d_starts:
+            continue
+        receiving = x_starts[-1]
+        if results[x_name].get("advertised_receiving") is not None:
+            out["advertised"].append(results[x_name]["advertised_receiving"] - receiving)
+        seen = [
+            r["first_seen_receiving"][x_name]
+            for n, r in results.items()
+            if n != x_name and x_name in r.get("first_seen_receiving", {})
+        ]
+        if seen:
+            out["visible"].append(min(seen) - receiving)
+        if x_name in d.get("first_seen_receiving", {}):
+            out["downstream"].append(d["first_seen_receiving"][x_name] - receiving)
+        out["attach"].append(d_starts[-1] - receiving)
+    return out
+
+
+def _stats(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    values = sorted(values)
+    return f"median {statistics.median(values):.3f}s, min {values[0]:.3f}s, max {values[-1]:.3f}s"
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
 
 
 def plot(waves: dict[str, dict], single_s: float, path: Path) -> None:
@@ -138,9 +181,11 @@ def main() -> None:
         print(
             f"{wave_id:>10}: makespan {wave['makespan']:6.2f}s  client times "
             f"{per[0]:.2f}..{per[-1]:.2f}s  verified={wave['all_verified']}  "
-            f"failed attempts={retries}",
+            f"failed attempts={retries}  false suspicions={len(wave['suspicions'])}",
             flush=True,
         )
+        for t, observer, member, state in wave["suspicions"]:
+            print(f"    {t - wave['t0']:+.2f}s {observer} saw {member} {state}", flush=True)
 
     base = {"size_mib": args.mib, "bucket_mb": args.bucket_mb}
     with network:
@@ -161,6 +206,15 @@ def main() -> None:
     print(f"chained topology (by depth): {chain}; depth {longest}")
     if per_hop is not None:
         print(f"per-hop delay (last - first finish in the chain) / (depth - 1): {per_hop:.3f}s")
+    delays = gossip_delays(chained["results"])
+    print(
+        "gossip per chain link, from the upstream's transfer start (it is receiving): "
+        f"in its own agent's meta {_stats(delays['advertised'])}; "
+        f"first seen receiving by another client {_stats(delays['visible'])}; "
+        f"by its downstream {_stats(delays['downstream'])}; "
+        f"downstream's transfer from it started {_stats(delays['attach'])}"
+    )
+    suspicions = sum(len(w["suspicions"]) for w in waves.values())
     plot_path = Path(args.plot)
     plot(waves, single, plot_path)
     print(f"plot: {plot_path.resolve()}")
@@ -178,6 +232,10 @@ def main() -> None:
         "serial_ratio": round(serial / single, 3),
         "chain_depth": longest,
         "per_hop_overhead_seconds": None if per_hop is None else round(per_hop, 3),
+        "gossip_advertised_seconds_median": _median(delays["advertised"]),
+        "gossip_visible_seconds_median": _median(delays["visible"]),
+        "gossip_attach_seconds_median": _median(delays["attach"]),
+        "false_suspicions": suspicions,
         "checkpoint_mib": round(size / MIB, 1),
         "link_mbit": args.rate_mbit if network.shaped else None,
         "network": "netns+tc" if network.shaped else "loopback",

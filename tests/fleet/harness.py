@@ -2,7 +2,8 @@
 
 Host 0 runs the root source, hosts 1..N the clients, each a forked process. The harness starts the
 processes, drops the `go`/`stop` files and collects results; which client attaches
-where is decided by the clients themselves from the wave's table.
+where is decided by the clients themselves from the wave's gossip mesh (one mesh per
+wave: agent `slot` = wave index on every host, seeded by the root's agent).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -17,7 +19,6 @@ from pathlib import Path
 
 from tests.fleet import node
 from tests.fleet.node import ROOT
-from tests.fleet.table import FileTable
 
 _POLL_S = 0.02
 # forkserver: torch/vLLM are imported once (in the fork server, which runs no torch
@@ -33,6 +34,12 @@ def _node_entry(network, host: int, cfg: dict, log_path: str) -> None:
     os.close(fd)
     network.enter(host)
     node.run(cfg)
+
+
+_MEMBER_EVENT = re.compile(
+    r"^(?P<t>\d+\.\d+) (?P<observer>\S+) INFO mesh\.api: member (?P<member>\S+) "
+    r"is (?P<state>suspect|dead)\b"
+)
 
 
 class FleetError(RuntimeError):
@@ -51,9 +58,17 @@ class Fleet:
         for wave in waves:
             (self.dir / wave["id"]).mkdir()
         self.procs: dict[str, mp.Process] = {}
+        self.root_host = 0
+        self._observers: dict = {}
 
-    def table(self, wave_id: str) -> FileTable:
-        return FileTable(self.dir / wave_id)
+    def gossip(self, host: int) -> dict[str, dict]:
+        """Per wave: the bind of `host`'s agent and the seeds (the root's agent)."""
+        out = {}
+        for slot, wave in enumerate(self.waves):
+            bind = self.network.gossip_bind(host, slot)
+            root = self.network.gossip_bind(self.root_host, slot)
+            out[wave["id"]] = {"bind": bind, "seeds": [] if bind == root else [root]}
+        return out
 
     # ---- processes -------------------------------------------------------------------
 
@@ -66,6 +81,7 @@ class Fleet:
             "waves": self.waves,
             "dir": str(self.dir),
             "host": self.network.address(host),
+            "gossip": self.gossip(host),
         }
         log_path = str(self.dir / f"{name}.log")
         proc = _FORK.Process(target=_node_entry, args=(self.network, host, cfg, log_path))
@@ -77,6 +93,14 @@ class Fleet:
             lambda: all((self.dir / f"{n}.armed").exists() for n in names),
             timeout_s,
             f"nodes {list(names)} not armed",
+        )
+
+    def wait_joined(self, wave_id: str, names, timeout_s: float = 120) -> None:
+        """Until every client of the wave sees all of the wave's nodes in its mesh."""
+        self._wait(
+            lambda: all((self.dir / wave_id / f"{n}.joined").exists() for n in names),
+            timeout_s,
+            f"wave {wave_id}: nodes {list(names)} not joined",
         )
 
     def go(self, wave_id: str) -> float:
@@ -95,12 +119,29 @@ class Fleet:
     def end_wave(self, wave_id: str) -> None:
         (self.dir / wave_id / "stop").write_text("1")
 
+    def observer(self, wave_id: str):
+        """A MeshPresence of this (test) process in the wave's mesh, to read its gossip
+        table. Loopback only: the namespaces' addresses are not reachable from here."""
+        if self.network.shaped:
+            raise FleetError("the harness process cannot reach the namespaces' meshes")
+        if wave_id not in self._observers:
+            slot = next(i for i, w in enumerate(self.waves) if w["id"] == wave_id)
+            seed = self.network.gossip_bind(self.root_host, slot)
+            cfg = {
+                "name": "observer",
+                "gossip": {wave_id: {"bind": "127.0.0.1:0", "seeds": [seed]}},
+            }
+            self._observers[wave_id] = node.join_mesh(cfg, self.waves[slot])
+        return self._observers[wave_id]
+
     def wait_row(self, wave_id: str, name: str, predicate, timeout_s: float) -> dict:
+        """The gossip row of node `name` in the wave, once `predicate(row)` holds."""
         found: dict = {}
+        presence = self.observer(wave_id)
 
         def check() -> bool:
-            for row in self.table(wave_id).read():
-                if row.get("name") == name and predicate(row):
+            for row in presence.upstream_rows():
+                if node.node_name(row["name"]) == name and predicate(row):
                     found.update(row)
                     return True
             return False
@@ -119,7 +160,24 @@ class Fleet:
             time.sleep(_POLL_S)
         raise FleetError(f"{what} within {timeout_s:g}s (logs in {self.dir})")
 
+    def mesh_events(self, since: float, until: float) -> list[tuple[float, str, str, str]]:
+        """(time, observer, member, state) for every member seen suspect or dead between
+        `since` and `until`, from the nodes' logs (mesh.api logs state changes)."""
+        events = []
+        for name in self.procs:
+            path = self.dir / f"{name}.log"
+            if not path.exists():
+                continue
+            for line in path.read_text(errors="replace").splitlines():
+                m = _MEMBER_EVENT.match(line)
+                if m and since <= float(m["t"]) <= until:
+                    events.append((float(m["t"]), m["observer"], m["member"], m["state"]))
+        return sorted(events)
+
     def stop(self, grace_s: float = 15) -> None:
+        for presence in self._observers.values():
+            presence.stop()
+        self._observers.clear()
         (self.dir / "stop").write_text("1")
         end = time.monotonic() + grace_s
         for p in self.procs.values():
@@ -151,11 +209,12 @@ def run_waves(
         fleet.wait_armed([ROOT, *names])
         for wave in waves:
             wid = wave["id"]
-            fleet.wait_row(wid, ROOT, lambda r: r.get("load") == 0, 30)
-            time.sleep(0.3)  # relays of a chained wave publish their rows
+            fleet.wait_joined(wid, wave["clients"])
             t0 = fleet.go(wid)
             results = fleet.wait_results(wid, wave["clients"], timeout_s)
             fleet.end_wave(wid)
+            # no node fails in these waves: any suspicion of a member is a false one
+            suspicions = fleet.mesh_events(t0, time.time())
             first_start = min(r["start"] for r in results.values())
             out[wid] = {
                 "mode": wave["mode"],
@@ -166,6 +225,7 @@ def run_waves(
                 - min(r["start"] for r in results.values()),
                 "all_verified": all(r["verified"] for r in results.values()),
                 "results": results,
+                "suspicions": suspicions,
             }
             if on_wave is not None:
                 on_wave(wid, out[wid])

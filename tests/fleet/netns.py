@@ -8,6 +8,11 @@ egress = uplink, bridge-port egress = downlink). Everything lives in namespaces 
 object creates (names carry the pid) and is deleted on exit, also after errors.
 `LoopbackNetwork` is the fallback when namespaces cannot be created (not root, no
 `ip`/`tc`): every host is 127.0.0.1 and nothing is shaped.
+
+`gossip_bind(host, slot)` is the fixed "addr:port" of host's gossip agent number `slot`
+(a fleet runs one mesh per wave), known before any process starts so that seeds can be
+handed out in advance: GOSSIP_PORT + slot on the host's own address in a namespace,
+distinct free ports of 127.0.0.1 on loopback.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import atexit
 import ctypes
 import os
 import shutil
+import socket
 import subprocess
 
 SUBNET = "10.77.0"
+GOSSIP_PORT = 7946
 _TIMEOUT_S = 10
 _CLONE_NEWNET = 0x40000000
 
@@ -37,9 +44,19 @@ class LoopbackNetwork:
 
     def __init__(self, hosts: int) -> None:
         self.hosts = hosts
+        self._ports: dict[tuple[int, int], int] = {}
 
     def address(self, i: int) -> str:
         return "127.0.0.1"
+
+    def gossip_bind(self, i: int, slot: int) -> str:
+        """All hosts share 127.0.0.1: each (host, slot) gets a port that was free when
+        first asked for (a fixed port could clash with anything else on this machine)."""
+        if (i, slot) not in self._ports:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self._ports[(i, slot)] = s.getsockname()[1]
+        return f"127.0.0.1:{self._ports[(i, slot)]}"
 
     def enter(self, i: int) -> None:
         pass
@@ -70,6 +87,9 @@ class NetnsNetwork:
 
     def address(self, i: int) -> str:
         return f"{SUBNET}.{i + 1}"
+
+    def gossip_bind(self, i: int, slot: int) -> str:
+        return f"{self.address(i)}:{GOSSIP_PORT + slot}"
 
     def enter(self, i: int) -> None:
         """Move the calling (single-threaded, e.g. just forked) process into host i's

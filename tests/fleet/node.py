@@ -3,37 +3,51 @@
     python -m tests.fleet.node '{"role": "client", "name": "c3", "dir": ..., "waves": [...]}'
 
 A process lives through several waves (so the bench pays process start-up once).
-Wave `w` has its own directory `dir/w`: the gossip table rows of that wave
-(tests.fleet.table), `go` (its clients start together), `<name>.result.json` and
-`stop` (relays of that wave stop serving). `dir/<name>.armed` says a node is ready,
-`dir/stop` ends the process. Config keys: role, name, dir, host, size_mib, bucket_mb,
-waves ([{"id", "mode": "serial"|"concurrent"|"chained", "capacity", "clients"}]);
-test knobs: bucket_delay_s, corrupt_bucket (source), die_after_forwarded and
-after_receiving (client: start fetching once that instance is receiving).
+Which client attaches where comes from the real gossip mesh, through the code path a
+vLLM rank uses (loader.discovery.MeshPresence, loader.upstream_choice): every wave is
+a mesh of its own, seeded by the root's agent for that wave, and a model of its own
+(`wave_fingerprint`). The root joins every wave's mesh at start; a client joins a
+wave's mesh when it reaches that wave and leaves once the wave is over.
+
+Wave `w` has its own directory `dir/w`: `<name>.joined` (the client sees every node
+of the wave alive and the root as a source), `go` (its clients start together),
+`<name>.result.json` and `stop` (relays of that wave stop serving).
+`dir/<name>.armed` says a node is ready, `dir/stop` ends the process. Config keys:
+role, name, dir, host, size_mib, bucket_mb, gossip ({wave id: {"bind", "seeds"}}),
+waves ([{"id", "mode": "serial"|"concurrent"|"chained", "capacity", "clients",
+optional "model" (share another wave's fingerprint)}]); test knobs: bucket_delay_s,
+corrupt_bucket (source), die_after_forwarded and after_receiving (client: start
+fetching once that instance shows as receiving in the gossip table).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
-from loader.client import fetch_from_sources
-from loader.config import TransferSettings
+from loader.client import FetchOutcome, fetch_from_sources
+from loader.config import MeshConfig, TransferSettings
+from loader.discovery import MeshPresence
+from loader.identity import RankIdentity
+from loader.protocol import is_retryable
 from loader.relay import ObserverFanout, ProgressRecorder, RelayServer
 from loader.server import WeightServer
-from loader.upstream_choice import fetch_with_reattach, is_retryable
+from loader.upstream_choice import fetch_with_reattach
 from tests.fleet.checkpoint import content_digest, make_empty, make_reference
-from tests.fleet.table import FileTable, RowPublisher
 
 FINGERPRINT = "f1ee7" * 12 + "0000"
 ROOT = "source"
+MODEL = "fleet-synthetic"
 _POLL_S = 0.005
+_WATCH_S = 0.01
 
 
 def settings_for(cfg: dict, capacity: int) -> TransferSettings:
@@ -55,16 +69,19 @@ class FaultySource(WeightServer):
 
     bucket_delay_s = 0.0
     corrupt_bucket: int | None = None
-    _corrupted: str | None = None  # tensor changed; restored when the next session starts
+    _corrupted: str | None = None  # tensor changed; restored when another session sends
+    _corrupted_by = None  # the session that saw the corruption
 
     def _before_bucket(self, session, bucket) -> None:
         if self.bucket_delay_s:
             time.sleep(self.bucket_delay_s)
-        if bucket.index == 0 and self._corrupted is not None:
-            self._tensors[self._corrupted].view(-1)[0] -= 1  # a transient fault: once only
-            self._corrupted, self.corrupt_bucket = None, None
+        # a transient fault: once only. The next session may resume past bucket 0 (it
+        # skips what the client verified), so any bucket of it restores the tensor.
+        if self._corrupted is not None and session is not self._corrupted_by:
+            self._tensors[self._corrupted].view(-1)[0] -= 1
+            self._corrupted, self._corrupted_by, self.corrupt_bucket = None, None, None
         if bucket.index == self.corrupt_bucket and self._corrupted is None:
-            self._corrupted = bucket.items[0].name
+            self._corrupted, self._corrupted_by = bucket.items[0].name, session
             self._tensors[self._corrupted].view(-1)[0] += 1
 
 
@@ -105,117 +122,213 @@ def write_json(path: Path, obj) -> None:
 
 
 def run_source(cfg: dict, d: Path) -> None:
+    """The root: one server per wave (its own fingerprint and capacity) over the same
+    tensors, each advertised as complete in that wave's mesh, which starts here (seed)."""
     tensors = make_reference(cfg["size_mib"], cfg.get("seed", 0))
     write_json(d / "reference.json", {"digest": content_digest(tensors)})
-    servers: dict[int, FaultySource] = {}
-    rows = []
+    servers: list[FaultySource] = []
+    presences: list[MeshPresence] = []
     for wave in cfg["waves"]:
-        capacity = wave["capacity"]
-        if capacity not in servers:
-            server = FaultySource(
-                tensors, FINGERPRINT, 0, settings_for(cfg, capacity), host=cfg["host"]
-            )
-            server.bucket_delay_s = cfg.get("bucket_delay_s", 0.0)
-            server.corrupt_bucket = cfg.get("corrupt_bucket")
-            server.start()
-            server.wait_ready(300)
-            servers[capacity] = server
-
-        def row(server=servers[capacity], capacity=capacity) -> dict:
-            return {
-                "endpoint": server.endpoint,
-                "state": "complete",
-                "load": server.active_clients,
-                "capacity": capacity,
-                "progress": 1.0,
-                "upstream": None,
-            }
-
-        rows.append(RowPublisher(FileTable(d / wave["id"]), ROOT, row).start())
+        server = FaultySource(
+            tensors,
+            wave_fingerprint(wave),
+            0,
+            settings_for(cfg, wave["capacity"]),
+            host=cfg["host"],
+        )
+        server.bucket_delay_s = cfg.get("bucket_delay_s", 0.0)
+        server.corrupt_bucket = cfg.get("corrupt_bucket")
+        server.start()
+        server.wait_ready(300)
+        servers.append(server)
+        presence = join_mesh(cfg, wave)
+        presence.announce(server)  # what a loaded instance does: ready, state complete
+        presences.append(presence)
     (d / f"{cfg['name']}.armed").write_text("1")
     wait_for(d / "stop", cfg.get("deadline_s", 900))
-    for publisher in rows:
-        publisher.stop()
-    for server in servers.values():
+    for presence in presences:
+        presence.stop()
+    for server in servers:
         server.stop()
 
 
-class _UpstreamName:
-    """Tracks the table name of the instance we receive from (advertised as `upstream`)."""
-
-    def __init__(self, table: FileTable) -> None:
-        self.table, self.name = table, None
-
-    def transfer_started(self, source, ack, plan) -> None:
-        self.name = {r.get("endpoint"): r.get("name") for r in self.table.read()}.get(source)
-
-    def bucket_verified(self, source, index) -> None:
-        pass
-
-    def attempt_failed(self, source, reason) -> None:
-        self.name = None
+def wave_fingerprint(wave: dict) -> str:
+    """Each wave is its own model (unless it names another wave's in `model`): rows and
+    transfers of different waves never mix, even if a mesh were shared by mistake."""
+    model = wave.get("model", wave["id"])
+    return hashlib.sha256(f"{FINGERPRINT}:{model}".encode()).hexdigest()
 
 
-def _wait_receiving(table: FileTable, name: str, deadline_s: float) -> None:
+def member_name(node: str) -> str:
+    """The gossip name of a node's (rank 0) agent: MeshPresence names it `<name>-r<rank>`."""
+    return f"{node}-r0"
+
+
+def node_name(member: str | None) -> str | None:
+    return member[: -len("-r0")] if member and member.endswith("-r0") else member
+
+
+def join_mesh(cfg: dict, wave: dict) -> MeshPresence:
+    """Join the wave's mesh the way a vLLM rank does (loader.discovery.MeshPresence)."""
+    gossip = cfg["gossip"][wave["id"]]
+    mesh = MeshConfig(
+        seeds=tuple(gossip["seeds"]),
+        bind=gossip["bind"],
+        name=cfg["name"],
+        wait_timeout_s=cfg.get("mesh_wait_s", 30.0),
+        attach_timeout_s=cfg.get("deadline_s", 900),
+    )
+    identity = RankIdentity(rank=0, tp=1, pp=1, device="cpu", fingerprint=wave_fingerprint(wave))
+    presence = MeshPresence(mesh, identity, None, MODEL)
+    presence.start()
+    if presence.start_error:
+        raise RuntimeError(f"{cfg['name']}: wave {wave['id']}: mesh {presence.start_error}")
+    return presence
+
+
+def alive_members(presence: MeshPresence) -> set[str]:
+    agent = presence._agent  # MeshPresence has no members() of its own
+    return {m.name for m in agent.members() if m.state == "alive"} if agent else set()
+
+
+def wait_converged(presence: MeshPresence, nodes, deadline_s: float) -> None:
+    """Until this agent sees every node of the wave alive and the root as a source."""
+    want = {member_name(n) for n in nodes}
+    root = member_name(ROOT)
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        if any(r.get("name") == name and r.get("state") == "receiving" for r in table.read()):
+        if want <= alive_members(presence) and any(
+            r["name"] == root for r in presence.upstream_rows()
+        ):
+            return
+        time.sleep(_WATCH_S)
+    missing = sorted(want - alive_members(presence))
+    raise SystemExit(f"mesh did not converge: missing {missing}")
+
+
+class TableWatcher:
+    """Polls the gossip table and records when each member was first seen receiving, and
+    when this agent's own meta first said so (wall clock, comparable across the fleet's
+    processes): where the gossip delay of a chain link goes."""
+
+    def __init__(self, presence: MeshPresence) -> None:
+        self.presence = presence
+        self.first_receiving: dict[str, float] = {}
+        self.advertised_receiving: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="table-watcher", daemon=True)
+
+    def start(self) -> TableWatcher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(_WATCH_S):
+            now = time.time()
+            for r in self.presence.upstream_rows():
+                if r["state"] == "receiving":
+                    self.first_receiving.setdefault(node_name(r["name"]), now)
+            agent = self.presence._agent
+            if self.advertised_receiving is None and agent is not None:
+                own = next((m for m in agent.members() if m.is_self), None)
+                if own is not None and own.meta.get("state") == "receiving":
+                    self.advertised_receiving = now
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def wait_receiving(presence: MeshPresence, node: str, deadline_s: float) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if any(
+            r["name"] == member_name(node) and r["state"] == "receiving"
+            for r in presence.upstream_rows()
+        ):
             return
         time.sleep(_POLL_S)
-    raise SystemExit(f"{name} never started receiving")
+    raise SystemExit(f"{node} never started receiving")
+
+
+def root_endpoint(presence: MeshPresence) -> str:
+    return next(r["endpoint"] for r in presence.upstream_rows() if r["name"] == member_name(ROOT))
+
+
+def fetch_chained(cfg: dict, presence: MeshPresence, relay: RelayServer, dest, settings, observer):
+    """What loader.model_loader does for a rank with a mesh: candidates, then re-attach."""
+    found = presence.candidates()
+    if not found.endpoints:
+        return FetchOutcome(False, None, 0, 0.0, [("mesh", found.reason or "no candidates")])
+    return fetch_with_reattach(
+        presence.upstream_rows,
+        relay.endpoint,
+        relay.fingerprint,
+        dest,
+        0,
+        settings,
+        observer=observer,
+        deadline_s=cfg.get("deadline_s", 900),
+        idle_s=cfg.get("mesh_wait_s", 30.0),
+    )
+
+
+def fetch_root(presence: MeshPresence, fingerprint: str, dest, settings, recorder, deadline):
+    """Straight to the root; a busy root is asked again (Netloader's clients queue)."""
+    root = root_endpoint(presence)
+    started = time.monotonic()
+    kept = []
+    while True:
+        outcome = fetch_from_sources([root], fingerprint, dest, 0, settings, observer=recorder)
+        if outcome.ok or not all(is_retryable(why) for _, why in outcome.failures):
+            break
+        if time.monotonic() - started > deadline:
+            break
+        kept += [f for f in outcome.failures if not f[1].startswith("busy:")]
+        time.sleep(0.02)
+    outcome.failures[:0] = kept
+    return outcome
 
 
 def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
     name, mode, deadline = cfg["name"], wave["mode"], cfg.get("deadline_s", 900)
     wd = d / wave["id"]
-    table = FileTable(wd)
+    fingerprint = wave_fingerprint(wave)
     for t in dest.values():
         t.zero_()
     settings = settings_for(cfg, 1)
     recorder = ProgressRecorder()
-    relay = publisher = None
-    if mode == "chained":
-        relay = CrashingRelay(dest, FINGERPRINT, 0, settings, host=cfg["host"])
+    relay = None
+    presence = join_mesh(cfg, wave)
+    if mode == "chained":  # every instance relays from the start, like a vLLM rank
+        relay = CrashingRelay(dest, fingerprint, 0, settings, host=cfg["host"])
         relay.die_after_forwarded = cfg.get("die_after_forwarded")
         relay.start()
-        upstream = _UpstreamName(table)
-        publisher = RowPublisher(
-            table,
-            name,
-            lambda: {
-                "endpoint": relay.endpoint,
-                "state": relay.state,
-                "load": relay.active_clients,
-                "capacity": relay.settings.max_concurrent_clients,
-                "progress": round(relay.verified_fraction, 3),
-                "upstream": upstream.name,
-            },
-        ).start()
-        observer = ObserverFanout(upstream, relay, recorder)
+        presence.publish(relay)  # state "attaching": not a source until receiving
+    wait_converged(presence, [ROOT, *wave["clients"]], deadline)
+    (wd / f"{name}.joined").write_text("1")
+    watcher = TableWatcher(presence).start()
     if not wait_for(wd / "go", deadline):
         raise SystemExit(f"{name}: no go signal for wave {wave['id']}")
+    go_seen = time.time()
     if cfg.get("after_receiving"):  # tests: attach only once that instance can relay
-        _wait_receiving(table, cfg["after_receiving"], deadline)
+        wait_receiving(presence, cfg["after_receiving"], deadline)
     started = time.time()
     if mode == "chained":
-        outcome = fetch_with_reattach(
-            table.read, name, FINGERPRINT, dest, 0, settings, observer=observer, deadline_s=deadline
-        )
-    else:  # straight to the root; a busy root is asked again (Netloader's clients queue)
-        root = next(r["endpoint"] for r in table.read() if r.get("name") == ROOT)
-        kept = []
-        while True:
-            outcome = fetch_from_sources([root], FINGERPRINT, dest, 0, settings, observer=recorder)
-            if outcome.ok or not all(is_retryable(why) for _, why in outcome.failures):
-                break
-            if time.time() - started > deadline:
-                break
-            kept += [f for f in outcome.failures if not f[1].startswith("busy:")]
-            time.sleep(0.02)
-        outcome.failures[:0] = kept
+        observer = ObserverFanout(relay, recorder)
+        outcome = fetch_chained(cfg, presence, relay, dest, settings, observer)
+        upstream = relay.upstream  # the endpoint that served the successful attempt
+        rows = presence.upstream_rows()
+        names = {r["endpoint"]: node_name(r["name"]) for r in rows}
+        upstream = names.get(upstream, upstream)
+    else:
+        outcome = fetch_root(presence, fingerprint, dest, settings, recorder, deadline)
+        upstream = ROOT
     ended = time.time()
     if relay is not None and outcome.ok:
         relay.fetch_succeeded()
+        presence.announce(relay)
+    watcher.stop()
     reference = json.loads((d / "reference.json").read_text())["digest"]
     write_json(
         wd / f"{name}.result.json",
@@ -226,6 +339,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
             "peer": outcome.peer,
             "verified": outcome.ok and content_digest(dest) == reference,
             "failures": outcome.failures,
+            "go_seen": go_seen,
             "start": started,
             "end": ended,
             "seconds": ended - started,
@@ -233,12 +347,15 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
             "samples": recorder.samples,
             "events": recorder.events,
             "forwarded": relay.forwarded_indices if relay is not None else [],
-            "upstream": upstream.name if relay is not None else ROOT,
+            "upstream": upstream,
+            "first_seen_receiving": watcher.first_receiving,
+            "advertised_receiving": watcher.advertised_receiving,
         },
     )
     if relay is not None:
         wait_for(wd / "stop", deadline)
-        publisher.stop()
+    presence.stop()
+    if relay is not None:
         relay.stop()
 
 
@@ -259,8 +376,10 @@ def run(cfg: dict) -> None:
     """Run the node described by `cfg`, then exit the process (never returns)."""
     logging.basicConfig(
         level=cfg.get("log_level", "WARNING"),
-        format=f"%(asctime)s {cfg['name']} %(levelname)s %(name)s: %(message)s",
+        format=f"%(created).3f {cfg['name']} %(levelname)s %(name)s: %(message)s",
     )
+    # member state changes ("member c3-r0 is suspect"): the harness counts suspicions
+    logging.getLogger("mesh.api").setLevel(min(logging.INFO, logging.getLogger().level))
     d = Path(cfg["dir"])
     code = 0
     try:

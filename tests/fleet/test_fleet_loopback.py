@@ -1,8 +1,9 @@
 """Fleet behaviour with real processes on 127.0.0.1 (no namespaces in the test suite).
 
 Each test runs a root source and a few clients (tests.fleet.node, forked from one
-fork server). The source is slowed by a fixed delay per bucket so that a transfer
-spans long enough to attach, kill or corrupt mid-way; nothing here measures time.
+fork server), which find each other through a real gossip mesh per wave. The source
+is slowed by a fixed delay per bucket so that a transfer spans long enough to attach,
+kill or corrupt mid-way; nothing here measures time.
 """
 
 import threading
@@ -13,7 +14,7 @@ from loader.client import fetch_from_sources
 from tests.fleet.checkpoint import content_digest, make_empty, make_reference
 from tests.fleet.harness import Fleet
 from tests.fleet.netns import LoopbackNetwork
-from tests.fleet.node import FINGERPRINT, ROOT, settings_for
+from tests.fleet.node import ROOT, settings_for, wave_fingerprint
 
 pytestmark = [pytest.mark.loopback, pytest.mark.timeout(240)]
 
@@ -26,8 +27,10 @@ def chained(wave_id, clients):
 
 
 def test_concurrency_limit_sends_the_extra_client_to_the_next_source():
+    # two sources of the same model (two waves sharing a fingerprint), read from gossip
     limited = {"id": "limited", "mode": "concurrent", "capacity": 2, "clients": []}
-    spare = {"id": "spare", "mode": "concurrent", "capacity": 8, "clients": []}
+    spare = {"id": "spare", "model": "limited", "mode": "concurrent", "capacity": 8, "clients": []}
+    fingerprint = wave_fingerprint(limited)
     with Fleet(LoopbackNetwork(1), {**BASE, "bucket_delay_s": 0.3}, [limited, spare]) as fleet:
         fleet.start(0, ROOT, "source")
         fleet.wait_armed([ROOT])
@@ -38,7 +41,7 @@ def test_concurrency_limit_sends_the_extra_client_to_the_next_source():
 
         def client(i):
             dests[i] = make_empty(SIZE_MIB)
-            outcomes[i] = fetch_from_sources([first, second], FINGERPRINT, dests[i], 0, settings)
+            outcomes[i] = fetch_from_sources([first, second], fingerprint, dests[i], 0, settings)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
         for t in threads:
