@@ -178,39 +178,30 @@ class NetloaderModelLoader(BaseModelLoader):
 
     def _fetch(self, plan: SourcePlan, identity, presence, relay, tensors) -> FetchOutcome:
         """Mesh upstreams first (re-attaching while the table offers any), then SOURCE."""
-        keys = serving.cluster_keys(self.config)
-        settings = self.config.settings
-        resume = ResumeState()  # a later source only sends what an interrupted one did not
+        # both stages write into `tensors`, tell the relay, and share what was verified so
+        # a later source only sends what an interrupted one did not
+        transfer = (identity.fingerprint, tensors, identity.rank, self.config.settings)
+        common = {
+            "keys": serving.cluster_keys(self.config),
+            "observer": relay,
+            "resume": ResumeState(),
+        }
         failures: list[tuple[str, str]] = []
         if plan.mesh and presence is not None:
             mesh = self.config.mesh
             outcome = fetch_with_reattach(
                 presence.upstream_rows,
                 relay.endpoint if relay is not None else "",
-                identity.fingerprint,
-                tensors,
-                identity.rank,
-                settings,
-                keys=keys,
-                observer=relay,
+                *transfer,
                 deadline_s=mesh.attach_timeout_s,
                 idle_s=mesh.wait_timeout_s,
                 zone=mesh.zone,
-                resume=resume,
+                **common,
             )
             if outcome.ok or not plan.static:
                 return outcome
             failures = outcome.failures
-        outcome = fetch_from_sources(
-            plan.static,
-            identity.fingerprint,
-            tensors,
-            identity.rank,
-            settings,
-            keys=keys,
-            observer=relay,
-            resume=resume,
-        )
+        outcome = fetch_from_sources(plan.static, *transfer, **common)
         outcome.failures[:0] = failures
         return outcome
 
