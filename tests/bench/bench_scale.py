@@ -9,14 +9,18 @@ in one run with the same processes:
     serial      N clients, source serves one at a time -> Netloader's behaviour
     concurrent  N clients, source serves all at once
     chained     N clients, every instance serves one downstream; newcomers attach to
-                the least-loaded instance that has or is receiving the weights and
-                forward buckets as soon as they verified them (pipelined chain)
+                the least-loaded instance that has or is receiving the weights, as
+                the wave's gossip mesh shows it (loader.discovery.MeshPresence, the
+                vLLM loader's code path), and forward buckets as soon as they
+                verified them (pipelined chain)
 
     python -m tests.bench.bench_scale [--clients 8] [--mib 192] [--rate-mbit 250]
 
 The last stdout line is one JSON object; ratio = best makespan of concurrent/chained
 divided by single_seconds (both measured in this run). A PNG of every client's
-verified bytes over time is written (path printed).
+verified bytes over time is written (path printed). Also reported: how long a chain
+link's "receiving" status takes to reach the gossip tables (gossip_*_seconds_median)
+and how many times an agent suspected a member (none fails here: all false).
 """
 
 from __future__ import annotations
