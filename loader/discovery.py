@@ -23,7 +23,7 @@ POLL_S = 0.1
 # Once another member is visible the joiner has had a state sync; give the view this long
 # to fill in before deciding that no compatible peer exists.
 SETTLE_S = 1.5
-STATUS_REFRESH_S = 0.2
+STATUS_REFRESH_S = 0.05  # reads the server's status; gossips only when it changed
 # progress is gossiped in steps of this size: a few metadata updates per transfer
 PROGRESS_STEP = 0.1
 ROLE = "vllm-worker"
@@ -134,6 +134,11 @@ class MeshPresence:
                 }
             )
         return rows
+
+    def members(self) -> list:
+        """Every member in this rank's view of the mesh (mesh.selection.Member)."""
+        agent = self._agent
+        return agent.members() if agent is not None else []
 
     def publish(self, server) -> None:
         """Advertise `server` as this rank's endpoint and keep its status current: state,

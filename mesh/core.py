@@ -156,6 +156,7 @@ class MeshCore:
         self.incarnation = 0
         self.meta = validate_meta(dict(meta or {}))
         self.leaving = False
+        self.last_advertise_push = -math.inf
         self.joined = False
         self.seeds: list[str] = []
         self.view: dict[str, Entry] = {}
@@ -231,11 +232,18 @@ class MeshCore:
         return out
 
     def advertise(self, now: float, meta: dict) -> list[Out]:
-        """Replace our metadata; spread it with a higher incarnation."""
+        """Replace our metadata; spread it with a higher incarnation, to a few members at
+        once (a starting instance waits on these updates), at most once per gossip
+        interval; later ticks carry it on."""
         self.meta = validate_meta(dict(meta))
         self.incarnation += 1
         self._install(now, self._own_entry(), rumor=True)
-        return []
+        out: list[Out] = []
+        if now - self.last_advertise_push >= self.config.gossip_interval:
+            self.last_advertise_push = now
+            for target in self._random_members(self.config.gossip_fanout, states=(ALIVE, SUSPECT)):
+                self._send(out, self.view[target].addr, {"t": "gos"}, piggyback=True)
+        return out
 
     def leave(self, now: float) -> list[Out]:
         """Announce `left` to a few members now; keep gossiping it on later ticks."""

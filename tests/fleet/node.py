@@ -187,8 +187,7 @@ def join_mesh(cfg: dict, wave: dict) -> MeshPresence:
 
 
 def alive_members(presence: MeshPresence) -> set[str]:
-    agent = presence._agent  # MeshPresence has no members() of its own
-    return {m.name for m in agent.members() if m.state == "alive"} if agent else set()
+    return {m.name for m in presence.members() if m.state == "alive"}
 
 
 def wait_converged(presence: MeshPresence, nodes, deadline_s: float) -> None:
@@ -228,9 +227,8 @@ class TableWatcher:
             for r in self.presence.upstream_rows():
                 if r["state"] == "receiving":
                     self.first_receiving.setdefault(node_name(r["name"]), now)
-            agent = self.presence._agent
-            if self.advertised_receiving is None and agent is not None:
-                own = next((m for m in agent.members() if m.is_self), None)
+            if self.advertised_receiving is None:
+                own = next((m for m in self.presence.members() if m.is_self), None)
                 if own is not None and own.meta.get("state") == "receiving":
                     self.advertised_receiving = now
 

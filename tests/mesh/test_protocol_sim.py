@@ -232,3 +232,14 @@ def test_tiny_clusters(n):
     assert sim.converged()
     sim.crash("n1")
     assert run_until(sim, lambda: sim.view("n0")["n1"] == "dead", 30.0) is not None
+
+
+def test_metadata_update_is_pushed_at_once_but_at_most_once_per_gossip_interval():
+    sim = cluster(10)
+    sim.run_for(5.0)
+    core = sim.nodes["n3"].core
+    first = core.advertise(sim.now, {"state": "receiving"})
+    assert 0 < len(first) <= core.config.gossip_fanout
+    assert all(msg["t"] == "gos" for _, msg in first)
+    assert core.advertise(sim.now, {"state": "complete"}) == []  # the next tick carries it
+    assert core.advertise(sim.now + 1.01 * core.config.gossip_interval, {"state": "x"}) != []
