@@ -57,6 +57,7 @@ class FetchOutcome:
     failures: list[tuple[str, str]] = field(default_factory=list)
     handshake_s: float = 0.0  # connect + hello/ack of the successful source
     setup_s: float = 0.0  # process-group setup of the successful source
+    resumed_bytes: int = 0  # held verified from earlier attempts, not sent again
 
     @property
     def fallback_reason(self) -> str | None:
@@ -178,6 +179,7 @@ def fetch_from_sources(
                     failures,
                     handshake_s=attempt.handshake_s,
                     setup_s=attempt.setup_s,
+                    resumed_bytes=attempt.resumed_bytes,
                 )
             level = logging.DEBUG if protocol.is_retryable(reason) else logging.WARNING
             log.log(level, "netloader rank %d: source %s failed: %s", rank, source, reason)
@@ -201,6 +203,7 @@ class _SourceAttempt:
         self.context: zmq.Context = context
         self.handshake_s = 0.0
         self.setup_s = 0.0
+        self.resumed_bytes = 0
         self.pg = None
         self.observer = None
         self.resume = ResumeState()
@@ -309,6 +312,7 @@ class _SourceAttempt:
                 f"source sent {len(ack.checksums)} checksums for {len(plan)} buckets"
             )
         skip = self.resume.accept(ack)
+        self.resumed_bytes = sum(plan[i].nbytes for i in skip)
         if skip:
             log.info(
                 "netloader rank %d: resuming from %s: %d of %d buckets already verified",

@@ -342,6 +342,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
             "end": ended,
             "seconds": ended - started,
             "bytes": outcome.bytes,
+            "resumed_bytes": outcome.resumed_bytes,
             "samples": recorder.samples,
             "events": recorder.events,
             "forwarded": relay.forwarded_indices if relay is not None else [],

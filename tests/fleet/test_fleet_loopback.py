@@ -82,6 +82,8 @@ def test_killed_chain_link_downstream_finishes_elsewhere_bit_identical():
     # to the root (c2's failure had aborted c3's session: the chain re-forms either way)
     assert results["c2"]["upstream"] in (ROOT, "c3")
     assert results["c3"]["upstream"] in (ROOT, "c2")
+    # c2 resumed: the buckets it had verified from c1 were not sent again
+    assert 0 < results["c2"]["resumed_bytes"] < results["c2"]["bytes"], results["c2"]
 
 
 def test_relay_never_forwards_a_bucket_that_failed_verification():

@@ -55,6 +55,7 @@ def test_second_source_sends_only_the_buckets_the_first_did_not_deliver():
     finally:
         good.stop()
     assert second.ok, second.failures
+    assert 0 < second.resumed_bytes < second.bytes
     assert sorted(good.sent) == list(range(held, plan_len))  # nothing verified was resent
     for name, t in reference.items():
         assert torch.equal(dest[name], t), name
