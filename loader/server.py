@@ -213,11 +213,13 @@ class WeightServer:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        # pyzmq reports a plain socket by its file descriptor, not the object registered
+        wake_fd = self._wake_r.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         while not self._stopping.is_set():
             try:
                 events = dict(poller.poll(_POLL_MS))
-                if self._wake_r in events:
+                if wake_fd in events:
                     self._drain_wakeups()
                 self._flush_outbox()
                 if self._router in events:

@@ -42,3 +42,23 @@ def test_client_bucket_limit_is_respected_and_non_contiguous_destinations_work()
     assert outcome.ok, outcome.failures
     for name, t in source.items():
         assert torch.equal(dest[name], t), name
+
+
+def test_server_control_loop_goes_idle_after_a_transfer():
+    """Replies sent from session threads wake the control loop; it must consume the
+    wakeup (a pending one makes every poll return at once: a core burnt while serving)."""
+    import select
+    import time
+
+    source = make_tensors(4, small=3, big_numel=1000)
+    server = WeightServer(source, FINGERPRINT, 0, FAST, host="127.0.0.1")
+    server.start()
+    try:
+        outcome = fetch_from_sources([server.endpoint], FINGERPRINT, empty_like_all(source), 0, FAST)
+        assert outcome.ok, outcome.failures
+        deadline = time.monotonic() + 10
+        while select.select([server._wake_r], [], [], 0)[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not select.select([server._wake_r], [], [], 0)[0], "wakeup never consumed"
+    finally:
+        server.stop()
