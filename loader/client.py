@@ -337,6 +337,7 @@ class _SourceAttempt:
         finally:
             self.setup_s = receiver.setup_s
             destroy_group(receiver.pg)
+            receiver.pg = None  # free the group now, not in a later gc pass
 
 
 class _BucketReceiver:

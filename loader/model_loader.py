@@ -70,8 +70,10 @@ class NetloaderModelLoader(BaseModelLoader):
             result.phases["fingerprint"] = fingerprinted - started
             result.phases["init"] = initialized - fingerprinted
 
+            collecting = time.monotonic()
             gc.collect()
             torch.accelerator.empty_cache()
+            result.phases["gc"] = time.monotonic() - collecting
             if _has_online_quant(model):
                 finalize_layerwise_processing(model, model_config)
             # Kernel post-processing may repack and drop parameters (oneDNN on CPU):
@@ -114,11 +116,14 @@ class NetloaderModelLoader(BaseModelLoader):
         """Fetch from a peer or load from disk. Returns the result and the rank's server:
         a relay started before the fetch, forwarding verified buckets to instances that
         start after this one, and serving everything once the weights are complete."""
+        serve_start = time.monotonic()
         relay = serving.start_relay(servable_tensors(model), identity, self.config)
         if presence is not None and relay is not None:
             presence.publish(relay)  # state "attaching": not a source until receiving
+        serve_start = time.monotonic() - serve_start
         try:
             result = self._fetch_or_read(model, model_config, identity, presence, relay, started)
+            result.phases["serve_start"] = serve_start
         except BaseException:
             if relay is not None:
                 serving.stop_server(relay)
