@@ -224,6 +224,7 @@ class WeightServer:
                 self._flush_outbox()
                 if self._router in events:
                     self._handle_incoming()
+                    self._flush_outbox()  # refusals are answered from this thread
             except Exception:
                 if self._stopping.is_set():
                     break

@@ -62,3 +62,20 @@ def test_server_control_loop_goes_idle_after_a_transfer():
         assert not select.select([server._wake_r], [], [], 0)[0], "wakeup never consumed"
     finally:
         server.stop()
+
+
+def test_a_refusal_is_answered_at_once_not_on_the_next_poll_timeout(monkeypatch):
+    from loader import server as server_module
+
+    # a reply queued by the control thread itself used to wait for the poll timeout: with
+    # a timeout far beyond the client's handshake timeout, the client would see a timeout
+    # instead of the reason
+    monkeypatch.setattr(server_module, "_POLL_MS", 3_600_000)
+    source = make_tensors(5, small=3, big_numel=1000)
+    server = WeightServer(source, "cd" * 32, 0, FAST, host="127.0.0.1")  # other fingerprint
+    server.start()
+    try:
+        outcome = fetch_from_sources([server.endpoint], FINGERPRINT, empty_like_all(source), 0, FAST)
+    finally:
+        server.stop()
+    assert not outcome.ok and "fingerprint mismatch" in outcome.failures[0][1], outcome.failures
