@@ -117,12 +117,15 @@ class NetloaderModelLoader(BaseModelLoader):
         a relay started before the fetch, forwarding verified buckets to instances that
         start after this one, and serving everything once the weights are complete."""
         serve_start = time.monotonic()
-        relay = serving.start_relay(servable_tensors(model), identity, self.config)
+        tensors = servable_tensors(model)  # the relay serves the very dict being filled
+        relay = serving.start_relay(tensors, identity, self.config)
         if presence is not None and relay is not None:
             presence.publish(relay)  # state "attaching": not a source until receiving
         serve_start = time.monotonic() - serve_start
         try:
-            result = self._fetch_or_read(model, model_config, identity, presence, relay, started)
+            result = self._fetch_or_read(
+                model, model_config, identity, presence, relay, tensors, started
+            )
             result.phases["serve_start"] = serve_start
         except BaseException:
             if relay is not None:
@@ -132,12 +135,13 @@ class NetloaderModelLoader(BaseModelLoader):
             relay.fetch_succeeded()
         return result, relay
 
-    def _fetch_or_read(self, model, model_config, identity, presence, relay, started) -> LoadResult:
+    def _fetch_or_read(
+        self, model, model_config, identity, presence, relay, tensors, started
+    ) -> LoadResult:
         phases: dict[str, float] = {}
         lookup = time.monotonic()
         plan: SourcePlan = plan_sources(identity, self.config, presence)
         phases["lookup"] = time.monotonic() - lookup
-        tensors = servable_tensors(model)
         failures = list(plan.failures)
         if plan.sources and identity.fingerprint and tensors is not None:
             transfer = time.monotonic()
