@@ -158,10 +158,9 @@ def fetch_from_sources(
         for source in sources:
             try:
                 attempt = _SourceAttempt(
-                    source, fingerprint, manifest, unique, rank, settings, keys, context
+                    source, fingerprint, manifest, unique, rank, settings, keys, context,
+                    observer, resume,
                 )
-                attempt.observer = observer
-                attempt.resume = resume
                 attempt.run()
             except SourceFailure as exc:
                 reason = str(exc)
@@ -192,7 +191,9 @@ def fetch_from_sources(
 
 
 class _SourceAttempt:
-    def __init__(self, source, fingerprint, manifest, tensors, rank, settings, keys, context):
+    def __init__(
+        self, source, fingerprint, manifest, tensors, rank, settings, keys, context, observer, resume
+    ):
         self.source = source
         self.fingerprint = fingerprint
         self.manifest: Manifest = manifest
@@ -204,9 +205,8 @@ class _SourceAttempt:
         self.handshake_s = 0.0
         self.setup_s = 0.0
         self.resumed_bytes = 0
-        self.pg = None
-        self.observer = None
-        self.resume = ResumeState()
+        self.observer = observer
+        self.resume: ResumeState = resume
         devices = {t.device for t in tensors.values()} or {torch.device("cpu")}
         if len({d.type for d in devices}) != 1:
             raise SourceFailure(f"destination tensors span several device types: {devices}")
@@ -337,7 +337,6 @@ class _SourceAttempt:
         finally:
             self.setup_s = receiver.setup_s
             destroy_group(receiver.pg)
-            receiver.pg = None  # free the group now, not in a later gc pass
 
 
 class _BucketReceiver:
