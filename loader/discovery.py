@@ -75,13 +75,10 @@ class MeshPresence:
             return Candidates([], self.start_error or "agent not running")
         if not self._mesh.seeds:
             return Candidates([], "no seeds configured (first member of its mesh)")
-        identity = self._identity
         deadline = time.monotonic() + self._mesh.wait_timeout_s
         first_peer_seen: float | None = None
         while True:
-            found = self._agent.find(
-                identity.fingerprint, identity.tp, identity.pp, identity.rank, receiving=True
-            )
+            found = self._find(self._agent)
             if found:
                 return Candidates(
                     [m.meta["endpoint"] for m in found if m.meta.get("endpoint")], None
@@ -108,12 +105,8 @@ class MeshPresence:
         agent = self._agent
         if agent is None:
             return []
-        identity = self._identity
-        found = agent.find(
-            identity.fingerprint, identity.tp, identity.pp, identity.rank, receiving=True
-        )
         rows = []
-        for m in found:
+        for m in self._find(agent):
             meta = m.meta
             state = meta.get("state")
             if state not in ("complete", "receiving"):
@@ -134,6 +127,13 @@ class MeshPresence:
                 }
             )
         return rows
+
+    def _find(self, agent) -> list:
+        """Members holding or receiving this rank's weights, nearest first."""
+        identity = self._identity
+        return agent.find(
+            identity.fingerprint, identity.tp, identity.pp, identity.rank, receiving=True
+        )
 
     def members(self) -> list:
         """Every member in this rank's view of the mesh (mesh.selection.Member)."""
@@ -213,6 +213,7 @@ class MeshPresence:
         if self._mesh.zone:
             meta["zone"] = self._mesh.zone
         return meta
+
 
 def _server_status(server) -> dict:
     state = getattr(server, "state", "complete")

@@ -143,8 +143,8 @@ class RelayServer(WeightServer):
             have_checksums = self._relay_plan is not None
         if not have_checksums:  # filled from disk: compute checksums before a client asks
             threading.Thread(
-                target=WeightServer._plan_for,
-                args=(self, self.settings.bucket_bytes),
+                target=WeightServer._precompute,  # the relay's own override skips the work
+                args=(self,),
                 name=f"netloader-checksums-r{self.rank}",
                 daemon=True,
             ).start()

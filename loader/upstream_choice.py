@@ -67,12 +67,7 @@ def rank_upstreams(members: list[dict], self_endpoint: str, zone: str | None = N
                 endpoint,
             )
         )
-    rows.sort()
-    seen: list[str] = []
-    for row in rows:
-        if row[-1] not in seen:
-            seen.append(row[-1])
-    return seen
+    return list(dict.fromkeys(row[-1] for row in sorted(rows)))  # best row per endpoint
 
 
 def fetch_with_reattach(
