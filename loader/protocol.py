@@ -49,7 +49,7 @@ class Resume:
         return cls(bucket_bytes, tuple((a, b) for a, b in to_ranges(indices)))
 
     def indices(self, limit: int) -> frozenset[int]:
-        return frozenset(i for a, b in self.have for i in range(a, min(b, limit)))
+        return expand_ranges(self.have, limit)
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,11 @@ def to_ranges(indices) -> list[list[int]]:
     return ranges
 
 
+def expand_ranges(ranges, limit: int) -> frozenset[int]:
+    """The indices below `limit` that half-open [start, stop) ranges cover."""
+    return frozenset(i for a, b in ranges for i in range(a, min(b, limit)))
+
+
 def parse_ranges(name: str, value, limit: int) -> tuple[tuple[int, int], ...]:
     """Untrusted [[start, stop], ...], sorted and disjoint, with 0 <= start < stop <= limit
     (so the ranges cover at most `limit` indices)."""
@@ -238,8 +243,8 @@ def parse_reply(obj: dict) -> Ack | Refusal:
         raise ProtocolError("checksums: expected a list")
     skip = frozenset()
     if "skip" in obj:
-        ranges = parse_ranges("skip", obj["skip"], max(1, len(checksums)))
-        skip = frozenset(i for a, b in ranges for i in range(a, b))
+        limit = max(1, len(checksums))
+        skip = expand_ranges(parse_ranges("skip", obj["skip"], limit), limit)
     return Ack(
         session=_match("session", obj["session"], _SESSION_RE),
         store_port=_int("store_port", obj["store_port"], 1, 65535),

@@ -241,8 +241,7 @@ class MeshCore:
         out: list[Out] = []
         if now - self.last_advertise_push >= self.config.gossip_interval:
             self.last_advertise_push = now
-            for target in self._random_members(self.config.gossip_fanout, states=(ALIVE, SUSPECT)):
-                self._send(out, self.view[target].addr, {"t": "gos"}, piggyback=True)
+            self._push_rumors(out, self.config.gossip_fanout)
         return out
 
     def leave(self, now: float) -> list[Out]:
@@ -253,9 +252,13 @@ class MeshCore:
         self._install(now, Entry(self.name, self.addr, self.incarnation, LEFT), rumor=True)
         self.leaving = True
         out: list[Out] = []
-        for target in self._random_members(self.config.gossip_fanout + 2, states=(ALIVE, SUSPECT)):
-            self._send(out, self.view[target].addr, {"t": "gos"}, piggyback=True)
+        self._push_rumors(out, self.config.gossip_fanout + 2)
         return out
+
+    def _push_rumors(self, out: list[Out], count: int) -> None:
+        """Send pending rumors to `count` random members now, outside the gossip tick."""
+        for target in self._random_members(count, states=(ALIVE, SUSPECT)):
+            self._send(out, self.view[target].addr, {"t": "gos"}, piggyback=True)
 
     def drain_events(self) -> list[tuple[float, str, int | None, int | None, int]]:
         events, self.events = self.events, []
