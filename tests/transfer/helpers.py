@@ -1,11 +1,14 @@
-"""Shared helpers for transfer tests: deterministic tensors and a source in a subprocess."""
+"""Shared helpers for transfer tests: deterministic tensors and a source in this process
+or in a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -53,6 +56,24 @@ def empty_like_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         by_ptr[ptr] = name
         out[name] = torch.full_like(t, 0) if t.dtype != torch.bool else torch.zeros_like(t)
     return out
+
+
+@contextlib.contextmanager
+def in_process_server(
+    tensors, fingerprint: str = FINGERPRINT, server_cls=None, **attrs
+) -> Iterator:
+    """A started WeightServer (or `server_cls`) on loopback in this process, stopped on exit;
+    `attrs` are set on it before it starts (test knobs)."""
+    from loader.server import WeightServer
+
+    server = (server_cls or WeightServer)(tensors, fingerprint, 0, FAST, host="127.0.0.1")
+    for key, value in attrs.items():
+        setattr(server, key, value)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -5,8 +5,13 @@ import torch
 
 from loader.checksum import SHA256, WSUM64
 from loader.client import fetch_from_sources
-from loader.server import WeightServer
-from tests.transfer.helpers import FAST, FINGERPRINT, empty_like_all, make_tensors
+from tests.transfer.helpers import (
+    FAST,
+    FINGERPRINT,
+    empty_like_all,
+    in_process_server,
+    make_tensors,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -14,14 +19,10 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.mark.parametrize("algorithm", [SHA256, WSUM64])
 def test_every_checksum_algorithm_round_trips(algorithm):
     source = make_tensors(1, small=5, big_numel=100_000)
-    server = WeightServer(source, FINGERPRINT, 0, FAST, host="127.0.0.1")
-    server._algorithm = algorithm  # as a source on another device type would choose
-    server.start()
-    try:
+    # _algorithm: as a source on another device type would choose
+    with in_process_server(source, _algorithm=algorithm) as server:
         dest = empty_like_all(source)
         outcome = fetch_from_sources([server.endpoint], FINGERPRINT, dest, 0, FAST)
-    finally:
-        server.stop()
     assert outcome.ok, outcome.failures
     for name, t in source.items():
         assert torch.equal(dest[name], t), name
@@ -29,16 +30,12 @@ def test_every_checksum_algorithm_round_trips(algorithm):
 
 def test_client_bucket_limit_is_respected_and_non_contiguous_destinations_work():
     source = make_tensors(2, small=5, big_numel=100_000)
-    server = WeightServer(source, FINGERPRINT, 0, FAST, host="127.0.0.1")
-    server.start()
-    try:
+    with in_process_server(source) as server:
         dest = empty_like_all(source)
         # a transposed destination with the same shape and dtype
         dest["layer0.weight"] = torch.zeros(3, 97).t()
         small = FAST.__class__(**{**FAST.__dict__, "bucket_mb": 1})
         outcome = fetch_from_sources([server.endpoint], FINGERPRINT, dest, 0, small)
-    finally:
-        server.stop()
     assert outcome.ok, outcome.failures
     for name, t in source.items():
         assert torch.equal(dest[name], t), name
@@ -51,17 +48,13 @@ def test_server_control_loop_goes_idle_after_a_transfer():
     import time
 
     source = make_tensors(4, small=3, big_numel=1000)
-    server = WeightServer(source, FINGERPRINT, 0, FAST, host="127.0.0.1")
-    server.start()
-    try:
+    with in_process_server(source) as server:
         outcome = fetch_from_sources([server.endpoint], FINGERPRINT, empty_like_all(source), 0, FAST)
         assert outcome.ok, outcome.failures
         deadline = time.monotonic() + 10
         while select.select([server._wake_r], [], [], 0)[0] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not select.select([server._wake_r], [], [], 0)[0], "wakeup never consumed"
-    finally:
-        server.stop()
 
 
 def test_a_refusal_is_answered_at_once_not_on_the_next_poll_timeout(monkeypatch):
@@ -72,10 +65,6 @@ def test_a_refusal_is_answered_at_once_not_on_the_next_poll_timeout(monkeypatch)
     # instead of the reason
     monkeypatch.setattr(server_module, "_POLL_MS", 3_600_000)
     source = make_tensors(5, small=3, big_numel=1000)
-    server = WeightServer(source, "cd" * 32, 0, FAST, host="127.0.0.1")  # other fingerprint
-    server.start()
-    try:
+    with in_process_server(source, fingerprint="cd" * 32) as server:  # other fingerprint
         outcome = fetch_from_sources([server.endpoint], FINGERPRINT, empty_like_all(source), 0, FAST)
-    finally:
-        server.stop()
     assert not outcome.ok and "fingerprint mismatch" in outcome.failures[0][1], outcome.failures

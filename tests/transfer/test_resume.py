@@ -6,7 +6,13 @@ import torch
 from loader import protocol
 from loader.client import ResumeState, SourceFailure, fetch_from_sources
 from loader.server import WeightServer
-from tests.transfer.helpers import FAST, FINGERPRINT, empty_like_all, make_tensors
+from tests.transfer.helpers import (
+    FAST,
+    FINGERPRINT,
+    empty_like_all,
+    in_process_server,
+    make_tensors,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,34 +32,20 @@ class CountingServer(WeightServer):
             self._tensors[bucket.items[0].name].view(-1)[0] += 1  # in flight, as a bad link would
 
 
-def serve(tensors, **attrs):
-    server = CountingServer(tensors, FINGERPRINT, 0, FAST, host="127.0.0.1")
-    for key, value in attrs.items():
-        setattr(server, key, value)
-    server.start()
-    return server
-
-
 def test_second_source_sends_only_the_buckets_the_first_did_not_deliver():
     source = make_tensors(3, small=40, big_numel=600_000)
     reference = make_tensors(3, small=40, big_numel=600_000)  # the same weights, uncorrupted
     dest = empty_like_all(source)
     resume = ResumeState()
-    bad = serve(source, corrupt_bucket=2)
-    try:
+    with in_process_server(source, server_cls=CountingServer, corrupt_bucket=2) as bad:
         first = fetch_from_sources([bad.endpoint], FINGERPRINT, dest, 0, FAST, resume=resume)
-    finally:
-        bad.stop()
     assert not first.ok and "checksum mismatch in bucket 2" in first.failures[0][1]
     held = resume.verified_buckets
     assert held == 2  # buckets 0 and 1 were verified before bucket 2 failed
 
-    good = serve(reference)
-    try:
+    with in_process_server(reference, server_cls=CountingServer) as good:
         second = fetch_from_sources([good.endpoint], FINGERPRINT, dest, 0, FAST, resume=resume)
         plan_len = len(good._plan_for(FAST.bucket_bytes)[0])
-    finally:
-        good.stop()
     assert second.ok, second.failures
     assert 0 < second.resumed_bytes < second.bytes
     assert sorted(good.sent) == list(range(held, plan_len))  # nothing verified was resent
