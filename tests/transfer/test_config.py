@@ -19,7 +19,8 @@ GOOD = {
     "MODEL": "tiny-llama@rev1",
     "LISTEN_PORT": 4000,
     "OUTPUT_PREFIX": "/tmp/netloader-",
-    "mesh": {"seeds": ["seed-a:7946"], "bind": "0.0.0.0:0", "zone": "rack1", "wait_timeout_s": 3},
+    "mesh": {"seeds": ["seed-a:7946"], "bind": "0.0.0.0:0", "zone": "rack1", "wait_timeout_s": 3,
+             "attach_timeout_s": 60},
     "connect_timeout_s": 1.5,
     "bucket_mb": 32,
     "max_concurrent_clients": 2,
@@ -36,7 +37,7 @@ def test_good_config_parses_every_key():
     assert cfg.port_for_rank(3) == 4003
     assert cfg.output_prefix == "/tmp/netloader-"
     assert cfg.mesh.seeds == ("seed-a:7946",) and cfg.mesh.zone == "rack1"
-    assert cfg.mesh.wait_timeout_s == 3.0
+    assert cfg.mesh.wait_timeout_s == 3.0 and cfg.mesh.attach_timeout_s == 60.0
     s = cfg.settings
     assert (s.connect_timeout_s, s.bucket_mb, s.max_concurrent_clients) == (1.5, 32, 2)
     assert s.bucket_bytes == 32 << 20 and s.listen_host == "127.0.0.1"
@@ -84,6 +85,8 @@ def test_json_string_none_and_empty_are_accepted():
         ({"mesh": {"colour": "red"}}, "mesh.colour"),
         ({"mesh": {"zone": 5}}, "mesh.zone"),
         ({"mesh": {"wait_timeout_s": -2}}, "mesh.wait_timeout_s"),
+        ({"mesh": {"attach_timeout_s": "5m"}}, "mesh.attach_timeout_s"),
+        ({"mesh": {"attach_timeout_s": 0}}, "mesh.attach_timeout_s"),
         ({"connect_timeout_s": 0}, "connect_timeout_s"),
         ({"handshake_timeout_s": "5"}, "handshake_timeout_s"),
         ({"bucket_timeout_s": False}, "bucket_timeout_s"),
