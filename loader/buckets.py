@@ -1,11 +1,12 @@
-"""Bucket planning: coalesce small tensors into flat byte buffers, send large ones directly.
+"""Bucket planning: coalesce small tensors into flat byte buffers, split large ones.
 
 Gloo send/recv is ~3x slower at 1 MiB than at 64 MiB per operation when operations
 run one at a time, so small tensors are packed into buckets of up to `bucket_bytes`.
-A tensor of at least 1/16 of a bucket (4 MiB of 64) goes as its own operation straight
-from/into its storage: that saves a copy on each side, and with several receives
-posted ahead the per-operation cost is hidden. Both sides derive the same plan from the
-same manifest and bucket size, so the threshold is part of the protocol.
+A tensor of at least 1/16 of a bucket (4 MiB of 64) is sent straight from its storage
+("direct"), in pieces of at most `bucket_bytes`: no bucket is larger than the bucket
+size, so the receiver stages every bucket in a fixed set of bucket-sized buffers and
+copies it into the destination only once verified. Both sides derive the same plan from
+the same manifest and bucket size, so the threshold and the split are protocol.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from loader.manifest import TensorSpec
 @dataclass(frozen=True)
 class BucketItem:
     name: str
-    offset: int
+    offset: int  # where the bytes sit in the bucket
     nbytes: int
+    tensor_offset: int = 0  # where they sit in the tensor (pieces of a large tensor)
 
 
 @dataclass(frozen=True)
 class Bucket:
     index: int
-    direct: bool  # one tensor sent from/into its own storage
+    direct: bool  # one piece of one tensor, sent from its own storage
     items: tuple[BucketItem, ...]
     nbytes: int
 
@@ -61,8 +63,9 @@ def plan_buckets(
             continue
         if spec.nbytes >= direct_threshold:
             flush()
-            item = BucketItem(spec.name, 0, spec.nbytes)
-            buckets.append(Bucket(len(buckets), True, (item,), spec.nbytes))
+            for start in range(0, spec.nbytes, bucket_bytes):
+                n = min(bucket_bytes, spec.nbytes - start)
+                buckets.append(Bucket(len(buckets), True, (BucketItem(spec.name, 0, n, start),), n))
             continue
         if used + spec.nbytes > bucket_bytes:
             flush()
@@ -70,6 +73,10 @@ def plan_buckets(
         used += spec.nbytes
     flush()
     return buckets
+
+
+def max_bucket_bytes(buckets: list[Bucket]) -> int:
+    return max((b.nbytes for b in buckets), default=0)
 
 
 def max_packed_bytes(buckets: list[Bucket]) -> int:
@@ -81,28 +88,42 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
-def pack_bucket(
-    bucket: Bucket, tensors: dict[str, torch.Tensor], buffer: torch.Tensor
-) -> torch.Tensor:
-    """Copy the bucket's tensors into `buffer` (uint8, >= bucket.nbytes); return the used slice."""
-    out = buffer[: bucket.nbytes]
-    for item in bucket.items:
-        copy_bytes(
-            out[item.offset : item.offset + item.nbytes], byte_view(tensors[item.name].contiguous())
-        )
-    return out
+class BucketReader:
+    """The bytes of a bucket as the source sends them: a view into the tensor for a
+    direct piece, the packed copy in `buffer` otherwise. A non-contiguous tensor is made
+    contiguous once for all its pieces (the last one is kept)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self._contiguous: tuple[str, torch.Tensor] | None = None
+
+    def tensor_bytes(self, name: str) -> torch.Tensor:
+        t = self.tensors[name]
+        if t.is_contiguous():
+            return byte_view(t)
+        if self._contiguous is None or self._contiguous[0] != name:
+            self._contiguous = (name, byte_view(t.contiguous()))
+        return self._contiguous[1]
+
+    def read(self, bucket: Bucket, buffer: torch.Tensor | None) -> torch.Tensor:
+        if bucket.direct:
+            item = bucket.items[0]
+            return self.tensor_bytes(item.name)[item.tensor_offset : item.tensor_offset + item.nbytes]
+        out = buffer[: bucket.nbytes]
+        for item in bucket.items:
+            copy_bytes(out[item.offset : item.offset + item.nbytes], self.tensor_bytes(item.name))
+        return out
 
 
 def unpack_bucket(bucket: Bucket, data: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
-    """Scatter a received packed bucket into the destination tensors."""
+    """Write a received bucket's bytes into the destination tensors (contiguous ones:
+    the client refuses other destinations before any transfer)."""
     for item in bucket.items:
-        dest = tensors[item.name]
-        src = data[item.offset : item.offset + item.nbytes]
-        if dest.is_contiguous():
-            copy_bytes(byte_view(dest), src)
-        else:
-            # clone: packed offsets need not be aligned for a dtype view
-            dest.copy_(src.clone().view(dest.dtype).view(dest.shape))
+        dest = byte_view(tensors[item.name])
+        copy_bytes(
+            dest[item.tensor_offset : item.tensor_offset + item.nbytes],
+            data[item.offset : item.offset + item.nbytes],
+        )
 
 
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:

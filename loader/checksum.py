@@ -1,78 +1,120 @@
-"""Per-bucket checksums.
+"""Keyed per-bucket checksums.
 
-CPU tensors: BLAKE3 over the bytes (cryptographic, ~5 GiB/s on one core here, releases
-the GIL so verification overlaps the next receive; the `blake3` package ships with vLLM),
-sha256 when blake3 is missing (~1.5 GiB/s, would cap the transfer). Accelerator tensors: "wsum64", a position-weighted sum
-computed on the device, so no device-to-host copy of the bucket is needed; it detects
-corruption but, unlike sha256, is not a cryptographic digest.
+The checksum key is derived from the cluster secret (`checksum_key`), so every member
+computes the same checksums for the same bytes (a client resumes from any source, a relay
+passes the root's checksums on) and the key never travels. The checksums themselves go
+over the authenticated, CURVE-encrypted control channel. Someone who can only touch the
+data path (the process group's plaintext TCP/RDMA traffic) has neither key nor
+checksums, so cannot make altered bytes match. Without a cluster secret (insecure mode,
+static peers without secret_file) the key is public: checksums still catch corruption,
+and BLAKE3 still resists forgery, but the device hash does not.
+
+- CPU tensors: keyed BLAKE3 (cryptographic; ~5 GiB/s on one core, releases the GIL so
+  verification overlaps the next receive).
+- Accelerator tensors: "mlh31", a keyed multilinear hash computed on the device with
+  plain integer tensor ops, so no device-to-host copy of the bucket is needed. Each
+  16-bit word m_i is multiplied by a per-position key k_i (< p = 2**31 - 1, derived from
+  the checksum key by a splitmix64 mix of the position) and summed mod p, in two
+  independent lanes. For any change an attacker makes without knowing the key, both lane
+  sums stay equal with probability about 2**-62. Work is done in fixed-size chunks, so the
+  temporaries stay a few MiB whatever the bucket size.
 """
 
 from __future__ import annotations
 
-import hashlib
+import secrets
 
+import blake3
 import torch
 
-try:
-    import blake3
-except ImportError:  # pragma: no cover - vLLM depends on blake3
-    blake3 = None
+BLAKE3_KEYED = "blake3-keyed"
+MLH31 = "mlh31"
+ALGORITHMS = (BLAKE3_KEYED, MLH31)
+KEY_BYTES = 32
 
-BLAKE3 = "blake3"
-SHA256 = "sha256"
-WSUM64 = "wsum64"
-ALGORITHMS = (BLAKE3, SHA256, WSUM64)
-_ROW = 1024  # int64 words per row in wsum64
+_P = (1 << 31) - 1
+_CHUNK_WORDS = 1 << 15  # per-row sums stay below 2**62: 2**15 * 2**16 * 2**31
+_ROWS_PER_STEP = 32  # 1 Mi words (2 MiB of data, 8 MiB int64 temporaries) per step
+_MASK64 = (1 << 64) - 1
+
+
+_KEY_CONTEXT = "netloader-mesh 2026-11 bucket checksum key v1"
+PUBLIC_KEY = bytes(KEY_BYTES)  # without a cluster secret
+
+
+def checksum_key(cluster_keys) -> bytes:
+    """The cluster's checksum key: derived from its CURVE secret (mesh.security.ClusterKeys),
+    separated from it by a BLAKE3 key-derivation context; PUBLIC_KEY without one."""
+    if cluster_keys is None:
+        return PUBLIC_KEY
+    return blake3.blake3(cluster_keys.secret, derive_key_context=_KEY_CONTEXT).digest()
+
+
+def new_key() -> bytes:
+    """A random key (tests, and anything that must not share the cluster's)."""
+    return secrets.token_bytes(KEY_BYTES)
 
 
 def algorithm_for_device(device_type: str) -> str:
-    if device_type != "cpu":
-        return WSUM64
-    return BLAKE3 if blake3 is not None else SHA256
+    return BLAKE3_KEYED if device_type == "cpu" else MLH31
 
 
-def digest(data: torch.Tensor, algorithm: str) -> str:
-    """Checksum of a 1-D uint8 tensor, as a hex string."""
+def digest(data: torch.Tensor, algorithm: str, key: bytes) -> str:
+    """Keyed checksum of a 1-D uint8 tensor, as a hex string."""
     if data.dtype != torch.uint8 or data.dim() != 1:
         raise ValueError("checksum input must be a 1-D uint8 tensor")
-    if algorithm == BLAKE3:
-        if blake3 is None:
-            raise ValueError("checksum algorithm blake3 needs the blake3 package")
-        return blake3.blake3(_host_bytes(data)).hexdigest()
-    if algorithm == SHA256:
-        return hashlib.sha256(_host_bytes(data)).hexdigest()
-    if algorithm == WSUM64:
-        return _wsum64(data)
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"checksum key must be {KEY_BYTES} bytes")
+    if algorithm == BLAKE3_KEYED:
+        host = data if data.device.type == "cpu" else data.cpu()
+        return blake3.blake3(memoryview(host.numpy()), key=key).hexdigest()
+    if algorithm == MLH31:
+        return _mlh31(data, key)
     raise ValueError(f"unknown checksum algorithm {algorithm!r}")
 
 
-def _host_bytes(data: torch.Tensor) -> memoryview:
-    if data.device.type != "cpu":
-        data = data.cpu()
-    return memoryview(data.numpy())
+def _signed(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
 
 
-def _wsum64(data: torch.Tensor) -> str:
-    if data.storage_offset() % 8:
-        data = data.clone()  # int64 view needs 8-byte alignment
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 words (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _position_keys(positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """splitmix64(seed + i * golden) mod p for each position i (int64 arithmetic wraps)."""
+    z = positions * _GOLDEN + seed
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return (z & 0x7FFFFFFF) % _P
+
+
+def _mlh31(data: torch.Tensor, key: bytes) -> str:
     n = data.numel()
-    row_bytes = 8 * _ROW
-    full = n - n % row_bytes
-    tail = torch.zeros(row_bytes, dtype=torch.uint8, device=data.device)
-    tail[: n - full] = data[full:]
-    weights = torch.arange(1, _ROW + 1, dtype=torch.int64, device=data.device)
-    parts = [data[:full].view(torch.int64).view(-1, _ROW), tail.view(torch.int64).view(1, _ROW)]
-    total = torch.zeros((), dtype=torch.int64, device=data.device)
-    plain = torch.zeros((), dtype=torch.int64, device=data.device)
-    row_base = 0
-    for rows in parts:
-        if rows.numel() == 0:
-            continue
-        row_sums = (rows * weights).sum(dim=1)  # int64 arithmetic wraps, deterministically
-        row_weights = torch.arange(
-            row_base + 1, row_base + rows.shape[0] + 1, dtype=torch.int64, device=data.device
-        )
-        total += (row_sums * row_weights).sum()
-        plain += rows.sum()
-        row_base += rows.shape[0]
-    return f"{n:x}-{int(total) & (2**64 - 1):016x}-{int(plain) & (2**64 - 1):016x}"
+    seeds = [_signed(int.from_bytes(key[i : i + 8], "little")) for i in (0, 8)]
+    words_total = (n + 1) // 2
+    step = _CHUNK_WORDS * _ROWS_PER_STEP
+    sums = [0, 0]
+    device = data.device
+    for start in range(0, words_total, step):
+        count = min(step, words_total - start)
+        chunk = data[2 * start : min(n, 2 * (start + count))]
+        rows = -(-count // _CHUNK_WORDS)
+        padded = torch.zeros(rows * _CHUNK_WORDS * 2, dtype=torch.uint8, device=device)
+        padded[: chunk.numel()] = chunk
+        pairs = padded.view(-1, 2).to(torch.int64)
+        words = (pairs[:, 0] | (pairs[:, 1] << 8)).view(rows, _CHUNK_WORDS)
+        positions = torch.arange(start, start + rows * _CHUNK_WORDS, device=device)
+        for lane, seed in enumerate(seeds):
+            keys = _position_keys(positions, seed).view(rows, _CHUNK_WORDS)
+            row_sums = (words * keys).sum(dim=1) % _P
+            sums[lane] = (sums[lane] + int(row_sums.sum())) % _P
+    return f"{n:x}-{sums[0]:08x}-{sums[1]:08x}"

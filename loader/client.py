@@ -2,9 +2,15 @@
 
 For each source in order: TCP connect probe, authenticated handshake (fingerprint and
 manifest compared by the source, manifest digest re-checked here), then a 2-rank process
-group and bucketed receive, each bucket verified against the checksum the source sent
-over the control channel. Any failure is recorded as (source, reason) and the next
+group and bucketed receive, each bucket verified against the keyed checksum the source
+sent over the control channel. Any failure is recorded as (source, reason) and the next
 source is tried.
+
+No unverified byte ever reaches the destination tensors: every bucket is received into
+a staging slot private to the attempt, verified there, and only then copied into place,
+through a WriteGate that the attempt closes before it returns. A failed source may go
+on sending (a backend cannot cancel a posted receive), but its bytes land in staging
+memory nobody reads again.
 """
 
 from __future__ import annotations
@@ -21,15 +27,8 @@ import torch
 import zmq
 
 from loader import protocol
-from loader.buckets import (
-    Bucket,
-    bucket_tag,
-    byte_view,
-    max_packed_bytes,
-    plan_buckets,
-    unpack_bucket,
-)
-from loader.checksum import digest
+from loader.buckets import Bucket, bucket_tag, max_bucket_bytes, plan_buckets, unpack_bucket
+from loader.checksum import checksum_key, digest
 from loader.config import TransferSettings, parse_host_port
 from loader.manifest import Manifest, build_manifest, unique_tensors
 from loader.process_group import (
@@ -42,10 +41,11 @@ from loader.process_group import (
 )
 from loader.progress import ProgressReporter
 from loader.watchdog import PhaseTimeout, Watchdog
+from loader.write_gate import GateClosed, WriteGate
 
 log = logging.getLogger(__name__)
 
-RECV_DEPTH = 4  # receives posted ahead of the one being waited for
+RECV_DEPTH = 4  # staging slots: receives posted ahead of the one being verified
 
 
 @dataclass
@@ -119,6 +119,11 @@ class ResumeState:
         with self._lock:
             return len(self._checksums)
 
+    @property
+    def verified_indices(self) -> frozenset[int]:
+        with self._lock:
+            return frozenset(self._checksums)
+
 
 def fetch_from_sources(
     sources: list[str],
@@ -135,7 +140,8 @@ def fetch_from_sources(
     `tensors` are the destination tensors, already allocated with their final shapes and
     dtypes. The caller removes aliases (tied weights) first; names that still share
     storage are received once. On failure the tensors may be half-written: the caller
-    must reload them (e.g. from disk). Never raises for a source's misbehaviour.
+    must reload them (e.g. from disk); once this returns, no failed source can write into
+    them any more. Never raises for a source's misbehaviour.
 
     `observer` (optional, see loader.relay.TransferObserver) is told when a source's
     transfer starts, each bucket once it is verified and written, and each failure.
@@ -150,6 +156,9 @@ def fetch_from_sources(
     try:
         manifest = build_manifest(tensors)
         unique, _ = unique_tensors(tensors)
+        scattered = [name for name, t in unique.items() if not t.is_contiguous()]
+        if scattered:
+            raise ValueError(f"destination tensor {scattered[0]} is not contiguous")
         context = zmq.Context()
     except Exception as exc:  # e.g. tensors without plain storage
         failures.append(("local", f"cannot prepare the transfer: {type(exc).__name__}: {exc}"))
@@ -221,7 +230,7 @@ class _SourceAttempt:
         self._probe(host, port)
         sock = self._control_socket(host, port)
         try:
-            ack = self._handshake(sock, host)
+            ack = self._handshake(sock)
             self.handshake_s = time.monotonic() - t0
             ok, reason = False, "client error"
             try:
@@ -269,14 +278,16 @@ class _SourceAttempt:
         sock.connect(f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}")
         return sock
 
-    def _handshake(self, sock: zmq.Socket, host: str) -> protocol.Ack:
+    def _plan_length(self, bucket_bytes: int) -> int:
+        return len(plan_buckets(self.manifest.specs, bucket_bytes))
+
+    def _handshake(self, sock: zmq.Socket) -> protocol.Ack:
         timeout = self.settings.handshake_timeout_s
         deadline = time.monotonic() + timeout
         hello = protocol.hello_message(
             self.fingerprint,
             self.rank,
             self.manifest,
-            host,
             backend_for_device(self.device.type),
             self.settings.bucket_bytes,
             self.resume.offer(),
@@ -293,7 +304,8 @@ class _SourceAttempt:
             raise SourceFailure(f"handshake timed out after {timeout:g}s (no answer)")
         try:
             reply = protocol.parse_reply(
-                protocol.decode(sock.recv(zmq.NOBLOCK), self.settings.max_message_bytes)
+                protocol.decode(sock.recv(zmq.NOBLOCK), self.settings.max_message_bytes),
+                self._plan_length,
             )
         except (protocol.ProtocolError, zmq.ZMQError) as exc:
             raise SourceFailure(f"bad reply: {exc}") from None
@@ -307,10 +319,6 @@ class _SourceAttempt:
 
     def _transfer(self, host: str, ack: protocol.Ack) -> None:
         plan = plan_buckets(self.manifest.specs, ack.bucket_bytes)
-        if len(plan) != len(ack.checksums):
-            raise SourceFailure(
-                f"source sent {len(ack.checksums)} checksums for {len(plan)} buckets"
-            )
         skip = self.resume.accept(ack)
         self.resumed_bytes = sum(plan[i].nbytes for i in skip)
         if skip:
@@ -328,6 +336,8 @@ class _SourceAttempt:
         receiver = _BucketReceiver(self, host, ack, [b for b in plan if b.index not in skip])
         try:
             Watchdog().run(receiver.run, on_timeout=receiver.abort)
+        except GateClosed:
+            raise SourceFailure("attempt abandoned") from None
         except PhaseTimeout as exc:
             raise SourceFailure(str(exc)) from None
         except SourceFailure:
@@ -335,13 +345,18 @@ class _SourceAttempt:
         except RuntimeError as exc:  # torch.distributed errors: peer died, reset, timeout
             raise SourceFailure(f"transfer failed: {_first_line(exc)}") from None
         finally:
+            # before anything else: from here on this attempt writes nothing, whatever
+            # its abandoned threads or the backend still deliver into staging
+            receiver.gate.close()
             self.setup_s = receiver.setup_s
             destroy_group(receiver.pg)
 
 
 class _BucketReceiver:
-    """The data path: group setup, receive buckets, verify bucket i while receiving i+1.
-    `plan` holds only the buckets to receive (a resumed attempt skips verified ones)."""
+    """The data path: group setup, then each bucket received into a staging slot,
+    verified there (in a helper thread, while the next ones arrive) and copied into the
+    destination through the attempt's gate. `plan` holds only the buckets to receive (a
+    resumed attempt skips verified ones)."""
 
     def __init__(self, attempt: _SourceAttempt, host: str, ack: protocol.Ack, plan: list[Bucket]):
         self.attempt = attempt
@@ -351,8 +366,11 @@ class _BucketReceiver:
         self.plan = plan
         self.pg = None
         self.setup_s = 0.0
+        self.gate = WriteGate()
+        self.checksum_key = checksum_key(attempt.keys)
 
     def abort(self) -> None:
+        self.gate.close()
         destroy_group(self.pg)
 
     def run(self, watchdog: Watchdog) -> None:
@@ -366,16 +384,15 @@ class _BucketReceiver:
             self.host,
             self.ack.store_port,
             CLIENT_RANK,
+            self.ack.session,
+            settings.pg_setup_timeout_s,
             settings.bucket_timeout_s,
         )
         watchdog.check()
         self.setup_s = time.monotonic() - t0
-        size = max_packed_bytes(self.plan)
-        buffers = (
-            [torch.empty(size, dtype=torch.uint8, device=attempt.device) for _ in range(2)]
-            if size
-            else []
-        )
+        size = max_bucket_bytes(self.plan)
+        depth = min(RECV_DEPTH, len(self.plan))
+        slots = [torch.empty(size, dtype=torch.uint8, device=attempt.device) for _ in range(depth)]
         progress = ProgressReporter(
             sum(b.nbytes for b in self.plan),
             f"netloader rank {attempt.rank} from {attempt.source}",
@@ -383,46 +400,24 @@ class _BucketReceiver:
             settings.progress_interval_s,
         )
         verifier = ThreadPoolExecutor(1, thread_name_prefix="netloader-verify")
-        pending: list[Future] = []
-        # receives are posted ahead (up to RECV_DEPTH) so the link never idles between
-        # buckets; a packed bucket needs one of the two buffers, free once the bucket
-        # that used it last was verified and scattered
-        posted: deque[tuple[Bucket, object, torch.Tensor, int | None]] = deque()
-        buffer_user: list[Future | None] = [None, None]
-        buffer_posted = [False, False]
-        next_post = packed_count = 0
+        # bucket i uses slot i % depth; a slot is posted again only once the bucket that
+        # used it last was verified and copied out
+        verifying: list[Future | None] = [None] * depth
+        posted: deque[tuple[Bucket, object, torch.Tensor, int]] = deque()
+        next_post = 0
         try:
             while next_post < len(self.plan) or posted:
-                while next_post < len(self.plan) and len(posted) < RECV_DEPTH:
+                while next_post < len(self.plan) and len(posted) < depth:
+                    slot = next_post % depth
+                    previous = verifying[slot]
+                    if previous is not None and not previous.done() and posted:
+                        break  # wait for a receive first; the slot frees up meanwhile
+                    if previous is not None:
+                        previous.result()  # raises the verification failure, if any
                     bucket = self.plan[next_post]
-                    attempt.resume.forget(bucket.index)
-                    slot = None
-                    if bucket.direct:
-                        dest = attempt.tensors[bucket.items[0].name]
-                        target = (
-                            byte_view(dest)
-                            if dest.is_contiguous()
-                            else torch.empty(
-                                bucket.nbytes, dtype=torch.uint8, device=attempt.device
-                            )
-                        )
-                    else:
-                        slot = packed_count % 2
-                        if buffer_posted[slot]:
-                            break  # wait until the receive into that buffer completes
-                        if buffer_user[slot] is not None:
-                            buffer_user[slot].result()
-                        buffer_posted[slot] = True
-                        packed_count += 1
-                        target = buffers[slot][: bucket.nbytes]
-                    posted.append(
-                        (
-                            bucket,
-                            self.pg.recv([target], SOURCE_RANK, bucket_tag(bucket)),
-                            target,
-                            slot,
-                        )
-                    )
+                    target = slots[slot][: bucket.nbytes]
+                    work = self.pg.recv([target], SOURCE_RANK, bucket_tag(bucket))
+                    posted.append((bucket, work, target, slot))
                     next_post += 1
                 bucket, work, target, slot = posted.popleft()
                 # the backend's own timeout (bucket_timeout_s) should fire first; the
@@ -430,52 +425,35 @@ class _BucketReceiver:
                 watchdog.phase(
                     f"bucket {bucket.index}/{len(self.plan)}", _backstop(settings.bucket_timeout_s)
                 )
-                t = time.perf_counter()
                 work.wait()
                 watchdog.check()
-                log.debug(
-                    "bucket %d (%s, %d B): recv wait %.1f ms",
-                    bucket.index,
-                    "direct" if bucket.direct else "packed",
-                    bucket.nbytes,
-                    1e3 * (time.perf_counter() - t),
-                )
-                pending = _without_finished(pending)
-                if bucket.direct:
-                    dest = attempt.tensors[bucket.items[0].name]
-                    future = verifier.submit(self._verify_direct, bucket, target, dest)
-                else:
-                    future = verifier.submit(self._verify_packed, bucket, target)
-                    buffer_user[slot], buffer_posted[slot] = future, False
-                pending.append(future)
+                verifying[slot] = verifier.submit(self._verify_and_write, bucket, target)
                 progress.advance(bucket.nbytes)
             watchdog.phase("checksum verification", settings.bucket_timeout_s)
-            for future in pending:
-                future.result()
+            for future in verifying:
+                if future is not None:
+                    future.result()
         finally:
             verifier.shutdown(wait=True, cancel_futures=True)
 
-    def _verify_direct(self, bucket: Bucket, data: torch.Tensor, dest: torch.Tensor) -> None:
+    def _verify_and_write(self, bucket: Bucket, data: torch.Tensor) -> None:
+        """Check a staged bucket; only then copy it into the destination tensors."""
+        attempt = self.attempt
         self._check(bucket, data)
-        if data.data_ptr() != dest.data_ptr():
-            dest.copy_(data.view(dest.dtype).view(dest.shape))
-        self._verified(bucket)
 
-    def _verify_packed(self, bucket: Bucket, data: torch.Tensor) -> None:
-        self._check(bucket, data)
-        unpack_bucket(bucket, data, self.attempt.tensors)
-        self._verified(bucket)
+        def write() -> None:
+            attempt.resume.forget(bucket.index)
+            unpack_bucket(bucket, data, attempt.tensors)
+            attempt.resume.record(bucket.index, self.ack.checksums[bucket.index])
+            if attempt.observer is not None:
+                attempt.observer.bucket_verified(attempt.source, bucket.index)
 
-    def _verified(self, bucket: Bucket) -> None:
-        """Bucket checked and in the destination tensors: tell the observer (relay hook)."""
-        self.attempt.resume.record(bucket.index, self.ack.checksums[bucket.index])
-        if self.attempt.observer is not None:
-            self.attempt.observer.bucket_verified(self.attempt.source, bucket.index)
+        self.gate.write(write)
 
     def _check(self, bucket: Bucket, data: torch.Tensor) -> None:
         expected = self.ack.checksums[bucket.index]
         t = time.perf_counter()
-        actual = digest(data, self.ack.algorithm)
+        actual = digest(data, self.ack.algorithm, self.checksum_key)
         log.debug("bucket %d: checksum %.1f ms", bucket.index, 1e3 * (time.perf_counter() - t))
         if actual != expected:
             first, last = bucket.items[0].name, bucket.items[-1].name
@@ -485,14 +463,6 @@ class _BucketReceiver:
 
 def _backstop(timeout_s: float) -> float:
     return timeout_s * 1.2 + 1.0
-
-
-def _without_finished(pending: list[Future]) -> list[Future]:
-    """Drop completed verifications, raising the first failure among them."""
-    for future in pending:
-        if future.done() and future.exception() is not None:
-            raise future.exception()
-    return [f for f in pending if not f.done()]
 
 
 def _first_line(exc: BaseException) -> str:

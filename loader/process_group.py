@@ -1,24 +1,46 @@
-"""Two-rank process groups for the transfer, one small function per device type.
+"""Two-rank process groups for the transfer, built directly on torch.distributed.
 
-All go through vLLM's `stateless_init_torch_distributed_process_group`, which leaves
-torch.distributed's global state alone. Use send/recv only: its docstring warns that
-broadcast depends on the global rank. The source is rank 0 and hosts the TCPStore on a
-socket it bound beforehand (no port race); the client is rank 1.
+The source is rank 0 and hosts the TCPStore on a socket it bound beforehand (no port
+race); the client is rank 1. Every key of the rendezvous lives under a prefix made of
+the session id, which the client learns only over the authenticated control channel:
+anyone else who reaches the store port cannot register as the peer rank (and so cannot
+receive the weights or feed the client), because they cannot name the keys. The store
+waits at most `setup_timeout_s` for the peer; afterwards every send/recv is bounded by
+`op_timeout_s`.
+
+Accelerator communicators are made abort-only: by default a timed-out or failed
+NCCL/HCCL operation tears the whole process down (TORCH_NCCL_ASYNC_ERROR_HANDLING=3,
+HCCL_ASYNC_ERROR_HANDLING=1), which on a source would kill a serving vLLM instance
+because one client stalled. The error-handling mode is read from the environment when a
+backend is constructed, so it is set for the construction of transfer groups only
+(under a lock) and restored afterwards; vLLM's own groups keep their settings.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import threading
 import time
 from datetime import timedelta
 
-from torch.distributed import ProcessGroup
-from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+import torch
+from torch.distributed import PrefixStore, ProcessGroup, TCPStore
 
 SOURCE_RANK = 0
 CLIENT_RANK = 1
+WORLD_SIZE = 2
 
 BACKEND_BY_DEVICE = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+# env values for the construction of transfer communicators: abort the communicator on
+# error or timeout, never the process; no heartbeat monitor that could kill it either
+ABORT_ONLY_ENV = {
+    "nccl": {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_ENABLE_MONITORING": "0"},
+    "hccl": {"HCCL_ASYNC_ERROR_HANDLING": "0"},
+}
+_env_lock = threading.Lock()
 
 
 def backend_for_device(device_type: str) -> str:
@@ -28,39 +50,97 @@ def backend_for_device(device_type: str) -> str:
         raise ValueError(f"no transfer backend for device type {device_type!r}") from None
 
 
+def store_prefix(session_id: str) -> str:
+    return f"netloader/{session_id}/"
+
+
 def create_transfer_group(
     device_type: str,
     host: str,
     port: int,
     rank: int,
-    timeout_s: float,
+    session_id: str,
+    setup_timeout_s: float,
+    op_timeout_s: float,
     listen_socket: socket.socket | None = None,
 ) -> ProcessGroup:
-    """Rendezvous with the peer; `timeout_s` bounds setup and every later send/recv."""
-    timeout = timedelta(seconds=timeout_s)
-    if device_type == "cpu":
-        return gloo_group(host, port, rank, timeout, listen_socket)
-    if device_type == "cuda":
-        return nccl_group(host, port, rank, timeout, listen_socket)
-    if device_type == "npu":
+    """Rendezvous with the peer under the session's secret prefix and build the group.
+
+    The source passes the listening socket it bound (the store takes it over); the
+    client connects to host:port."""
+    backend = backend_for_device(device_type)
+    store = _tcp_store(host, port, rank, timedelta(seconds=setup_timeout_s), listen_socket)
+    prefix_store = PrefixStore(store_prefix(session_id), store)
+    op_timeout = timedelta(seconds=op_timeout_s)
+    if backend == "gloo":
+        return _gloo_group(prefix_store, rank, op_timeout)
+    # NCCL/HCCL constructors only read their settings (communicators come up lazily, at
+    # the first operation), so the env lock is never held while waiting for the peer
+    with _abort_only_env(backend):
+        if backend == "nccl":
+            return _nccl_group(prefix_store, rank, op_timeout)
         from loader.process_group_npu import hccl_group  # needs torch_npu
 
-        return hccl_group(host, port, rank, timeout, listen_socket)
-    raise ValueError(f"no transfer backend for device type {device_type!r}")
+        return hccl_group(prefix_store, rank, op_timeout, session_id)
 
 
-def gloo_group(host, port, rank, timeout, listen_socket=None) -> ProcessGroup:
-    return _stateless_group(host, port, rank, "gloo", timeout, listen_socket)
+def _tcp_store(host, port, rank, timeout, listen_socket) -> TCPStore:
+    if rank == SOURCE_RANK:
+        if listen_socket is None:
+            raise ValueError("the source rank hosts the store on a socket it bound")
+        fd = listen_socket.detach()
+        try:
+            # wait_for_workers=False: anyone may connect to the port, so counting
+            # connections proves nothing; the prefixed rendezvous keys do
+            return TCPStore(
+                host, port, WORLD_SIZE, True, timeout,
+                wait_for_workers=False, master_listen_fd=fd,
+            )
+        except Exception:
+            socket.close(fd)
+            raise
+    return TCPStore(host, port, WORLD_SIZE, False, timeout, wait_for_workers=False)
 
 
-def nccl_group(host, port, rank, timeout, listen_socket=None) -> ProcessGroup:
-    return _stateless_group(host, port, rank, "nccl", timeout, listen_socket)
+def _gloo_group(prefix_store, rank, timeout) -> ProcessGroup:
+    from torch.distributed.distributed_c10d import ProcessGroupGloo
+
+    pg = ProcessGroup(prefix_store, rank, WORLD_SIZE)
+    backend = ProcessGroupGloo(prefix_store, rank, WORLD_SIZE, timeout=timeout)
+    backend._set_sequence_number_for_group()
+    pg._set_default_backend(ProcessGroup.BackendType.GLOO)
+    pg._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, backend)
+    return pg
 
 
-def _stateless_group(host, port, rank, backend, timeout, listen_socket) -> ProcessGroup:
-    return stateless_init_torch_distributed_process_group(
-        host, port, rank, 2, backend, listen_socket=listen_socket, timeout=timeout
-    )
+def _nccl_group(prefix_store, rank, timeout) -> ProcessGroup:
+    from torch.distributed.distributed_c10d import ProcessGroupNCCL
+
+    options = ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    options.is_high_priority_stream = False  # never ahead of inference's own kernels
+    pg = ProcessGroup(prefix_store, rank, WORLD_SIZE)
+    backend = ProcessGroupNCCL(prefix_store, rank, WORLD_SIZE, options)
+    backend._set_sequence_number_for_group()
+    pg._set_default_backend(ProcessGroup.BackendType.NCCL)
+    pg._register_backend(torch.device("cuda"), ProcessGroup.BackendType.NCCL, backend)
+    return pg
+
+
+@contextlib.contextmanager
+def _abort_only_env(backend: str):
+    settings = ABORT_ONLY_ENV.get(backend, {})
+    with _env_lock:
+        saved = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def wait_for_store(host: str, port: int, timeout_s: float) -> None:

@@ -1,15 +1,17 @@
 """Control messages between a transfer client and a weight server (orjson over ZeroMQ).
 
-client -> server: hello (identity, manifest, how to reach the store, optionally the buckets
+client -> server: hello (identity, manifest, largest bucket size, optionally the buckets
                   it already holds verified: `resume`), done (result)
-server -> client: ack (session, store port, bucket size, checksums, optionally the buckets
-                  it will not send: `skip`), nack (reason), busy
+server -> client: ack (session id = the secret store prefix, store port, bucket size,
+                  checksum algorithm and keyed checksums, optionally the buckets it will
+                  not send: `skip`), nack (reason), busy
 Every decoded message is untrusted: size, type and every field are checked here.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -18,7 +20,7 @@ from loader.checksum import ALGORITHMS
 from loader.manifest import Manifest
 from loader.process_group import BACKEND_BY_DEVICE
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_REASON_LEN = 500
 MIN_BUCKET_BYTES = 1 << 10
 MAX_BUCKET_BYTES = 1 << 34
@@ -26,8 +28,7 @@ MAX_BUCKETS = 10_000_000
 MAX_RANGES = 100_000
 
 _HEX_RE = re.compile(r"^[0-9a-f]{1,128}$")
-_SESSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-:]{1,253}$")
+_SESSION_RE = re.compile(r"^[0-9a-f]{32,64}$")  # >= 128 bits: it is a credential
 _CHECKSUM_RE = re.compile(r"^[0-9a-f\-]{1,128}$")
 
 
@@ -57,7 +58,6 @@ class Hello:
     fingerprint: str
     rank: int
     manifest: Manifest
-    pg_host: str
     backend: str
     max_bucket_bytes: int
     resume: Resume | None = None
@@ -107,7 +107,6 @@ def hello_message(
     fingerprint: str,
     rank: int,
     manifest: Manifest,
-    pg_host: str,
     backend: str,
     max_bucket_bytes: int,
     resume: Resume | None = None,
@@ -118,7 +117,6 @@ def hello_message(
         "fingerprint": fingerprint,
         "rank": rank,
         "manifest": manifest.to_wire(),
-        "pg_host": pg_host,
         "backend": backend,
         "max_bucket_bytes": max_bucket_bytes,
     }
@@ -192,7 +190,7 @@ def parse_hello(obj: dict) -> Hello:
     _expect(
         obj,
         "hello",
-        {"v", "fingerprint", "rank", "manifest", "pg_host", "backend", "max_bucket_bytes"},
+        {"v", "fingerprint", "rank", "manifest", "backend", "max_bucket_bytes"},
         optional={"resume"},
     )
     if obj["v"] != PROTOCOL_VERSION:
@@ -205,7 +203,6 @@ def parse_hello(obj: dict) -> Hello:
         fingerprint=_match("fingerprint", obj["fingerprint"], _HEX_RE),
         rank=_int("rank", obj["rank"], 0, 1 << 20),
         manifest=manifest,
-        pg_host=_match("pg_host", obj["pg_host"], _HOST_RE),
         backend=_choice("backend", obj["backend"], tuple(BACKEND_BY_DEVICE.values())),
         max_bucket_bytes=_int(
             "max_bucket_bytes", obj["max_bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES
@@ -227,7 +224,9 @@ def _parse_resume(value) -> Resume | None:
     )
 
 
-def parse_reply(obj: dict) -> Ack | Refusal:
+def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
+    """`plan_length(bucket_bytes)` is how many buckets the client's own plan has for that
+    bucket size: a checksum list of any other length is refused before it is parsed."""
     kind = obj.get("type")
     if kind in ("nack", "busy"):
         _expect(obj, kind, {"reason"})
@@ -235,12 +234,23 @@ def parse_reply(obj: dict) -> Ack | Refusal:
     _expect(
         obj,
         "ack",
-        {"session", "store_port", "bucket_bytes", "algorithm", "checksums", "manifest_digest"},
+        {
+            "session",
+            "store_port",
+            "bucket_bytes",
+            "algorithm",
+            "checksums",
+            "manifest_digest",
+        },
         optional={"skip"},
     )
+    bucket_bytes = _int("bucket_bytes", obj["bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES)
     checksums = obj["checksums"]
-    if not isinstance(checksums, list) or len(checksums) > MAX_BUCKETS:
+    if not isinstance(checksums, list):
         raise ProtocolError("checksums: expected a list")
+    expected = plan_length(bucket_bytes)
+    if len(checksums) != expected:
+        raise ProtocolError(f"checksums: {len(checksums)} for a plan of {expected} buckets")
     skip = frozenset()
     if "skip" in obj:
         limit = max(1, len(checksums))
@@ -248,7 +258,7 @@ def parse_reply(obj: dict) -> Ack | Refusal:
     return Ack(
         session=_match("session", obj["session"], _SESSION_RE),
         store_port=_int("store_port", obj["store_port"], 1, 65535),
-        bucket_bytes=_int("bucket_bytes", obj["bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES),
+        bucket_bytes=bucket_bytes,
         algorithm=_choice("algorithm", obj["algorithm"], ALGORITHMS),
         checksums=tuple(_match("checksums[]", c, _CHECKSUM_RE) for c in checksums),
         manifest_digest=_match("manifest_digest", obj["manifest_digest"], _HEX_RE),

@@ -3,10 +3,9 @@
 A `RelayServer` is a WeightServer over the destination tensors of a fetch in progress.
 It is also the fetch's observer (see `fetch_from_sources(..., observer=)`):
 
-- `transfer_started` gives it the upstream's plan and per-bucket checksums. Those
-  checksums came over the authenticated control channel and originate at the root
-  source; the relay hands exactly these to its own clients, so every hop verifies the
-  root's checksums, never ones it computed from bytes it received.
+- `transfer_started` gives it the upstream's plan and per-bucket keyed checksums.
+  Those came over the authenticated control channel and originate at the root source; the relay hands exactly these to its own clients, so every hop verifies
+  the root's checksums, never ones it computed from bytes it received.
 - `bucket_verified` marks a bucket checked and written; only then may a downstream
   session read it (`_before_bucket` blocks until it is). Unverified bytes never leave.
 - `attempt_failed` invalidates everything: downstream sessions are aborted (they fail
@@ -25,7 +24,7 @@ from typing import Protocol
 from loader.buckets import Bucket
 from loader.process_group import destroy_group
 from loader.protocol import NOT_RECEIVING
-from loader.server import WeightServer
+from loader.server import ServedPlan, WeightServer, choose_bucket_bytes
 
 log = logging.getLogger(__name__)
 __all__ = ["NOT_RECEIVING", "ObserverFanout", "ProgressRecorder", "RelayServer"]
@@ -210,16 +209,16 @@ class RelayServer(WeightServer):
                 return None
             if self._relay_plan is None:
                 return NOT_RECEIVING
-            wanted = min(self.settings.bucket_bytes, hello.max_bucket_bytes)
+            wanted = choose_bucket_bytes(self.settings.bucket_bytes, hello.max_bucket_bytes)
             if wanted != self._relay_bucket_bytes:
                 return f"relay forwards {self._relay_bucket_bytes}-byte buckets only"
         return None
 
-    def _plan_for(self, bucket_bytes: int):
+    def _plan_for(self, bucket_bytes: int) -> ServedPlan:
         with self._relay:
             self._session_generation.value = self._generation
             if self._relay_plan is not None and bucket_bytes == self._relay_bucket_bytes:
-                return self._relay_plan, self._relay_checksums
+                return ServedPlan(self._relay_plan, self._relay_checksums)
             complete = self._complete
         if complete:
             return super()._plan_for(bucket_bytes)

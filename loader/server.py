@@ -22,19 +22,13 @@ import torch
 import zmq
 
 from loader import protocol
-from loader.buckets import (
-    Bucket,
-    bucket_tag,
-    byte_view,
-    max_packed_bytes,
-    pack_bucket,
-    plan_buckets,
-)
-from loader.checksum import algorithm_for_device, digest
+from loader.buckets import Bucket, BucketReader, bucket_tag, max_packed_bytes, plan_buckets
+from loader.checksum import algorithm_for_device, checksum_key, digest
 from loader.config import TransferSettings
 from loader.manifest import build_manifest, unique_tensors
 from loader.process_group import (
     CLIENT_RANK,
+    SOURCE_RANK,
     backend_for_device,
     bind_store_socket,
     create_transfer_group,
@@ -45,8 +39,28 @@ log = logging.getLogger(__name__)
 
 _POLL_MS = 1000
 SEND_DEPTH = 4  # sends in flight; the client posts as many receives ahead
-_MAX_CACHED_PLANS = 4
 _BAD_MESSAGE_LOG_FIRST = 10
+# sessions whose process group is not up yet, per client address: a peer that sends
+# hellos and never connects holds at most this many slots, each for pg_setup_timeout_s
+MAX_PENDING_PER_PEER = 2
+_MIB = 1 << 20
+# the bucket sizes a source serves (plus its own): a client cannot make it hash the
+# model again for arbitrary sizes, and the checksums of every size stay cached
+BUCKET_SIZES = tuple(_MIB << k for k in (0, 2, 4, 6, 8))
+
+
+def choose_bucket_bytes(own: int, client_max: int) -> int | None:
+    """The largest served size that is at most both ours and the client's; None if none."""
+    fitting = [b for b in (*BUCKET_SIZES, own) if b <= min(own, client_max)]
+    return max(fitting, default=None)
+
+
+@dataclass(frozen=True)
+class ServedPlan:
+    """What a session sends: the buckets and their keyed checksums."""
+
+    buckets: list[Bucket]
+    checksums: tuple[str, ...]
 
 
 @dataclass
@@ -55,6 +69,8 @@ class _Session:
     identity: bytes
     hello: protocol.Hello
     bucket_bytes: int
+    peer_address: str = ""
+    group_up: bool = False  # process group set up: no longer counts as pending
     done: threading.Event = field(default_factory=threading.Event)
     done_message: protocol.Done | None = None
     pg: object | None = None
@@ -106,6 +122,7 @@ class WeightServer:
         )
         self._backend = backend_for_device(self._device_type)
         self._algorithm = algorithm_for_device(self._device_type)
+        self._checksum_key = checksum_key(keys)
         self.fingerprint = fingerprint
         self.rank = rank
         self.settings = settings
@@ -113,7 +130,7 @@ class WeightServer:
         self._host = host
         self._port = port
         self._output_prefix = output_prefix
-        self._plans: dict[int, tuple[list[Bucket], tuple[str, ...]]] = {}
+        self._plans: dict[int, ServedPlan] = {}
         self._plan_lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
         self._sessions_lock = threading.Lock()
@@ -126,8 +143,6 @@ class WeightServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self.bad_messages = 0
-        self.transfers_ok = 0
-        self.transfers_failed = 0
         self.endpoint: str | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -236,17 +251,17 @@ class WeightServer:
     def _handle_incoming(self) -> None:
         for _ in range(100):
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if len(frames) != 2:
                 self._bad_message(f"{len(frames)} frames")
                 continue
-            identity, payload = frames
+            identity, payload = frames[0].bytes, frames[1].bytes
             try:
                 msg = protocol.decode(payload, self.settings.max_message_bytes)
                 if msg["type"] == "hello":
-                    self._on_hello(identity, protocol.parse_hello(msg))
+                    self._on_hello(identity, protocol.parse_hello(msg), _peer_address(frames[1]))
                 elif msg["type"] == "done":
                     self._on_done(identity, protocol.parse_done(msg))
                 else:
@@ -255,22 +270,36 @@ class WeightServer:
                 self._bad_message(str(exc))
                 self._send(identity, protocol.nack_message(f"bad request: {exc}"))
 
-    def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
+    def _on_hello(self, identity: bytes, hello: protocol.Hello, peer_address: str) -> None:
+        bucket_bytes = choose_bucket_bytes(self.settings.bucket_bytes, hello.max_bucket_bytes)
         reason = self._refusal_reason(hello)
+        if reason is None and bucket_bytes is None:
+            reason = f"client buckets of at most {hello.max_bucket_bytes} bytes are below 1 MiB"
         if reason:
             log.info("netloader server rank %d: refused a client: %s", self.rank, reason)
             self._send(identity, protocol.nack_message(reason))
             return
         with self._sessions_lock:
+            pending = sum(
+                1
+                for s in self._sessions.values()
+                if not s.group_up and s.peer_address == peer_address
+            )
             if len(self._sessions) >= self.settings.max_concurrent_clients:
                 busy = f"source busy ({len(self._sessions)} transfers running)"
+            elif pending >= MAX_PENDING_PER_PEER:
+                busy = f"source busy ({pending} sessions from {peer_address} still setting up)"
+            else:
+                busy = None
+            if busy:
                 self._send(identity, protocol.nack_message(busy, busy=True))
                 return
             session = _Session(
                 session_id=secrets.token_hex(16),
                 identity=identity,
                 hello=hello,
-                bucket_bytes=min(self.settings.bucket_bytes, hello.max_bucket_bytes),
+                bucket_bytes=bucket_bytes,
+                peer_address=peer_address,
             )
             self._sessions[session.session_id] = session
         session.thread = threading.Thread(
@@ -318,7 +347,8 @@ class WeightServer:
         store_socket = None
         started = time.monotonic()
         try:
-            plan, checksums = self._plan_for(session.bucket_bytes)
+            served = self._plan_for(session.bucket_bytes)
+            plan = served.buckets
             resume = session.hello.resume
             skip = frozenset()
             if resume is not None and resume.bucket_bytes == session.bucket_bytes:
@@ -329,20 +359,24 @@ class WeightServer:
                 store_port=store_socket.getsockname()[1],
                 bucket_bytes=session.bucket_bytes,
                 algorithm=self._algorithm,
-                checksums=checksums,
+                checksums=served.checksums,
                 manifest_digest=self._manifest_digest,
                 skip=skip,
             )
             self._send(session.identity, protocol.ack_message(ack))
             session.pg = create_transfer_group(
                 self._device_type,
-                session.hello.pg_host,
+                self._store_bind_host(),
                 ack.store_port,
-                0,
+                SOURCE_RANK,
+                session.session_id,
+                self.settings.pg_setup_timeout_s,
                 self.settings.bucket_timeout_s,
                 listen_socket=store_socket,
             )
             store_socket = None  # owned by the TCPStore now
+            with self._sessions_lock:
+                session.group_up = True
             to_send = [b for b in plan if b.index not in skip]
             self._send_buckets(session, to_send)
             if not session.done.wait(self.settings.bucket_timeout_s):
@@ -350,7 +384,6 @@ class WeightServer:
             done = session.done_message
             if done is None or not done.ok:
                 raise RuntimeError(f"client reported failure: {done.reason if done else 'stopped'}")
-            self.transfers_ok += 1
             log.info(
                 "netloader server rank %d: sent %.2f GiB to a client in %.2fs%s",
                 self.rank,
@@ -359,7 +392,6 @@ class WeightServer:
                 f" (resumed: {len(skip)} of {len(plan)} buckets held already)" if skip else "",
             )
         except Exception as exc:
-            self.transfers_failed += 1
             if not self._stopping.is_set():
                 log.warning(
                     "netloader server rank %d: transfer %s failed: %s: %s",
@@ -378,41 +410,27 @@ class WeightServer:
     def _send_buckets(self, session: _Session, plan: list[Bucket]) -> None:
         """Send `plan` (the buckets the client lacks) in order, up to SEND_DEPTH in flight.
 
-        Packed buckets alternate between two zeroed buffers; a buffer is refilled only
-        after the send that used it completed."""
+        Packed buckets alternate between two buffers; a buffer is refilled only after the
+        send that used it completed."""
         size = max_packed_bytes(plan)
-        buffers = (
-            [torch.zeros(size, dtype=torch.uint8, device=self._device) for _ in range(2)]
-            if size
-            else []
-        )
+        buffers = [torch.zeros(size, dtype=torch.uint8, device=self._device) for _ in range(2)]
         buffer_work: list = [None, None]
         in_flight: deque[_Send] = deque()
+        reader = BucketReader(self._tensors)
         packed_count = 0
         for bucket in plan:
             if self._stopping.is_set():
                 raise RuntimeError("server stopping")
             self._before_bucket(session, bucket)
-            if bucket.direct:
-                t = self._tensors[bucket.items[0].name]
-                data = byte_view(t if t.is_contiguous() else t.contiguous())
-            else:
+            slot = None
+            if not bucket.direct:
                 slot = packed_count % 2
                 packed_count += 1
-                t0 = time.perf_counter()
                 if buffer_work[slot] is not None:
                     buffer_work[slot].wait()
-                t1 = time.perf_counter()
-                data = pack_bucket(bucket, self._tensors, buffers[slot])
-                log.debug(
-                    "session %s bucket %d: waited for buffer %.1f ms, packed in %.1f ms",
-                    session.session_id[:8],
-                    bucket.index,
-                    1e3 * (t1 - t0),
-                    1e3 * (time.perf_counter() - t1),
-                )
+            data = reader.read(bucket, buffers[slot] if slot is not None else None)
             send = _Send(session.pg.send([data], CLIENT_RANK, bucket_tag(bucket)), data)
-            if not bucket.direct:
+            if slot is not None:
                 buffer_work[slot] = send
             in_flight.append(send)
             while len(in_flight) > SEND_DEPTH:
@@ -434,25 +452,20 @@ class WeightServer:
         finally:
             self._ready.set()
 
-    def _plan_for(self, bucket_bytes: int) -> tuple[list[Bucket], tuple[str, ...]]:
+    def _plan_for(self, bucket_bytes: int) -> ServedPlan:
+        """Plan and keyed checksums for a bucket size, computed once per size (the sizes
+        are the few that choose_bucket_bytes allows, so the cache is bounded)."""
         with self._plan_lock:
             cached = self._plans.get(bucket_bytes)
             if cached is not None:
                 return cached
             plan = plan_buckets(self._manifest.specs, bucket_bytes)
-            size = max_packed_bytes(plan)
-            scratch = torch.zeros(size, dtype=torch.uint8, device=self._device) if size else None
-            checksums = []
-            for bucket in plan:
-                if bucket.direct:
-                    t = self._tensors[bucket.items[0].name]
-                    data = byte_view(t if t.is_contiguous() else t.contiguous())
-                else:
-                    data = pack_bucket(bucket, self._tensors, scratch)
-                checksums.append(digest(data, self._algorithm))
-            if len(self._plans) >= _MAX_CACHED_PLANS:
-                self._plans.pop(next(iter(self._plans)))
-            self._plans[bucket_bytes] = (plan, tuple(checksums))
+            scratch = torch.zeros(max_packed_bytes(plan), dtype=torch.uint8, device=self._device)
+            reader = BucketReader(self._tensors)
+            checksums = tuple(
+                digest(reader.read(b, scratch), self._algorithm, self._checksum_key) for b in plan
+            )
+            self._plans[bucket_bytes] = ServedPlan(plan, checksums)
             return self._plans[bucket_bytes]
 
     # ---- helpers ---------------------------------------------------------------------
@@ -515,6 +528,13 @@ class WeightServer:
                 fh.write(self.endpoint + "\n")
         except OSError as exc:
             log.warning("netloader server rank %d: cannot write %s: %s", self.rank, path, exc)
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    try:
+        return frame.get("Peer-Address") or ""
+    except (zmq.ZMQError, AttributeError):
+        return ""
 
 
 def outbound_ip() -> str:

@@ -33,6 +33,7 @@ import time
 import traceback
 from pathlib import Path
 
+from loader.buckets import byte_view
 from loader.client import FetchOutcome, fetch_from_sources
 from loader.config import MeshConfig, TransferSettings
 from loader.discovery import MeshPresence
@@ -69,8 +70,11 @@ class FaultySource(WeightServer):
 
     bucket_delay_s = 0.0
     corrupt_bucket: int | None = None
-    _corrupted: str | None = None  # tensor changed; restored when another session sends
+    _corrupted: tuple[str, int] | None = None  # (tensor, byte) changed; restored later
     _corrupted_by = None  # the session that saw the corruption
+
+    def _flip(self, where: tuple[str, int]) -> None:
+        byte_view(self._tensors[where[0]])[where[1]] ^= 0x40
 
     def _before_bucket(self, session, bucket) -> None:
         if self.bucket_delay_s:
@@ -78,11 +82,12 @@ class FaultySource(WeightServer):
         # a transient fault: once only. The next session may resume past bucket 0 (it
         # skips what the client verified), so any bucket of it restores the tensor.
         if self._corrupted is not None and session is not self._corrupted_by:
-            self._tensors[self._corrupted].view(-1)[0] -= 1
+            self._flip(self._corrupted)
             self._corrupted, self._corrupted_by, self.corrupt_bucket = None, None, None
         if bucket.index == self.corrupt_bucket and self._corrupted is None:
-            self._corrupted, self._corrupted_by = bucket.items[0].name, session
-            self._tensors[self._corrupted].view(-1)[0] += 1
+            item = bucket.items[0]  # a byte inside this very bucket
+            self._corrupted, self._corrupted_by = (item.name, item.tensor_offset), session
+            self._flip(self._corrupted)
 
 
 class CrashingRelay(RelayServer):

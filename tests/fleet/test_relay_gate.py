@@ -20,7 +20,9 @@ def make_relay():
     tensors = {f"t{i}": torch.zeros(300_000) for i in range(3)}  # 1.2 MB each: direct
     relay = RelayServer(tensors, FP, 0, SETTINGS, host="127.0.0.1")
     plan = plan_buckets(build_manifest(tensors).specs, SETTINGS.bucket_bytes)
-    ack = Ack("ab" * 8, 1234, SETTINGS.bucket_bytes, relay._algorithm, ("00",) * len(plan), "ef")
+    ack = Ack(
+        "ab" * 16, 1234, SETTINGS.bucket_bytes, relay._algorithm, ("00",) * len(plan), "ef"
+    )
     return relay, plan, ack
 
 
@@ -39,7 +41,8 @@ def test_not_receiving_refuses_and_has_no_checksums():
     assert relay._refusal_reason(hello) == NOT_RECEIVING
     relay.transfer_started("up:1", ack, plan)
     assert relay._refusal_reason(hello) is None
-    assert relay._plan_for(SETTINGS.bucket_bytes) == (plan, ack.checksums)  # root's checksums
+    served = relay._plan_for(SETTINGS.bucket_bytes)  # the root's checksums
+    assert (served.buckets, served.checksums) == (plan, ack.checksums)
 
 
 def test_unverified_bucket_is_never_released():

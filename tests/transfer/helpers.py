@@ -101,15 +101,15 @@ def _source_main(spec: SourceSpec, endpoint_queue, stop_conn) -> None:
     server.start()
     server.wait_ready(60)
     if spec.fault == "kill_mid_transfer":
-        original, sent = server_mod.pack_bucket, [0]
+        original, sent = server_mod.BucketReader.read, [0]
 
-        def pack_then_die(*args, **kwargs):
+        def read_then_die(self, *args, **kwargs):
             sent[0] += 1
             if sent[0] > 5:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(*args, **kwargs)
+            return original(self, *args, **kwargs)
 
-        server_mod.pack_bucket = pack_then_die
+        server_mod.BucketReader.read = read_then_die
     elif spec.fault == "hang_after_ack":
         server._send_buckets = lambda session, plan: time.sleep(3600)
     elif spec.fault == "corrupt_after_checksums":

@@ -3,9 +3,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loader.buckets import (
+    BucketReader,
     direct_min_bytes,
+    max_bucket_bytes,
     max_packed_bytes,
-    pack_bucket,
     plan_buckets,
     unpack_bucket,
 )
@@ -16,19 +17,23 @@ def specs(sizes):
     return [TensorSpec(f"t{i}", "uint8", (n,), n) for i, n in enumerate(sizes)]
 
 
-def test_small_tensors_are_coalesced_and_large_ones_sent_directly():
-    # bucket 1600 bytes: tensors of >= 100 bytes (1/16) go directly
+def test_small_tensors_are_coalesced_and_large_ones_sent_directly_in_pieces():
+    # bucket 1600 bytes: tensors of >= 100 bytes (1/16) go directly, at most 1600 at a time
     plan = plan_buckets(specs([10, 20, 30, 600, 40, 99, 100, 5000, 5]), bucket_bytes=1600)
     assert [(b.direct, [i.name for i in b.items], b.nbytes) for b in plan] == [
         (False, ["t0", "t1", "t2"], 60),
         (True, ["t3"], 600),
         (False, ["t4", "t5"], 139),
         (True, ["t6"], 100),
-        (True, ["t7"], 5000),
+        (True, ["t7"], 1600),
+        (True, ["t7"], 1600),
+        (True, ["t7"], 1600),
+        (True, ["t7"], 200),
         (False, ["t8"], 5),
     ]
-    assert [b.index for b in plan] == list(range(6))
-    assert max_packed_bytes(plan) == 139
+    assert [b.items[0].tensor_offset for b in plan[4:8]] == [0, 1600, 3200, 4800]
+    assert [b.index for b in plan] == list(range(9))
+    assert max_packed_bytes(plan) == 139 and max_bucket_bytes(plan) == 1600
     assert direct_min_bytes(64 << 20) == 4 << 20
 
 
@@ -50,11 +55,17 @@ def test_empty_tensors_are_skipped():
 @given(st.lists(st.integers(0, 5000), max_size=60), st.integers(1, 3000))
 def test_plan_covers_every_byte_once_in_order(sizes, bucket_bytes):
     plan = plan_buckets(specs(sizes), bucket_bytes)
-    names = [item.name for b in plan for item in b.items]
+    names = list(dict.fromkeys(item.name for b in plan for item in b.items))
     assert names == [f"t{i}" for i, n in enumerate(sizes) if n > 0]
+    covered = {}
     for b in plan:
+        assert b.nbytes <= bucket_bytes  # fits one staging slot
+        for item in b.items:  # each tensor's bytes exactly once, in order
+            assert item.tensor_offset == covered.get(item.name, 0)
+            covered[item.name] = item.tensor_offset + item.nbytes
         if b.direct:
-            assert len(b.items) == 1 and b.nbytes >= direct_min_bytes(bucket_bytes)
+            item = b.items[0]
+            assert len(b.items) == 1 and sizes[int(item.name[1:])] >= direct_min_bytes(bucket_bytes)
         else:
             assert b.nbytes <= bucket_bytes
             assert all(i.nbytes < direct_min_bytes(bucket_bytes) for i in b.items)
@@ -72,14 +83,16 @@ def test_pack_and_unpack_round_trip_mixed_dtypes():
         "b": torch.randn(7).to(torch.bfloat16),
         "c": torch.arange(11, dtype=torch.int64),
         "d": torch.tensor(True),
-        "nc": torch.randn(4, 6).t(),  # non-contiguous source and destination
+        "nc": torch.randn(40, 60).t(),  # non-contiguous source, sent in pieces
+        "big": torch.randn(1000),
     }
-    dest = {k: torch.zeros_like(v) for k, v in src.items()}
-    dest["nc"] = torch.zeros(4, 6).t()
+    dest = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in src.items()}
     manifest = build_manifest(src)
-    plan = plan_buckets(manifest.specs, bucket_bytes=1 << 20)
+    plan = plan_buckets(manifest.specs, bucket_bytes=1024)
+    assert sum(1 for b in plan if b.items[0].name == "nc") > 1
+    reader = BucketReader(src)
     buffer = torch.empty(max_packed_bytes(plan), dtype=torch.uint8)
     for bucket in plan:
-        unpack_bucket(bucket, pack_bucket(bucket, src, buffer).clone(), dest)
+        unpack_bucket(bucket, reader.read(bucket, buffer).clone(), dest)
     for k in src:
         assert torch.equal(dest[k], src[k]), k

@@ -1,37 +1,84 @@
 import pytest
 import torch
 
-from loader.checksum import BLAKE3, SHA256, WSUM64, algorithm_for_device, digest
+from loader.checksum import BLAKE3_KEYED, MLH31, algorithm_for_device, digest, new_key
+
+KEY = bytes(range(32))
 
 
-@pytest.mark.parametrize("algorithm", [BLAKE3, SHA256, WSUM64])
-@pytest.mark.parametrize("n", [1, 7, 8192, 8192 * 3 + 5, 100_003])
+@pytest.mark.parametrize("algorithm", [BLAKE3_KEYED, MLH31])
+@pytest.mark.parametrize("n", [1, 7, 8192, 8192 * 3 + 5, 100_003, (1 << 21) + 3])
 def test_any_single_byte_change_is_detected(algorithm, n):
     g = torch.Generator().manual_seed(n)
     data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-    reference = digest(data, algorithm)
-    assert digest(data.clone(), algorithm) == reference
+    reference = digest(data, algorithm, KEY)
+    assert digest(data.clone(), algorithm, KEY) == reference
     for pos in {0, n // 2, n - 1}:
         corrupted = data.clone()
         corrupted[pos] ^= 0x10
-        assert digest(corrupted, algorithm) != reference
+        assert digest(corrupted, algorithm, KEY) != reference
+
+
+@pytest.mark.parametrize("algorithm", [BLAKE3_KEYED, MLH31])
+def test_the_checksum_depends_on_the_key(algorithm):
+    data = torch.randint(0, 256, (10_000,), dtype=torch.uint8)
+    assert digest(data, algorithm, KEY) != digest(data, algorithm, new_key())
+
+
+def test_changes_that_keep_the_old_linear_sum_are_detected():
+    """The unkeyed position-weighted sum (wsum64) could be fooled by changing three words
+    so that both its sums stay equal; the keyed hash cannot be steered that way."""
+    words = torch.zeros(1024, dtype=torch.int64)
+    forged = words.clone()
+    # +1 at weights 1 and 3, -2 at weight 2: sum and weighted sum unchanged
+    forged[0], forged[1], forged[2] = 1, -2, 1
+    assert int(forged.sum()) == 0 and int((forged * torch.arange(1, 1025)).sum()) == 0
+    data, bad = words.view(torch.uint8), forged.view(torch.uint8)
+    assert digest(data, MLH31, KEY) != digest(bad, MLH31, KEY)
 
 
 def test_swapped_words_are_detected_by_the_device_checksum():
     data = torch.arange(64, dtype=torch.int64).view(torch.uint8)
     swapped = data.view(torch.int64).flip(0).contiguous().view(torch.uint8)
-    assert digest(data, WSUM64) != digest(swapped, WSUM64)
+    assert digest(data, MLH31, KEY) != digest(swapped, MLH31, KEY)
+
+
+def test_trailing_zero_bytes_change_the_device_checksum():
+    data = torch.randint(1, 256, (1001,), dtype=torch.uint8)
+    assert digest(data, MLH31, KEY) != digest(torch.cat([data, torch.zeros(1, dtype=torch.uint8)]), MLH31, KEY)
 
 
 def test_unaligned_slice_works():
     data = torch.randint(0, 256, (1001,), dtype=torch.uint8)
-    assert digest(data[1:], WSUM64) == digest(data[1:].clone(), WSUM64)
+    assert digest(data[1:], MLH31, KEY) == digest(data[1:].clone(), MLH31, KEY)
+
+
+def test_device_checksum_temporaries_stay_bounded():
+    """A 64 MiB bucket allocates at most a few MiB at a time (chunked), not 8x the bucket."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestAllocation(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel() * t.element_size())
+            return out
+
+    data = torch.zeros(64 << 20, dtype=torch.uint8)
+    with LargestAllocation() as mode:
+        digest(data, MLH31, KEY)
+    assert mode.largest <= 16 << 20, mode.largest
 
 
 def test_algorithm_choice_and_input_checks():
-    assert algorithm_for_device("cpu") == BLAKE3
-    assert algorithm_for_device("cuda") == WSUM64 == algorithm_for_device("npu")
+    assert algorithm_for_device("cpu") == BLAKE3_KEYED
+    assert algorithm_for_device("cuda") == MLH31 == algorithm_for_device("npu")
     with pytest.raises(ValueError):
-        digest(torch.zeros(4), BLAKE3)
+        digest(torch.zeros(4), BLAKE3_KEYED, KEY)
     with pytest.raises(ValueError):
-        digest(torch.zeros(4, dtype=torch.uint8), "md4")
+        digest(torch.zeros(4, dtype=torch.uint8), "md4", KEY)
+    with pytest.raises(ValueError):
+        digest(torch.zeros(4, dtype=torch.uint8), BLAKE3_KEYED, b"short")

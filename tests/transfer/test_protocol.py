@@ -4,18 +4,30 @@ import torch
 from loader import protocol
 from loader.manifest import build_manifest
 
+SESSION = "0123456789abcdef" * 2
+
+
+def plan_length(n):
+    """Each test ack's plan: as many buckets as checksums it carries."""
+    return lambda bucket_bytes: n
+
+
+def parse_ack(msg):
+    return protocol.parse_reply(msg, plan_length(len(msg.get("checksums", []))))
+
+
 MANIFEST = build_manifest({"a": torch.zeros(3), "b": torch.zeros(2, dtype=torch.int8)})
 
 
 def hello(**changes):
-    msg = protocol.hello_message("ab" * 32, 0, MANIFEST, "127.0.0.1", "gloo", 1 << 20)
+    msg = protocol.hello_message("ab" * 32, 0, MANIFEST, "gloo", 1 << 20)
     msg.update(changes)
     return msg
 
 
 def ack(**changes):
     msg = protocol.ack_message(
-        protocol.Ack("0123456789abcdef", 4000, 1 << 20, "sha256", ("ff" * 32,), "aa" * 32)
+        protocol.Ack(SESSION, 4000, 1 << 20, "blake3-keyed", ("ff" * 32,), "aa" * 32)
     )
     msg.update(changes)
     return msg
@@ -23,13 +35,13 @@ def ack(**changes):
 
 def test_round_trip():
     parsed = protocol.parse_hello(protocol.decode(protocol.encode(hello()), 1 << 20))
-    assert parsed.manifest == MANIFEST and parsed.pg_host == "127.0.0.1"
-    reply = protocol.parse_reply(protocol.decode(protocol.encode(ack()), 1 << 20))
+    assert parsed.manifest == MANIFEST and parsed.backend == "gloo"
+    reply = parse_ack(protocol.decode(protocol.encode(ack()), 1 << 20))
     assert isinstance(reply, protocol.Ack) and reply.store_port == 4000
-    refusal = protocol.parse_reply(protocol.nack_message("no\x00pe"))
+    refusal = parse_ack(protocol.nack_message("no\x00pe"))
     assert refusal == protocol.Refusal(busy=False, reason="no?pe")
-    assert protocol.parse_reply(protocol.nack_message("full", busy=True)).busy
-    done = protocol.parse_done(protocol.done_message("0123456789abcdef", False, "checksum"))
+    assert parse_ack(protocol.nack_message("full", busy=True)).busy
+    done = protocol.parse_done(protocol.done_message(SESSION, False, "checksum"))
     assert done.reason == "checksum" and not done.ok
 
 
@@ -45,13 +57,13 @@ def test_garbage_payloads_are_protocol_errors(payload):
 @pytest.mark.parametrize(
     "changes",
     [
-        {"v": 2},
+        {"v": 1},
         {"fingerprint": "not-hex"},
         {"fingerprint": 12},
         {"rank": -1},
         {"rank": True},
         {"manifest": {"tensors": "x", "aliases": []}},
-        {"pg_host": "bad host; rm -rf"},
+        {"pg_host": "127.0.0.1"},  # a v1 field
         {"backend": "mpi"},
         {"max_bucket_bytes": 10},
         {"unexpected": 1},
@@ -67,6 +79,7 @@ def test_bad_hellos_are_rejected(changes):
     [
         {"type": "hello"},
         {"session": "xyz"},
+        {"session": "0123456789abcdef"},  # 64 bits: too short to be the store's secret prefix
         {"store_port": 0},
         {"store_port": 70000},
         {"bucket_bytes": "big"},
@@ -79,27 +92,27 @@ def test_bad_hellos_are_rejected(changes):
 )
 def test_bad_acks_are_rejected(changes):
     with pytest.raises(protocol.ProtocolError):
-        protocol.parse_reply(ack(**changes))
+        parse_ack(ack(**changes))
 
 
 def test_bad_done_and_refusals_are_rejected():
     with pytest.raises(protocol.ProtocolError):
-        protocol.parse_done({"type": "done", "session": "0123456789abcdef", "ok": "yes", "reason": None})
+        protocol.parse_done({"type": "done", "session": SESSION, "ok": "yes", "reason": None})
     with pytest.raises(protocol.ProtocolError):
-        protocol.parse_reply({"type": "nack", "reason": 5})
+        parse_ack({"type": "nack", "reason": 5})
 
 
 def test_resume_and_skip_round_trip_as_ranges():
     resume = protocol.Resume.of(1 << 20, {0, 1, 2, 5, 7, 8})
-    msg = protocol.hello_message("ab" * 32, 0, MANIFEST, "127.0.0.1", "gloo", 1 << 20, resume)
+    msg = protocol.hello_message("ab" * 32, 0, MANIFEST, "gloo", 1 << 20, resume)
     assert msg["resume"]["have"] == [[0, 3], [5, 6], [7, 9]]
     parsed = protocol.parse_hello(protocol.decode(protocol.encode(msg), 1 << 20))
     assert parsed.resume.indices(100) == {0, 1, 2, 5, 7, 8}
     assert parsed.resume.indices(6) == {0, 1, 2, 5}  # never beyond the real bucket count
     assert protocol.parse_hello(hello()).resume is None
-    reply = protocol.parse_reply(ack(checksums=["ff"] * 4, skip=[[0, 2], [3, 4]]))
+    reply = parse_ack(ack(checksums=["ff"] * 4, skip=[[0, 2], [3, 4]]))
     assert reply.skip == {0, 1, 3}
-    assert protocol.parse_reply(ack()).skip == frozenset()
+    assert parse_ack(ack()).skip == frozenset()
 
 
 @pytest.mark.parametrize(
@@ -124,4 +137,17 @@ def test_bad_resume_ranges_are_rejected(have):
 @pytest.mark.parametrize("skip", [[[0, 2]], [[1, 1]], "all", [[0, 1], [0, 1]]])
 def test_skip_beyond_the_checksums_or_malformed_is_rejected(skip):
     with pytest.raises(protocol.ProtocolError):
-        protocol.parse_reply(ack(skip=skip))  # one checksum: only bucket 0 exists
+        parse_ack(ack(skip=skip))  # one checksum: only bucket 0 exists
+
+
+def test_a_checksum_list_longer_than_our_plan_is_refused_before_it_is_parsed():
+    seen = []
+
+    def plan_of_three(bucket_bytes):
+        seen.append(bucket_bytes)
+        return 3
+
+    huge = ack(checksums=[object()] * 100_000)  # entries that would fail if parsed
+    with pytest.raises(protocol.ProtocolError, match="100000 for a plan of 3"):
+        protocol.parse_reply(huge, plan_of_three)
+    assert seen == [1 << 20]

@@ -41,7 +41,7 @@ def ask(sock, *frames) -> dict:
 
 
 def hello(**changes) -> bytes:
-    msg = protocol.hello_message(FINGERPRINT, 0, build_manifest(TENSORS), "127.0.0.1", "gloo", 1 << 20)
+    msg = protocol.hello_message(FINGERPRINT, 0, build_manifest(TENSORS), "gloo", 1 << 20)
     msg.update(changes)
     return orjson.dumps(msg)
 
