@@ -81,6 +81,7 @@ class MeshAgent:
         self._transport: ZmqTransport | None = None
         self._core: MeshCore | None = None
         self.decoder = Decoder()
+        self.handler_errors = 0  # valid messages the core failed on (dropped)
         self.addr: str | None = None
         self.name: str | None = None
 
@@ -239,7 +240,14 @@ class MeshAgent:
             reply = {"v": PROTOCOL_VERSION, "t": "qres", "q": msg["q"], "self": self.name, "ms": rows}
             self._transport.reply(identity, encode(reply))
         elif kind != "qres":
-            self._send_all(self._core.handle(time.monotonic(), msg))
+            try:
+                out = self._core.handle(time.monotonic(), msg)
+            except Exception:  # a message must never stop the agent: drop it, count it
+                self.handler_errors += 1
+                if self.handler_errors == 1:
+                    log.exception("mesh agent %s: dropped a %s message that failed", self.name, kind)
+                return
+            self._send_all(out)
 
     def _run_commands(self) -> None:
         latest_meta = None

@@ -15,7 +15,7 @@ import orjson
 from .addresses import parse_seed_list
 from .api import MeshAgent
 from .security import load_cluster_keys
-from .status import StatusError, format_table, query_members
+from .status import StatusError, format_table, printable, query_members
 
 # keys whose values are identifiers: "1234" must stay the string "1234"
 STRING_META_KEYS = {"fingerprint", "endpoint", "zone", "host", "model"}
@@ -118,7 +118,7 @@ def run_status(args) -> int:
             if args.watch:
                 sys.stdout.write("\x1b[H\x1b[2J")
             alive = sum(1 for r in rows if r["state"] == "alive")
-            sys.stdout.write(f"{len(rows)} members ({alive} alive), view of {responder}\n")
+            sys.stdout.write(f"{len(rows)} members ({alive} alive), view of {printable(responder)}\n")
             sys.stdout.write(format_table(rows) + "\n")
         sys.stdout.flush()
         if not args.watch:

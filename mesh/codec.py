@@ -29,12 +29,16 @@ import orjson
 from .members import MAX_META_BYTES, MAX_META_KEY_CHARS, MAX_NAME_CHARS
 
 PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_MESSAGE_BYTES = 1024 * 1024  # any message between members (the core keeps its own below)
+MAX_STATUS_BYTES = 16 * 1024 * 1024  # a `mesh status` reply: every member with its metadata
 MAX_ENTRIES = 20000
 MAX_PIGGYBACK_ENTRIES = 64
 MAX_META_KEYS = 32
 MAX_META_STR_CHARS = 256
 MAX_INT = 2**53
+# Incarnations stop well below MAX_INT so that a refutation (claim + 1) is always a valid
+# number; the core additionally refuses claims that jump far ahead (see core.INCARNATION_STEP).
+MAX_INCARNATION = 2**52
 MAX_HASH = 2**64 - 1
 
 _ADDR_RE = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9_.-]{1,253}):([0-9]{1,5})$")
@@ -50,6 +54,21 @@ class Invalid(ValueError):
 
 def encode(msg: dict) -> bytes:
     return orjson.dumps(msg)
+
+
+def fit(rng, items: list, budget: int) -> list:
+    """`items`, or as many of them (a random choice) as encode within `budget` bytes."""
+    if len(orjson.dumps(items)) <= budget:
+        return items
+    rng.shuffle(items)
+    fitted: list = []
+    used = 2
+    for item in items:
+        used += len(orjson.dumps(item)) + 1
+        if used > budget:
+            break
+        fitted.append(item)
+    return fitted
 
 
 def valid_addr(value) -> bool:
@@ -127,7 +146,7 @@ def _entry(value) -> dict:
     out = {
         "n": _name(value.get("n")),
         "a": _addr(value.get("a")),
-        "i": _int(value.get("i")),
+        "i": _int(value.get("i"), 0, MAX_INCARNATION),
         "s": state,
     }
     if "m" in value:
@@ -148,7 +167,7 @@ def _entries(value, limit: int) -> list[dict]:
 def _digest_row(value) -> list:
     if not isinstance(value, list) or len(value) != 3:
         raise Invalid("digest row")
-    return [_name(value[0]), _int(value[1]), _int(value[2], 0, 3)]
+    return [_name(value[0]), _int(value[1], 0, MAX_INCARNATION), _int(value[2], 0, 3)]
 
 
 def _member_row(value) -> dict:
@@ -166,7 +185,7 @@ def _member_row(value) -> dict:
         "name": _name(value.get("name")),
         "addr": _addr(value.get("addr")),
         "state": state,
-        "incarnation": _int(value.get("incarnation")),
+        "incarnation": _int(value.get("incarnation"), 0, MAX_INCARNATION),
         "meta": validate_meta(value.get("meta", {})),
         "rtt": rtt,
         "last_heard": heard,
@@ -211,9 +230,11 @@ def _validate(msg) -> dict:
 
 
 class Decoder:
-    """Decodes and validates; counts rejected messages by reason instead of raising."""
+    """Decodes and validates; counts rejected messages by reason instead of raising.
+    Messages over `max_bytes` are rejected before parsing."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.max_bytes = max_bytes
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
 
@@ -221,7 +242,7 @@ class Decoder:
         try:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise Invalid("not bytes")
-            if len(data) > MAX_MESSAGE_BYTES:
+            if len(data) > self.max_bytes:
                 raise Invalid("too large")
             try:
                 raw = orjson.loads(data)

@@ -10,8 +10,9 @@ Mechanisms (see DESIGN.md §2):
   k indirect probes plus a second direct ping, nacks from helpers;
 - a member hearing of a new suspicion probes the suspect next, so a real failure
   collects independent confirmations quickly while a healthy suspect just answers;
-- suspicion with a timeout that starts at max and shrinks towards min as
-  independent accusers confirm it (Lifeguard), refutation by incarnation bump;
+- suspicion with a timeout that starts at max and shrinks towards min as up to k
+  independent accusers confirm it (Lifeguard, mesh/suspicion.py), refutation by
+  incarnation bump;
 - local health multiplier: a member that misses acks/nacks itself probes more
   slowly and waits longer instead of accusing others (Lifeguard);
 - updates piggybacked on pings/acks and gossiped to `gossip_fanout` members every
@@ -19,7 +20,9 @@ Mechanisms (see DESIGN.md §2):
   times; nothing is gossiped when nothing changed;
 - anti-entropy every `sync_interval`: exchange one 64-bit view hash, and only on a
   mismatch a digest and then the differing entries;
-- join by pushing our entry to seeds, graceful leave (`left`), tombstones expire.
+- join by pushing our entry to seeds, graceful leave (`left`), tombstones expire;
+- claims from the network are untrusted: incredible incarnation jumps and address
+  changes of live members are refused and counted in `dropped` (mesh/claims.py).
 """
 
 from __future__ import annotations
@@ -27,14 +30,19 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 
-from .codec import MAX_PIGGYBACK_ENTRIES, validate_meta
+from .claims import ClaimFilter
+from .codec import MAX_INCARNATION, MAX_MESSAGE_BYTES, MAX_PIGGYBACK_ENTRIES, fit, validate_meta
 from .members import ALIVE, DEAD, LEFT, SUSPECT, Entry, entry_digest
+from .suspicion import Suspicion, suspicion_bounds
 
 Out = tuple[str, dict]
+
+# budget for the entries or digest rows of one message; the rest of it fits in the remainder
+STATE_BUDGET = MAX_MESSAGE_BYTES - 16 * 1024
 
 # the receiver never answers these, so they need not carry the sender's address
 _NO_REPLY_TYPES = frozenset({"ack", "nack", "gos"})
@@ -124,14 +132,6 @@ class Probe:
 
 
 @dataclass(slots=True)
-class Suspicion:
-    incarnation: int
-    start: float
-    accusers: set
-    deadline: float
-
-
-@dataclass(slots=True)
 class HelpRequest:
     requester_addr: str
     requester_seq: int
@@ -154,6 +154,7 @@ class MeshCore:
         self.rng = rng
         self.config = config or ProtocolConfig()
         self.incarnation = 0
+        self.heard_of_self = False  # has any claim about us arrived yet (see _apply_own)
         self.meta = validate_meta(dict(meta or {}))
         self.leaving = False
         self.last_advertise_push = -math.inf
@@ -173,6 +174,8 @@ class MeshCore:
         self.events: list[tuple[float, str, int | None, int | None, int]] = []
         self.alive_count = 0
         self.by_state = [IndexedSet() for _ in range(4)]  # other members' names per state
+        self.claims = ClaimFilter(name)
+        self.dropped = self.claims.dropped  # refused claims by reason
         c = self.config
         self.next_probe_at = now + rng.uniform(0, c.probe_interval)
         self.next_gossip_at = now
@@ -236,7 +239,7 @@ class MeshCore:
         once (a starting instance waits on these updates), at most once per gossip
         interval; later ticks carry it on."""
         self.meta = validate_meta(dict(meta))
-        self.incarnation += 1
+        self._bump_incarnation(self.incarnation)
         self._install(now, self._own_entry(), rumor=True)
         out: list[Out] = []
         if now - self.last_advertise_push >= self.config.gossip_interval:
@@ -248,7 +251,7 @@ class MeshCore:
         """Announce `left` to a few members now; keep gossiping it on later ticks."""
         if self.leaving:
             return []
-        self.incarnation += 1
+        self._bump_incarnation(self.incarnation)
         self._install(now, Entry(self.name, self.addr, self.incarnation, LEFT), rumor=True)
         self.leaving = True
         out: list[Out] = []
@@ -307,6 +310,7 @@ class MeshCore:
     def _on_syn(self, now: float, msg: dict, out: list[Out]) -> None:
         if msg["h"] != self.view_hash:
             digest = [[n, e.incarnation, e.state] for n, e in self.view.items()]
+            digest = fit(self.rng, digest, STATE_BUDGET)
             self._send(out, msg["fa"], {"t": "dig", "h": self.view_hash, "d": digest})
 
     def _on_dig(self, now: float, msg: dict, out: list[Out]) -> None:
@@ -326,6 +330,8 @@ class MeshCore:
             elif (inc, state) < (mine.incarnation, mine.state):
                 send.append(mine.to_wire())
         send += [e.to_wire() for n, e in self.view.items() if n not in theirs]
+        want = fit(self.rng, want, STATE_BUDGET // 2)
+        send = fit(self.rng, send, STATE_BUDGET // 2)
         if send or want:
             self._send(out, msg["fa"], {"t": "dlt", "u": send, "w": want})
 
@@ -333,6 +339,7 @@ class MeshCore:
         for wire in msg["u"]:
             self._apply(now, Entry.from_wire(wire), gossip=False)
         wanted = [self.view[n].to_wire() for n in msg["w"] if n in self.view]
+        wanted = fit(self.rng, wanted, STATE_BUDGET)
         if wanted:
             self._send(out, msg["fa"], {"t": "dlt", "u": wanted, "w": []})
 
@@ -341,7 +348,8 @@ class MeshCore:
             entry = Entry.from_wire(wire)
             self._apply(now, entry, gossip=entry.name == msg["f"])
         if msg["r"]:
-            self._send(out, msg["fa"], {"t": "push", "u": self._full_state(), "r": False})
+            full_state = fit(self.rng, self._full_state(), STATE_BUDGET)
+            self._send(out, msg["fa"], {"t": "push", "u": full_state, "r": False})
 
     # ------------------------------------------------------------------ timers
 
@@ -451,13 +459,20 @@ class MeshCore:
 
     def _apply(self, now: float, entry: Entry, gossip: bool) -> None:
         if entry.name == self.name:
-            own = self.view[self.name]
-            if entry.supersedes(own):
-                self._refute(now, entry)
+            self._apply_own(now, entry)
             return
         current = self.view.get(entry.name)
         if current is None and (entry.state != ALIVE or len(self.view) >= self.config.max_members):
             return  # no news about members we never knew (or whose tombstone expired)
+        known = None if current is None else current.incarnation
+        if not self.claims.credible(entry.incarnation, known):
+            return
+        if current is not None and entry.addr != current.addr and current.state in (ALIVE, SUSPECT):
+            if entry.state != ALIVE:
+                entry = replace(entry, addr=current.addr)  # a state claim does not move a member
+            elif entry.supersedes(current):
+                self.claims.conflict(entry, current)
+                return
         if not entry.supersedes(current):
             if (
                 entry.state == SUSPECT
@@ -472,8 +487,24 @@ class MeshCore:
         rumor = gossip or current is not None
         self._install(now, entry, rumor=rumor)
 
+    def _apply_own(self, now: float, claim: Entry) -> None:
+        """A claim about ourselves: refute anything newer than our own entry. The first
+        claim we hear may be the mesh's record of an earlier process under our name (a
+        restart), whatever its incarnation; later ones must be credible."""
+        first, self.heard_of_self = not self.heard_of_self, True
+        if not claim.supersedes(self.view[self.name]):
+            return
+        if claim.addr != self.addr and claim.state == ALIVE:
+            self.claims.conflict(claim, self.view[self.name])
+        if self.claims.credible(claim.incarnation, None if first else self.incarnation):
+            self._refute(now, claim)
+
+    def _bump_incarnation(self, above: int) -> None:
+        # never past what receivers accept (unreachable in practice, see mesh/claims.py)
+        self.incarnation = min(max(self.incarnation, above) + 1, MAX_INCARNATION)
+
     def _refute(self, now: float, claim: Entry) -> None:
-        self.incarnation = max(self.incarnation, claim.incarnation) + 1
+        self._bump_incarnation(claim.incarnation)
         if claim.state != ALIVE:
             self._adjust_awareness(1)
         self._install(now, self._own_entry(), rumor=True)
@@ -540,44 +571,22 @@ class MeshCore:
     # -------------------------------------------------------------- suspicion
 
     def _suspicion_bounds(self) -> tuple[float, float, int]:
-        c = self.config
-        n = max(self.alive_count, 1)
-        low = c.suspicion_mult * max(1.0, math.log10(n)) * c.probe_interval
-        if not c.lifeguard:
-            return low, low, 0
-        k = c.suspicion_confirmations
-        if n - 2 < k:
-            k = 0
-        return low, c.suspicion_max_mult * low, k
+        return suspicion_bounds(self.config, self.alive_count)
 
     def _start_suspicion(self, now: float, entry: Entry) -> None:
         existing = self.suspicions.get(entry.name)
         if existing is not None and existing.incarnation == entry.incarnation:
             if entry.accuser is not None:
-                self._confirm(now, entry.name, entry.accuser)
+                existing.confirm(entry.accuser)
             return
         accusers = {entry.accuser} if entry.accuser is not None else set()
-        s = Suspicion(entry.incarnation, now, accusers, now)
-        self.suspicions[entry.name] = s
-        self._set_suspicion_deadline(s)
+        low, high, k = self._suspicion_bounds()
+        self.suspicions[entry.name] = Suspicion(entry.incarnation, now, low, high, k, accusers)
 
     def _confirm(self, now: float, name: str, accuser: str) -> bool:
+        """True when this was a new confirmation, counted (at most k are): worth re-gossiping."""
         s = self.suspicions.get(name)
-        if s is None or accuser in s.accusers:
-            return False
-        s.accusers.add(accuser)
-        self._set_suspicion_deadline(s)
-        return True
-
-    def _set_suspicion_deadline(self, s: Suspicion) -> None:
-        low, high, k = self._suspicion_bounds()
-        if k < 1:
-            timeout = low
-        else:
-            confirmations = max(len(s.accusers) - 1, 0)
-            frac = math.log(confirmations + 1) / math.log(k + 1)
-            timeout = max(low, high - (high - low) * frac)
-        s.deadline = s.start + timeout
+        return s is not None and s.confirm(accuser)
 
     # -------------------------------------------------------------- messaging
 

@@ -67,9 +67,16 @@ class Simulator:
     def addr_of(self, name: str) -> str:
         return self.nodes[name].addr if name in self.nodes else _addr_for(len(self.nodes))
 
-    def add_node(self, name: str, seeds: list[str] = (), meta: dict | None = None) -> SimNode:
-        """Start a member now; `seeds` are names of existing nodes (or addrs)."""
-        addr = self.nodes[name].addr if name in self.nodes else _addr_for(len(self.by_addr))
+    def add_node(
+        self, name: str, seeds: list[str] = (), meta: dict | None = None, new_addr: bool = False
+    ) -> SimNode:
+        """Start a member now; `seeds` are names of existing nodes (or addrs). A name
+        already used restarts at its old address, unless `new_addr`: then the old node
+        keeps running too (reachable at its address, no longer by name here)."""
+        if name in self.nodes and not new_addr:
+            addr = self.nodes[name].addr
+        else:
+            addr = _addr_for(len(self.by_addr))
         generation = self._generation.get(name, -1) + 1
         self._generation[name] = generation
         rng = random.Random(f"{self.seed}/{name}/{generation}")
@@ -103,6 +110,10 @@ class Simulator:
         self._dispatch(node, node.core.advertise(self.now, meta))
         self._emit(node)
         self._reschedule(node)
+
+    def inject(self, name: str, msg: dict) -> None:
+        """Deliver `msg` to `name` now, as if sent from outside the mesh (e.g. forged)."""
+        self._push(self.now, "msg", self.nodes[name].addr, encode(msg))
 
     def stall(self, name: str, duration: float) -> None:
         node = self.nodes[name]

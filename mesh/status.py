@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 
 import zmq
 
 from .addresses import resolve_seeds, zmq_endpoint
-from .codec import PROTOCOL_VERSION, Decoder, encode
+from .codec import MAX_STATUS_BYTES, PROTOCOL_VERSION, Decoder, encode
 from .security import ClusterKeys, release_context, secure_client
 
 
@@ -23,7 +24,7 @@ def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: floa
         raise StatusError(f"no seed address could be resolved from {','.join(seed_specs) or '(none)'}")
     query_id = random.randrange(1 << 52)
     request = encode({"v": PROTOCOL_VERSION, "t": "qry", "q": query_id})
-    decoder = Decoder()
+    decoder = Decoder(max_bytes=MAX_STATUS_BYTES)
     context = zmq.Context()
     sockets = []
     try:
@@ -31,7 +32,7 @@ def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: floa
         for addr in addrs:
             sock = context.socket(zmq.DEALER)
             sock.linger = 0
-            sock.maxmsgsize = 16 * 1024 * 1024
+            sock.maxmsgsize = MAX_STATUS_BYTES
             if addr.startswith("["):
                 sock.ipv6 = True
             secure_client(sock, keys)
@@ -54,8 +55,19 @@ def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: floa
     raise StatusError(f"no agent answered at {', '.join(addrs)} within {timeout:g}s{hint}")
 
 
+# an escape or control sequence: ESC or CSI (0x9b), parameters, intermediates, final byte
+_ESCAPE_SEQUENCE_RE = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?|\x1b[ -~]?")
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: escape sequences and every other non-printable
+    character (C0, DEL, C1, line separators, bidi controls) become one "?" each."""
+    text = _ESCAPE_SEQUENCE_RE.sub("?", text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
 def _short(value, width: int) -> str:
-    text = "-" if value is None or value == "" else str(value)
+    text = "-" if value is None or value == "" else printable(str(value))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -66,13 +78,15 @@ def _ago(seconds) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
+    """A text table of member rows; names and metadata come from the network, so nothing
+    in it can move the cursor, clear the screen or otherwise talk to the terminal."""
     header = ["NAME", "ADDRESS", "STATE", "INC", "FINGERPRINT", "TPxPP", "RANK", "ENDPOINT", "LOAD", "RTT", "LAST HEARD"]
     table = [header]
     for row in sorted(rows, key=lambda r: r["name"]):
         meta = row.get("meta", {})
         tp, pp = meta.get("tp"), meta.get("pp")
         rtt = row.get("rtt")
-        table.append([
+        cells = [
             _short(row["name"], 40),
             row["addr"],
             row["state"],
@@ -84,6 +98,7 @@ def format_table(rows: list[dict]) -> str:
             _short(meta.get("load"), 8),
             "-" if rtt is None else f"{rtt * 1000:.2f}ms",
             _ago(row.get("last_heard")),
-        ])
+        ]
+        table.append([printable(cell) for cell in cells])
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)

@@ -2,13 +2,16 @@
 
 Used only from the agent's background thread (ZeroMQ sockets are not thread-safe).
 Sends never block: a full queue or an unreachable peer drops the message, which
-the protocol tolerates like packet loss.
+the protocol tolerates like packet loss. Receiving never blocks either: what arrives
+moves from the socket to a queue bounded in messages and bytes, which hands the core
+at most a batch at a time; what does not fit is dropped and counted. ZeroMQ itself
+refuses (and disconnects) a peer sending a message over MAX_MESSAGE_BYTES.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 
 import zmq
 
@@ -19,6 +22,36 @@ from .security import ClusterKeys, release_context, secure_client, secure_server
 log = logging.getLogger(__name__)
 
 
+class ReceiveQueue:
+    """FIFO of (sender identity, payload) holding at most `max_messages` messages and
+    `max_bytes` payload bytes; put() refuses (returns False) instead of growing."""
+
+    def __init__(self, max_messages: int = 4096, max_bytes: int = 32 * MAX_MESSAGE_BYTES) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.items: deque[tuple[bytes, bytes]] = deque()
+        self.bytes = 0
+
+    def put(self, identity: bytes, data: bytes) -> bool:
+        if len(self.items) >= self.max_messages or self.bytes + len(data) > self.max_bytes:
+            return False
+        self.items.append((identity, data))
+        self.bytes += len(data)
+        return True
+
+    def take(self, limit: int) -> list[tuple[bytes, bytes]]:
+        """The oldest `limit` messages (fewer if fewer are queued)."""
+        batch = []
+        while self.items and len(batch) < limit:
+            item = self.items.popleft()
+            self.bytes -= len(item[1])
+            batch.append(item)
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class ZmqTransport:
     def __init__(
         self,
@@ -27,10 +60,12 @@ class ZmqTransport:
         keys: ClusterKeys | None,
         max_peers: int = 128,
         send_queue: int = 64,
+        receive_queue: ReceiveQueue | None = None,
     ) -> None:
         self.keys = keys
         self.max_peers = max_peers
         self.send_queue = send_queue
+        self.received = receive_queue if receive_queue is not None else ReceiveQueue()
         self.context = zmq.Context()
         self.outbox: OrderedDict[str, zmq.Socket] = OrderedDict()
         self.dropped: Counter[str] = Counter()
@@ -39,7 +74,7 @@ class ZmqTransport:
             self.inbox = self.context.socket(zmq.ROUTER)
             self.inbox.linger = 0
             self.inbox.maxmsgsize = MAX_MESSAGE_BYTES
-            self.inbox.rcvhwm = 10000
+            self.inbox.rcvhwm = 1000
             self.inbox.router_mandatory = False
             if ":" in bind_host:
                 self.inbox.ipv6 = True
@@ -52,21 +87,24 @@ class ZmqTransport:
             self._close_all(0)
             raise
 
-    def receive(self, timeout_ms: int, limit: int = 1000) -> list[tuple[bytes, bytes]]:
-        """Up to `limit` (sender identity, payload) pairs; waits at most timeout_ms."""
-        if not self.inbox.poll(timeout_ms):
-            return []
-        received = []
-        while len(received) < limit:
+    def receive(self, timeout_ms: int, limit: int = 256) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` (sender identity, payload) pairs, oldest first; waits at most
+        timeout_ms, and only when nothing is queued."""
+        if len(self.received) or self.inbox.poll(timeout_ms):
+            self._drain()
+        return self.received.take(limit)
+
+    def _drain(self) -> None:
+        """Move what the socket holds (at most one queue's worth per call) to the queue."""
+        for _ in range(self.received.max_messages):
             try:
                 frames = self.inbox.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 break
             if len(frames) != 2:
                 self.dropped["frames"] += 1
-                continue
-            received.append((frames[0], frames[1]))
-        return received
+            elif not self.received.put(frames[0], frames[1]):
+                self.dropped["receive queue full"] += 1
 
     def reply(self, identity: bytes, data: bytes) -> None:
         try:
@@ -95,6 +133,8 @@ class ZmqTransport:
         sock = self.context.socket(zmq.DEALER)
         sock.linger = 0
         sock.sndhwm = self.send_queue
+        sock.maxmsgsize = MAX_MESSAGE_BYTES
+        sock.rcvhwm = 1  # nothing is ever read from these
         sock.reconnect_ivl = 100
         sock.reconnect_ivl_max = 2000
         if addr.startswith("["):

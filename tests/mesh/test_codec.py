@@ -6,14 +6,23 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.codec import MAX_META_BYTES, Decoder, Invalid, encode, validate_meta
+from mesh.codec import (
+    MAX_INCARNATION,
+    MAX_MESSAGE_BYTES,
+    MAX_META_BYTES,
+    MAX_STATUS_BYTES,
+    Decoder,
+    Invalid,
+    encode,
+    validate_meta,
+)
 from mesh.core import MeshCore
 from mesh.sim import Simulator
 
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._", min_size=1, max_size=20)
 addrs = st.builds(lambda a, b, p: f"10.0.{a}.{b}:{p}", st.integers(0, 255), st.integers(0, 255),
                   st.integers(1, 65535))
-incarnations = st.integers(0, 2**53)
+incarnations = st.integers(0, MAX_INCARNATION)
 meta_values = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53),
                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
 metas = st.dictionaries(st.text(min_size=1, max_size=10), meta_values, max_size=6)
@@ -183,3 +192,28 @@ def test_decoder_fuzz_never_raises_and_rejected_messages_change_nothing():
     assert decoder.rejected_total + decoder.accepted == attempts
     assert decoder.rejected_total > 5000
     assert accepted == decoder.accepted
+
+
+def _push_of_size(total_bytes):
+    entry = {"n": "m", "a": "10.0.0.1:1", "i": 1, "s": 0, "m": {"k": "x" * 200}}
+    count = total_bytes // len(orjson.dumps(entry))
+    return encode({"v": 1, "t": "push", "f": "a", "fa": "1.2.3.4:5", "r": False, "u": [entry] * count})
+
+
+def test_member_messages_are_limited_to_one_mib():
+    assert MAX_MESSAGE_BYTES == 1024 * 1024
+    decoder = Decoder()
+    small, big = _push_of_size(1000 * 1000), _push_of_size(1100 * 1000)
+    assert len(small) <= MAX_MESSAGE_BYTES < len(big)
+    assert decoder.decode(small) is not None
+    assert decoder.decode(big) is None and decoder.rejected["too large"] == 1
+    assert Decoder(max_bytes=MAX_STATUS_BYTES).decode(big) is not None  # `mesh status` replies
+
+
+def test_incarnations_are_limited_so_a_refutation_is_always_valid():
+    entry = {"n": "m", "a": "10.0.0.1:1", "s": 1}
+    for i, ok in ((MAX_INCARNATION, True), (MAX_INCARNATION + 1, False), (2**53, False)):
+        gos = {"v": 1, "t": "gos", "f": "a", "u": [{**entry, "i": i}]}
+        dig = {"v": 1, "t": "dig", "f": "a", "fa": "1.2.3.4:5", "h": 1, "d": [["m", i, 1]]}
+        assert (Decoder().decode(encode(gos)) is not None) is ok
+        assert (Decoder().decode(encode(dig)) is not None) is ok

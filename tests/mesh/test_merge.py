@@ -53,8 +53,14 @@ def _core():
     return MeshCore("me", "10.9.9.9:1", 0.0, random.Random(0))
 
 
+# one address per member: while a member is alive the core refuses to move it to another
+# address (first address wins, see test_same_name_twice_keeps_the_first_address), which
+# depends on arrival order by design
+one_addr_entry_st = entry_st.map(lambda e: Entry(e.name, "10.0.0.1:1", e.incarnation, e.state, e.meta))
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.lists(entry_st, max_size=12), st.randoms())
+@given(st.lists(one_addr_entry_st, max_size=12), st.randoms())
 def test_core_views_converge_whatever_the_delivery_order(entries, rnd):
     a, b = _core(), _core()
     for core in (a, b):  # members already known (news about unknown members is ignored, see below)
