@@ -41,6 +41,7 @@ ABORT_ONLY_ENV = {
     "hccl": {"HCCL_ASYNC_ERROR_HANDLING": "0"},
 }
 _env_lock = threading.Lock()
+_JOINED_KEY = "client-joined"
 
 
 def backend_for_device(device_type: str) -> str:
@@ -69,8 +70,15 @@ def create_transfer_group(
     The source passes the listening socket it bound (the store takes it over); the
     client connects to host:port."""
     backend = backend_for_device(device_type)
-    store = _tcp_store(host, port, rank, timedelta(seconds=setup_timeout_s), listen_socket)
+    setup_timeout = timedelta(seconds=setup_timeout_s)
+    store = _tcp_store(host, port, rank, setup_timeout, listen_socket)
     prefix_store = PrefixStore(store_prefix(session_id), store)
+    # the backends' own rendezvous waits with the op timeout; a client that got an ack
+    # and never comes must not hold the source for that long: wait for it here first
+    if rank == SOURCE_RANK:
+        prefix_store.wait([_JOINED_KEY], setup_timeout)
+    else:
+        prefix_store.set(_JOINED_KEY, b"1")
     op_timeout = timedelta(seconds=op_timeout_s)
     if backend == "gloo":
         return _gloo_group(prefix_store, rank, op_timeout)

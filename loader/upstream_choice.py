@@ -70,6 +70,17 @@ def rank_upstreams(members: list[dict], self_endpoint: str, zone: str | None = N
     return list(dict.fromkeys(row[-1] for row in sorted(rows)))  # best row per endpoint
 
 
+BUSY_BACKOFF_CAP_S = 2.0
+
+
+def retry_delay_s(busy_rounds: int, base_s: float, rng: random.Random, cap_s: float = BUSY_BACKOFF_CAP_S) -> float:
+    """Delay before re-reading the table. After rounds in which every upstream said "busy",
+    back off exponentially (with jitter, so newcomers refused together do not come back
+    together); otherwise (a relay about to start receiving, an empty table) retry soon."""
+    ceiling = min(cap_s, base_s * (2**busy_rounds))
+    return ceiling * (0.5 + 0.5 * rng.random())
+
+
 def fetch_with_reattach(
     read_table: Callable[[], list[dict]],
     self_endpoint: str,
@@ -99,6 +110,7 @@ def fetch_with_reattach(
     failures: list[tuple[str, str]] = []
     suspects: dict[str, float] = {}
     refusals = 0  # "busy" / "not receiving yet" answers: expected while a chain forms
+    busy_rounds = 0  # consecutive rounds in which every upstream answered "busy"
     last_offer = started
     while True:
         now = time.monotonic()
@@ -143,6 +155,8 @@ def fetch_with_reattach(
                 else:
                     suspects[source] = time.monotonic() + suspect_s
                     failures.append((source, reason))
+            all_busy = all(reason.startswith("busy:") for _, reason in outcome.failures)
+            busy_rounds = busy_rounds + 1 if all_busy and outcome.failures else 0
             last_offer = time.monotonic()
-        time.sleep(retry_s * (1 + rng.random()))
+        time.sleep(retry_delay_s(busy_rounds, retry_s, rng))
     return FetchOutcome(False, None, 0, time.monotonic() - started, failures)

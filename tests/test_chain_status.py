@@ -121,3 +121,45 @@ def test_progress_is_gossiped_in_steps():
     relay = FakeRelay()
     relay.state, relay.verified_fraction = "receiving", 0.66
     assert discovery._server_status(relay)["progress"] == 0.7
+
+
+class FakeClock:
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, s):
+        self.sleeps.append(s)
+        self.now += s
+
+
+def reattach_delays(monkeypatch, reason):
+    import loader.upstream_choice as choice
+
+    clock = FakeClock()
+    refused = SimpleNamespace(ok=False, failures=[("a:1", reason)])
+    monkeypatch.setattr(choice, "fetch_from_sources", lambda *a, **k: refused)
+    monkeypatch.setattr(choice, "time", clock)
+    row = {"name": "a", "endpoint": "a:1", "state": "complete", "load": 0, "capacity": 1}
+    fetch_with_reattach(lambda: [row], "me:1", "f" * 64, {}, 0, SETTINGS, deadline_s=30, retry_s=0.05)
+    return clock.sleeps
+
+
+def test_busy_refusals_back_off_exponentially_with_jitter(monkeypatch):
+    delays = reattach_delays(monkeypatch, "busy: source busy (4 transfers running)")
+    from loader.upstream_choice import BUSY_BACKOFF_CAP_S
+
+    assert delays[0] <= 0.1 and max(delays) <= BUSY_BACKOFF_CAP_S
+    assert delays[5] > 8 * delays[0]  # grows (0.05 * 2**6 before jitter)
+    assert max(delays) > BUSY_BACKOFF_CAP_S / 2
+    assert len(set(delays)) == len(delays)  # jittered: newcomers do not return in step
+    assert len(delays) < 40  # 30 s of busy answers cost tens of retries, not hundreds
+
+
+def test_a_relay_about_to_receive_is_retried_soon(monkeypatch):
+    from loader.protocol import NOT_RECEIVING
+
+    delays = reattach_delays(monkeypatch, f"refused: {NOT_RECEIVING}")
+    assert max(delays) <= 0.05

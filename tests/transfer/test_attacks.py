@@ -1,0 +1,170 @@
+"""What an attacker on the network can do to a weight server, and what it gets.
+
+The attacker can reach the source's ports (control socket, per-session store port) but
+does not hold the session id that travels inside the authenticated control channel.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from loader import protocol
+from loader import server as server_module
+from loader.client import fetch_from_sources
+from loader.config import TransferSettings
+from loader.manifest import build_manifest
+from loader.process_group import CLIENT_RANK
+from loader.server import BUCKET_SIZES, MAX_PENDING_PER_PEER, choose_bucket_bytes
+from tests.transfer.helpers import (
+    FAST,
+    FINGERPRINT,
+    empty_like_all,
+    in_process_server,
+    make_tensors,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def raw_hello(endpoint: str, tensors, max_bucket_bytes: int = 1 << 20) -> tuple[zmq.Socket, dict]:
+    """Send a well-formed hello from a bare socket; return the socket and the reply."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{endpoint}")
+    hello = protocol.hello_message(
+        FINGERPRINT, 0, build_manifest(tensors), "gloo", max_bucket_bytes
+    )
+    sock.send(protocol.encode(hello))
+    assert sock.poll(10_000), "no reply"
+    return sock, protocol.decode(sock.recv(), 1 << 26)
+
+
+def test_a_peer_without_the_session_id_cannot_join_the_transfer_group(monkeypatch):
+    """Between the ack and the client's own rendezvous, an attacker who reaches the store
+    port tries to register as the client rank, with the prefix vLLM's helper would use
+    (tcp://host:port, which anyone can compute) and with a guess. It must get nothing,
+    and the real client must still get the weights."""
+    from datetime import timedelta
+
+    from torch.distributed import PrefixStore, TCPStore
+
+    import loader.client as client_module
+    from loader.process_group import _gloo_group
+
+    attacker: dict = {}
+    real_wait = client_module.wait_for_store
+
+    def attack_first(host, port, timeout_s):
+        real_wait(host, port, timeout_s)
+        for prefix in (f"tcp://{host}:{port}", "netloader/" + "0" * 32 + "/"):
+            try:
+                store = TCPStore(host, port, 2, False, timedelta(seconds=2), wait_for_workers=False)
+                pg = _gloo_group(PrefixStore(prefix, store), CLIENT_RANK, timedelta(seconds=2))
+                buf = torch.zeros(16, dtype=torch.uint8)
+                pg.recv([buf], 0, 0).wait()
+                attacker[prefix] = "received data"
+            except Exception as exc:  # the expected outcome: nobody answers that prefix
+                attacker[prefix] = f"failed: {type(exc).__name__}"
+
+    monkeypatch.setattr(client_module, "wait_for_store", attack_first)
+    source = make_tensors(7, small=5, big_numel=50_000)
+    with in_process_server(source) as server:
+        dest = empty_like_all(source)
+        outcome = fetch_from_sources([server.endpoint], FINGERPRINT, dest, 0, FAST)
+    assert len(attacker) == 2 and all(v.startswith("failed") for v in attacker.values()), attacker
+    assert outcome.ok, outcome.failures
+    for name, t in source.items():
+        assert torch.equal(dest[name], t), name
+
+
+def test_a_hello_that_never_connects_holds_its_slot_only_for_the_setup_timeout():
+    settings = TransferSettings(
+        **{**FAST.__dict__, "max_concurrent_clients": 1, "pg_setup_timeout_s": 1.0,
+           "bucket_timeout_s": 60.0}
+    )
+    source = make_tensors(8, small=3, big_numel=1000)
+    from loader.server import WeightServer
+
+    server = WeightServer(source, FINGERPRINT, 0, settings, host="127.0.0.1")
+    server.start()
+    try:
+        sock, reply = raw_hello(server.endpoint, source)
+        assert reply["type"] == "ack"  # the slot is taken, and the attacker never connects
+        _, second = raw_hello(server.endpoint, source)
+        assert second["type"] == "busy"
+        deadline = time.monotonic() + 20  # far below bucket_timeout_s (60 s)
+        while server.active_clients and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.active_clients == 0, "the never-connecting session still holds the slot"
+        dest = empty_like_all(source)
+        assert fetch_from_sources([server.endpoint], FINGERPRINT, dest, 0, settings).ok
+        sock.close()
+    finally:
+        server.stop()
+
+
+def test_sessions_still_setting_up_are_capped_per_peer_address(monkeypatch):
+    source = make_tensors(9, small=3, big_numel=1000)
+    never = threading.Event()
+
+    def stalled_group(*args, **kwargs):  # the rendezvous never completes
+        never.wait(30)
+        raise TimeoutError("stalled")
+
+    monkeypatch.setattr(server_module, "create_transfer_group", stalled_group)
+    settings = TransferSettings(**{**FAST.__dict__, "max_concurrent_clients": 10})
+    from loader.server import WeightServer
+
+    server = WeightServer(source, FINGERPRINT, 0, settings, host="127.0.0.1")
+    server.start()
+    try:
+        replies = [raw_hello(server.endpoint, source)[1]["type"] for _ in range(MAX_PENDING_PER_PEER + 2)]
+        assert replies == ["ack"] * MAX_PENDING_PER_PEER + ["busy", "busy"]
+        _, last = raw_hello(server.endpoint, source)
+        assert "still setting up" in last["reason"]
+    finally:
+        never.set()
+        server.stop()
+
+
+def test_bucket_sizes_come_from_a_fixed_set():
+    own = 64 << 20
+    assert choose_bucket_bytes(own, own) == own
+    assert choose_bucket_bytes(own, (64 << 20) - 1) == 16 << 20
+    assert choose_bucket_bytes(own, 5 << 20) == 4 << 20
+    assert choose_bucket_bytes(own, (1 << 20) - 1) is None
+    assert choose_bucket_bytes(3 << 20, 1 << 30) == 3 << 20  # a source's own odd size
+    chosen = {choose_bucket_bytes(own, n) for n in range(1 << 20, 1 << 27, 77_777)}
+    assert chosen <= set(BUCKET_SIZES)
+
+
+def test_arbitrary_client_bucket_sizes_do_not_make_the_source_hash_again_and_again():
+    source = make_tensors(10, small=3, big_numel=1000)
+    settings = TransferSettings(**{**FAST.__dict__, "bucket_mb": 64})
+    from loader.server import WeightServer
+
+    server = WeightServer(source, FINGERPRINT, 0, settings, host="127.0.0.1")
+    hashed: list[int] = []
+    real = server._plan_for.__func__
+
+    def counting(self, bucket_bytes):
+        if bucket_bytes not in self._plans:
+            hashed.append(bucket_bytes)
+        return real(self, bucket_bytes)
+
+    server._plan_for = counting.__get__(server)
+    server.start()
+    try:
+        for size in range(1 << 20, 100 << 20, 3_333_333):  # 30 different sizes
+            sock, reply = raw_hello(server.endpoint, source, size)
+            sock.close()
+            if reply["type"] == "ack":
+                assert reply["bucket_bytes"] in set(BUCKET_SIZES) | {64 << 20}
+    finally:
+        server.stop()
+    assert len(hashed) == len(set(hashed)) <= len(BUCKET_SIZES)

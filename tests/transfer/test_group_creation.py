@@ -1,0 +1,84 @@
+"""Transfer groups: rendezvous under the session's prefix, abort-only accelerator
+communicators, and vLLM's own settings left alone."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+import loader.process_group as pg_module
+from loader.process_group import (
+    ABORT_ONLY_ENV,
+    CLIENT_RANK,
+    SOURCE_RANK,
+    bind_store_socket,
+    create_transfer_group,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def build_pair(device_type: str, session: str = "ab" * 16):
+    """Both ranks in this process, as a source and a client would build them."""
+    sock = bind_store_socket("127.0.0.1")
+    port = sock.getsockname()[1]
+    out: dict = {}
+
+    def source():
+        out["source"] = create_transfer_group(
+            device_type, "127.0.0.1", port, SOURCE_RANK, session, 10, 10, listen_socket=sock
+        )
+
+    thread = threading.Thread(target=source)
+    thread.start()
+    out["client"] = create_transfer_group(device_type, "127.0.0.1", port, CLIENT_RANK, session, 10, 10)
+    thread.join(20)
+    return out
+
+
+@pytest.mark.parametrize("device_type,backend", [("cuda", "nccl"), ("npu", "hccl")])
+def test_accelerator_groups_are_constructed_abort_only_and_the_env_is_restored(
+    monkeypatch, device_type, backend
+):
+    """A stalled client must not take a serving source down: NCCL's default (3) and
+    HCCL's (1) tear the process down on a timeout. The mode is read when the backend is
+    constructed, so it must be set then, and only then."""
+    seen: dict = {}
+
+    def fake_backend(*args):
+        seen.update({k: os.environ.get(k) for k in ABORT_ONLY_ENV[backend]})
+        return object()
+
+    monkeypatch.setattr(pg_module, "_nccl_group", fake_backend)
+    import sys
+    import types
+
+    monkeypatch.setitem(
+        sys.modules, "loader.process_group_npu", types.SimpleNamespace(hccl_group=fake_backend)
+    )
+    for key in ABORT_ONLY_ENV[backend]:
+        monkeypatch.setenv(key, "3")  # what vLLM's process would have
+    build_pair(device_type)
+    assert seen == ABORT_ONLY_ENV[backend]
+    assert all(os.environ[k] == "3" for k in ABORT_ONLY_ENV[backend])  # vLLM's groups untouched
+
+
+def test_nccl_error_handling_mode_is_the_abort_only_one():
+    # torch's ErrorHandlingMode: 0 none, 1 tear down, 2 clean up only (abort the
+    # communicator, keep the process), 3 skip clean up (tear down, the default)
+    assert ABORT_ONLY_ENV["nccl"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+    assert ABORT_ONLY_ENV["nccl"]["TORCH_NCCL_ENABLE_MONITORING"] == "0"
+
+
+def test_gloo_pair_moves_data_under_the_session_prefix():
+    import torch
+
+    pair = build_pair("cpu")
+    data = torch.arange(100, dtype=torch.float32)
+    got = torch.zeros(100)
+    send = pair["source"].send([data], CLIENT_RANK, 7)
+    pair["client"].recv([got], SOURCE_RANK, 7).wait()
+    send.wait()
+    assert torch.equal(got, data)
