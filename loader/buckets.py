@@ -93,8 +93,9 @@ class BucketReader:
     direct piece, the packed copy in `buffer` otherwise. A non-contiguous tensor is made
     contiguous once for all its pieces (the last one is kept)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], copy=None) -> None:
         self.tensors = tensors
+        self.copy = copy or copy_bytes
         self._contiguous: tuple[str, torch.Tensor] | None = None
 
     def tensor_bytes(self, name: str) -> torch.Tensor:
@@ -111,16 +112,20 @@ class BucketReader:
             return self.tensor_bytes(item.name)[item.tensor_offset : item.tensor_offset + item.nbytes]
         out = buffer[: bucket.nbytes]
         for item in bucket.items:
-            copy_bytes(out[item.offset : item.offset + item.nbytes], self.tensor_bytes(item.name))
+            self.copy(out[item.offset : item.offset + item.nbytes], self.tensor_bytes(item.name))
         return out
 
 
-def unpack_bucket(bucket: Bucket, data: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+def unpack_bucket(
+    bucket: Bucket, data: torch.Tensor, tensors: dict[str, torch.Tensor], copy=None
+) -> None:
     """Write a received bucket's bytes into the destination tensors (contiguous ones:
-    the client refuses other destinations before any transfer)."""
+    the client refuses other destinations before any transfer). `copy(dst, src)` defaults
+    to copy_bytes (a device may enqueue it on its stream)."""
+    copy = copy or copy_bytes
     for item in bucket.items:
         dest = byte_view(tensors[item.name])
-        copy_bytes(
+        copy(
             dest[item.tensor_offset : item.tensor_offset + item.nbytes],
             data[item.offset : item.offset + item.nbytes],
         )

@@ -30,6 +30,7 @@ from loader import protocol
 from loader.buckets import Bucket, bucket_tag, max_bucket_bytes, plan_buckets, unpack_bucket
 from loader.checksum import checksum_key, digest
 from loader.config import TransferSettings, parse_host_port
+from loader.device import TransferDevice, WorkTimeout, await_work, device_for
 from loader.manifest import Manifest, build_manifest, unique_tensors
 from loader.process_group import (
     CLIENT_RANK,
@@ -338,6 +339,8 @@ class _SourceAttempt:
             Watchdog().run(receiver.run, on_timeout=receiver.abort)
         except GateClosed:
             raise SourceFailure("attempt abandoned") from None
+        except WorkTimeout as exc:
+            raise SourceFailure(str(exc)) from None
         except PhaseTimeout as exc:
             raise SourceFailure(str(exc)) from None
         except SourceFailure:
@@ -350,6 +353,7 @@ class _SourceAttempt:
             receiver.gate.close()
             self.setup_s = receiver.setup_s
             destroy_group(receiver.pg)
+            receiver.device.synchronize()  # nothing of this attempt still queued on it
 
 
 class _BucketReceiver:
@@ -368,12 +372,14 @@ class _BucketReceiver:
         self.setup_s = 0.0
         self.gate = WriteGate()
         self.checksum_key = checksum_key(attempt.keys)
+        self.device: TransferDevice = device_for(attempt.device)
 
     def abort(self) -> None:
         self.gate.close()
         destroy_group(self.pg)
 
     def run(self, watchdog: Watchdog) -> None:
+        self.device.enter_thread()
         attempt, settings = self.attempt, self.settings
         watchdog.phase("process-group setup", settings.pg_setup_timeout_s)
         t0 = time.monotonic()
@@ -392,14 +398,16 @@ class _BucketReceiver:
         self.setup_s = time.monotonic() - t0
         size = max_bucket_bytes(self.plan)
         depth = min(RECV_DEPTH, len(self.plan))
-        slots = [torch.empty(size, dtype=torch.uint8, device=attempt.device) for _ in range(depth)]
+        slots = [self.device.empty(size) for _ in range(depth)]
         progress = ProgressReporter(
             sum(b.nbytes for b in self.plan),
             f"netloader rank {attempt.rank} from {attempt.source}",
             log,
             settings.progress_interval_s,
         )
-        verifier = ThreadPoolExecutor(1, thread_name_prefix="netloader-verify")
+        verifier = ThreadPoolExecutor(
+            1, thread_name_prefix="netloader-verify", initializer=self.device.enter_thread
+        )
         # bucket i uses slot i % depth; a slot is posted again only once the bucket that
         # used it last was verified and copied out
         verifying: list[Future | None] = [None] * depth
@@ -425,7 +433,10 @@ class _BucketReceiver:
                 watchdog.phase(
                     f"bucket {bucket.index}/{len(self.plan)}", _backstop(settings.bucket_timeout_s)
                 )
-                work.wait()
+                await_work(
+                    work, self.device, settings.bucket_timeout_s,
+                    f"bucket {bucket.index}", watchdog.cancelled.is_set,
+                )
                 watchdog.check()
                 verifying[slot] = verifier.submit(self._verify_and_write, bucket, target)
                 progress.advance(bucket.nbytes)
@@ -443,7 +454,8 @@ class _BucketReceiver:
 
         def write() -> None:
             attempt.resume.forget(bucket.index)
-            unpack_bucket(bucket, data, attempt.tensors)
+            unpack_bucket(bucket, data, attempt.tensors, self.device.copy)
+            self.device.synchronize()  # the bytes are in place before anyone is told
             attempt.resume.record(bucket.index, self.ack.checksums[bucket.index])
             if attempt.observer is not None:
                 attempt.observer.bucket_verified(attempt.source, bucket.index)

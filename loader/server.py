@@ -25,6 +25,7 @@ from loader import protocol
 from loader.buckets import Bucket, BucketReader, bucket_tag, max_packed_bytes, plan_buckets
 from loader.checksum import algorithm_for_device, checksum_key, digest
 from loader.config import TransferSettings
+from loader.device import TransferDevice, await_work, device_for
 from loader.manifest import build_manifest, unique_tensors
 from loader.process_group import (
     CLIENT_RANK,
@@ -79,16 +80,17 @@ class _Session:
 
 class _Send:
     """An in-flight send. Gloo counts completions per buffer, so waiting twice on one
-    send blocks until a later send completes: wait() only once."""
+    send blocks until a later send completes: complete() waits only once."""
 
-    def __init__(self, work, data: torch.Tensor) -> None:
+    def __init__(self, work, data: torch.Tensor, what: str) -> None:
         self.work = work
         self.data = data  # keeps a temporary (non-contiguous source) alive until sent
+        self.what = what
         self.done = False
 
-    def wait(self) -> None:
+    def complete(self, device: TransferDevice, timeout_s: float) -> None:
         if not self.done:
-            self.work.wait()
+            await_work(self.work, device, timeout_s, self.what)
             self.done = True
 
 
@@ -346,7 +348,9 @@ class WeightServer:
     def _serve_session(self, session: _Session) -> None:
         store_socket = None
         started = time.monotonic()
+        device = device_for(self._device)
         try:
+            device.enter_thread()  # this thread's device, and a stream of its own
             served = self._plan_for(session.bucket_bytes)
             plan = served.buckets
             resume = session.hello.resume
@@ -378,7 +382,7 @@ class WeightServer:
             with self._sessions_lock:
                 session.group_up = True
             to_send = [b for b in plan if b.index not in skip]
-            self._send_buckets(session, to_send)
+            self._send_buckets(session, to_send, device)
             if not session.done.wait(self.settings.bucket_timeout_s):
                 raise TimeoutError("client did not confirm the transfer")
             done = session.done_message
@@ -404,19 +408,22 @@ class WeightServer:
             if store_socket is not None:
                 store_socket.close()
             destroy_group(session.pg)
+            device.synchronize()  # after an abort too: nothing of the session still queued
             with self._sessions_lock:
                 self._sessions.pop(session.session_id, None)
 
-    def _send_buckets(self, session: _Session, plan: list[Bucket]) -> None:
-        """Send `plan` (the buckets the client lacks) in order, up to SEND_DEPTH in flight.
+    def _send_buckets(self, session: _Session, plan: list[Bucket], device: TransferDevice) -> None:
+        """Send `plan` (the buckets the client lacks) in order, up to SEND_DEPTH in flight
+        (counted by completion, each bounded by bucket_timeout_s).
 
         Packed buckets alternate between two buffers; a buffer is refilled only after the
         send that used it completed."""
+        timeout_s = self.settings.bucket_timeout_s
         size = max_packed_bytes(plan)
-        buffers = [torch.zeros(size, dtype=torch.uint8, device=self._device) for _ in range(2)]
+        buffers = [device.empty(size) for _ in range(2)]
         buffer_work: list = [None, None]
         in_flight: deque[_Send] = deque()
-        reader = BucketReader(self._tensors)
+        reader = BucketReader(self._tensors, device.copy)
         packed_count = 0
         for bucket in plan:
             if self._stopping.is_set():
@@ -427,16 +434,17 @@ class WeightServer:
                 slot = packed_count % 2
                 packed_count += 1
                 if buffer_work[slot] is not None:
-                    buffer_work[slot].wait()
+                    buffer_work[slot].complete(device, timeout_s)
             data = reader.read(bucket, buffers[slot] if slot is not None else None)
-            send = _Send(session.pg.send([data], CLIENT_RANK, bucket_tag(bucket)), data)
+            work = session.pg.send([data], CLIENT_RANK, bucket_tag(bucket))
+            send = _Send(work, data, f"sending bucket {bucket.index}")
             if slot is not None:
                 buffer_work[slot] = send
             in_flight.append(send)
             while len(in_flight) > SEND_DEPTH:
-                in_flight.popleft().wait()
+                in_flight.popleft().complete(device, timeout_s)
         for send in in_flight:
-            send.wait()
+            send.complete(device, timeout_s)
 
     def _before_bucket(self, session: _Session, bucket: Bucket) -> None:
         """Hook run before each bucket is read for sending (loader.relay waits here until
@@ -446,6 +454,7 @@ class WeightServer:
 
     def _precompute(self) -> None:
         try:
+            device_for(self._device).enter_thread()
             self._plan_for(self.settings.bucket_bytes)
         except Exception:
             log.exception("netloader server rank %d: checksum precomputation failed", self.rank)
@@ -460,8 +469,9 @@ class WeightServer:
             if cached is not None:
                 return cached
             plan = plan_buckets(self._manifest.specs, bucket_bytes)
-            scratch = torch.zeros(max_packed_bytes(plan), dtype=torch.uint8, device=self._device)
-            reader = BucketReader(self._tensors)
+            device = device_for(self._device)
+            scratch = device.empty(max_packed_bytes(plan))
+            reader = BucketReader(self._tensors, device.copy)
             checksums = tuple(
                 digest(reader.read(b, scratch), self._algorithm, self._checksum_key) for b in plan
             )

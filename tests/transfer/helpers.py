@@ -111,7 +111,7 @@ def _source_main(spec: SourceSpec, endpoint_queue, stop_conn) -> None:
 
         server_mod.BucketReader.read = read_then_die
     elif spec.fault == "hang_after_ack":
-        server._send_buckets = lambda session, plan: time.sleep(3600)
+        server._send_buckets = lambda session, plan, device: time.sleep(3600)
     elif spec.fault == "corrupt_after_checksums":
         tensors["layer3.weight"][1, 1] += 1.0
     endpoint_queue.put(server.endpoint)

@@ -36,7 +36,7 @@ class LateCorruptSource(WeightServer):
         self.finished = threading.Event()
         self.sent_ok = 0
 
-    def _send_buckets(self, session, plan):
+    def _send_buckets(self, session, plan, device=None):
         try:
             for bucket in plan:
                 data = torch.full((bucket.nbytes,), WRONG_BYTE, dtype=torch.uint8)
