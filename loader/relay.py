@@ -214,14 +214,14 @@ class RelayServer(WeightServer):
                 return f"relay forwards {self._relay_bucket_bytes}-byte buckets only"
         return None
 
-    def _plan_for(self, bucket_bytes: int) -> ServedPlan:
+    def _plan_for(self, bucket_bytes: int, device) -> ServedPlan:
         with self._relay:
             self._session_generation.value = self._generation
             if self._relay_plan is not None and bucket_bytes == self._relay_bucket_bytes:
                 return ServedPlan(self._relay_plan, self._relay_checksums)
             complete = self._complete
         if complete:
-            return super()._plan_for(bucket_bytes)
+            return super()._plan_for(bucket_bytes, device)
         raise RuntimeError(f"relay has no checksums for {bucket_bytes}-byte buckets")
 
     def _before_bucket(self, session, bucket: Bucket) -> None:

@@ -351,7 +351,7 @@ class WeightServer:
         device = device_for(self._device)
         try:
             device.enter_thread()  # this thread's device, and a stream of its own
-            served = self._plan_for(session.bucket_bytes)
+            served = self._plan_for(session.bucket_bytes, device)
             plan = served.buckets
             resume = session.hello.resume
             skip = frozenset()
@@ -454,28 +454,31 @@ class WeightServer:
 
     def _precompute(self) -> None:
         try:
-            device_for(self._device).enter_thread()
-            self._plan_for(self.settings.bucket_bytes)
+            device = device_for(self._device)
+            device.enter_thread()
+            self._plan_for(self.settings.bucket_bytes, device)
         except Exception:
             log.exception("netloader server rank %d: checksum precomputation failed", self.rank)
         finally:
             self._ready.set()
 
-    def _plan_for(self, bucket_bytes: int) -> ServedPlan:
+    def _plan_for(self, bucket_bytes: int, device: TransferDevice) -> ServedPlan:
         """Plan and keyed checksums for a bucket size, computed once per size (the sizes
-        are the few that choose_bucket_bytes allows, so the cache is bounded)."""
+        are the few that choose_bucket_bytes allows, so the cache is bounded). `device`
+        is the calling thread's (entered) transfer device."""
         with self._plan_lock:
             cached = self._plans.get(bucket_bytes)
             if cached is not None:
                 return cached
             plan = plan_buckets(self._manifest.specs, bucket_bytes)
-            device = device_for(self._device)
             scratch = device.empty(max_packed_bytes(plan))
             reader = BucketReader(self._tensors, device.copy)
-            checksums = tuple(
-                digest(reader.read(b, scratch), self._algorithm, self._checksum_key) for b in plan
-            )
-            self._plans[bucket_bytes] = ServedPlan(plan, checksums)
+            checksums = []
+            for bucket in plan:
+                data = reader.read(bucket, scratch)
+                device.synchronize()  # packed before hashed, whatever stream the hash uses
+                checksums.append(digest(data, self._algorithm, self._checksum_key))
+            self._plans[bucket_bytes] = ServedPlan(plan, tuple(checksums))
             return self._plans[bucket_bytes]
 
     # ---- helpers ---------------------------------------------------------------------

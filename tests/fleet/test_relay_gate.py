@@ -27,7 +27,7 @@ def make_relay():
 
 
 def before_bucket(relay, plan, index):
-    relay._plan_for(SETTINGS.bucket_bytes)  # what a session does first (records generation)
+    relay._plan_for(SETTINGS.bucket_bytes, None)  # what a session does first (records generation)
     relay._before_bucket(None, plan[index])
 
 
@@ -35,13 +35,13 @@ def test_not_receiving_refuses_and_has_no_checksums():
     relay, plan, ack = make_relay()
     assert relay.state == "attaching"
     with pytest.raises(RuntimeError):
-        relay._plan_for(SETTINGS.bucket_bytes)
+        relay._plan_for(SETTINGS.bucket_bytes, None)
     hello = type("H", (), {"rank": 0, "fingerprint": FP, "backend": "gloo"})
     hello.manifest, hello.max_bucket_bytes = relay._manifest, SETTINGS.bucket_bytes
     assert relay._refusal_reason(hello) == NOT_RECEIVING
     relay.transfer_started("up:1", ack, plan)
     assert relay._refusal_reason(hello) is None
-    served = relay._plan_for(SETTINGS.bucket_bytes)  # the root's checksums
+    served = relay._plan_for(SETTINGS.bucket_bytes, None)  # the root's checksums
     assert (served.buckets, served.checksums) == (plan, ack.checksums)
 
 
@@ -78,7 +78,7 @@ def test_upstream_failure_aborts_waiting_sessions():
     relay, plan, ack = make_relay()
     relay.transfer_started("up:1", ack, plan)
     relay.bucket_verified("up:1", 0)
-    relay._plan_for(SETTINGS.bucket_bytes)
+    relay._plan_for(SETTINGS.bucket_bytes, None)
     relay.attempt_failed("up:1", "checksum mismatch in bucket 1")
     assert relay.state == "attaching"
     with pytest.raises(RuntimeError, match="upstream failed"):

@@ -152,10 +152,10 @@ def test_arbitrary_client_bucket_sizes_do_not_make_the_source_hash_again_and_aga
     hashed: list[int] = []
     real = server._plan_for.__func__
 
-    def counting(self, bucket_bytes):
+    def counting(self, bucket_bytes, device):
         if bucket_bytes not in self._plans:
             hashed.append(bucket_bytes)
-        return real(self, bucket_bytes)
+        return real(self, bucket_bytes, device)
 
     server._plan_for = counting.__get__(server)
     server.start()

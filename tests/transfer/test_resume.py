@@ -6,6 +6,7 @@ import torch
 from loader import protocol
 from loader.buckets import byte_view
 from loader.client import ResumeState, SourceFailure, fetch_from_sources
+from loader.device import device_for
 from loader.server import WeightServer
 from tests.transfer.helpers import (
     FAST,
@@ -47,7 +48,7 @@ def test_second_source_sends_only_the_buckets_the_first_did_not_deliver():
 
     with in_process_server(reference, server_cls=CountingServer) as good:
         second = fetch_from_sources([good.endpoint], FINGERPRINT, dest, 0, FAST, resume=resume)
-        plan_len = len(good._plan_for(FAST.bucket_bytes).buckets)
+        plan_len = len(good._plan_for(FAST.bucket_bytes, device_for(torch.device("cpu"))).buckets)
     assert second.ok, second.failures
     assert 0 < second.resumed_bytes < second.bytes
     assert sorted(good.sent) == sorted(set(range(plan_len)) - held)  # nothing verified resent
