@@ -61,6 +61,8 @@ class MeshConfig:
     # how long a rank keeps re-attaching to mesh upstreams (busy ones, failed hops)
     attach_timeout_s: float = 300.0
     name: str | None = None
+    # a mesh without a cluster secret starts only when this says so explicitly
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,17 @@ class NetloaderConfig:
         return port
 
     @property
+    def serves(self) -> bool:
+        """Whether ranks serve their weights: only when a key asks for it (LISTEN_PORT,
+        SOURCE, mesh, or OUTPUT_PREFIX, which publishes the served endpoint)."""
+        return (
+            self.listen_port is not None
+            or bool(self.source)
+            or self.mesh is not None
+            or self.output_prefix is not None
+        )
+
+    @property
     def secret_file(self) -> str | None:
         """Secret for authenticating transfers: tuning key, else mesh.secret_file (incl. env)."""
         if self.settings.secret_file:
@@ -113,7 +126,7 @@ def parse_extra_config(raw: dict | str | None, environ: dict | None = None) -> N
         raise ValueError(
             f"{unknown[0]}: unknown key (allowed: {', '.join(sorted(_TOP_LEVEL_KEYS))})"
         )
-    return NetloaderConfig(
+    config = NetloaderConfig(
         source=_parse_source(obj.get("SOURCE")),
         model=_optional(obj, "MODEL", _require_str),
         listen_port=_optional(obj, "LISTEN_PORT", lambda k, v: _require_int(k, v, 1024, 65535)),
@@ -121,6 +134,21 @@ def parse_extra_config(raw: dict | str | None, environ: dict | None = None) -> N
         output_prefix=_optional(obj, "OUTPUT_PREFIX", _require_str),
         mesh=_parse_mesh(obj.get("mesh"), env),
         settings=_parse_settings(obj),
+    )
+    _check_mesh_secret(config)
+    return config
+
+
+def _check_mesh_secret(config: NetloaderConfig) -> None:
+    """Fail closed: a mesh runs with a cluster secret, or with an explicit `insecure`."""
+    mesh = config.mesh
+    if mesh is None or mesh.insecure or mesh.secret_file or config.settings.secret_file:
+        return
+    raise ValueError(
+        "mesh.secret_file: not set, and a mesh without a cluster secret lets anyone who can "
+        "reach it join, read and advertise. Make a secret with `mesh keygen /path/to/secret` "
+        f"and point mesh.secret_file (or {ENV_MESH_SECRET_FILE}) at it on every instance; "
+        'to run an unauthenticated mesh anyway, set "insecure": true in the mesh object'
     )
 
 
@@ -177,6 +205,12 @@ def _require_int(key: str, value: Any, lo: int, hi: int | None = None) -> int:
     if value < lo or (hi is not None and value > hi):
         bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ValueError(f"{key}: {value} out of range ({bound})")
+    return value
+
+
+def _require_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
     return value
 
 
@@ -275,6 +309,8 @@ def _parse_mesh(value: Any, env) -> MeshConfig | None:
         )
         or MeshConfig.attach_timeout_s,
         name=_optional(value, "name", lambda k, v: _require_str("mesh." + k, v)),
+        insecure=_optional(value, "insecure", lambda k, v: _require_bool("mesh." + k, v))
+        or False,
     )
 
 

@@ -1,6 +1,7 @@
 """`make demo`: instance B finds running instance A through the gossip mesh and takes its weights.
 
 1. build a tiny Llama checkpoint locally (nothing is downloaded) and a cluster secret
+   (`mesh keygen`)
 2. start A (loads from disk, joins the mesh as its seed, serves its weights)
 3. start B with nothing but A's gossip address: it finds A and pulls the weights
 4. show `mesh status`, B's result line, and both answers to one prompt with logprobs
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from loader.tiny_checkpoint import build_checkpoint
 from loader.vllm_process import VllmServer, free_port
+from mesh.security import write_secret_file
 
 PROMPT = "Once upon a time"
 GRACEFUL = ["--shutdown-timeout", "5"]  # lets workers leave the mesh on shutdown
@@ -47,7 +49,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="netloader-demo-"))
     model = str(build_checkpoint(work / "tiny"))
     secret = work / "cluster.secret"
-    secret.write_text("demo cluster secret\n")
+    write_secret_file(str(secret))  # what `mesh keygen PATH` writes
     seed = f"127.0.0.1:{free_port()}"
     say(f"checkpoint {model}; logs in {work}")
 

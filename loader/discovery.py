@@ -60,6 +60,7 @@ class MeshPresence:
                 meta=self._base_meta(ready=False),
                 keys=self._keys,
                 zone=self._mesh.zone,
+                insecure=self._mesh.insecure,
             )
             self._agent.start()
             on_process_exit(self.stop)

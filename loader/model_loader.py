@@ -2,7 +2,8 @@
 
 Per worker rank: build the empty model, compute the fingerprint, try the sources
 (mesh candidates, then the static SOURCE list), fall back to vLLM's DefaultModelLoader,
-log one `netloader result:` line, then serve this rank's weights to the next instance.
+log one `netloader result:` line, then serve this rank's weights to the next instance
+(when the config asks for serving: see loader.serving).
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ class NetloaderModelLoader(BaseModelLoader):
         """Fetch from a peer or load from disk. Returns the result and the rank's server:
         a relay started before the fetch, forwarding verified buckets to instances that
         start after this one, and serving everything once the weights are complete."""
+        if not self.config.serves:
+            logger.info(
+                "rank %d: serving weights to other instances is off; set LISTEN_PORT "
+                "(or SOURCE, or mesh) in --model-loader-extra-config to turn it on",
+                identity.rank,
+            )
         serve_start = time.monotonic()
         tensors = servable_tensors(model)  # the relay serves the very dict being filled
         relay = serving.start_relay(tensors, identity, self.config)
@@ -190,8 +197,16 @@ class NetloaderModelLoader(BaseModelLoader):
         # both stages write into `tensors`, tell the relay, and share what was verified so
         # a later source only sends what an interrupted one did not
         transfer = (identity.fingerprint, tensors, identity.rank, self.config.settings)
+        keys = serving.cluster_keys(self.config)
+        if keys is None:
+            logger.warning(
+                "rank %d: fetching weights without authentication: a host on the path can "
+                "impersonate the source and serve wrong weights; set secret_file (a file made "
+                "with `mesh keygen PATH`, the same on every instance) to authenticate sources",
+                identity.rank,
+            )
         common = {
-            "keys": serving.cluster_keys(self.config),
+            "keys": keys,
             "observer": relay,
             "resume": ResumeState(),
         }

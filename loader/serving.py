@@ -1,4 +1,8 @@
-"""After loading, every rank serves its weights to the next instance (one server per rank)."""
+"""After loading, every rank serves its weights to the next instance (one server per rank).
+
+Only when the config asks for it (`NetloaderConfig.serves`): a plain `--load-format
+netloader` opens no port.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 from loader.config import NetloaderConfig
 from loader.identity import RankIdentity
 from loader.process_exit import on_process_exit
+from mesh.addresses import join_host_port
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +24,7 @@ _keys_cache: dict[str | None, object] = {}
 
 
 def cluster_keys(config: NetloaderConfig):
-    """CURVE keys from the cluster secret, or None (open: the server logs that it is)."""
+    """CURVE keys from the cluster secret, or None (unauthenticated: callers warn)."""
     path = config.secret_file
     with _lock:
         if path not in _keys_cache:
@@ -49,18 +54,21 @@ def start_relay(
 
 
 def _start(server_cls, tensors, identity: RankIdentity, config: NetloaderConfig, what: str):
+    if not config.serves:
+        return None
     if tensors is None or identity.fingerprint is None:
         logger.warning(
             "rank %d: weights not servable (no fingerprint or meta tensors)", identity.rank
         )
         return None
     try:
+        keys = cluster_keys(config)
         server = server_cls(
             tensors,
             identity.fingerprint,
             identity.rank,
             config.settings,
-            keys=cluster_keys(config),
+            keys=keys,
             host=config.settings.listen_host,
             port=config.port_for_rank(identity.rank),
             output_prefix=config.output_prefix,
@@ -75,6 +83,15 @@ def _start(server_cls, tensors, identity: RankIdentity, config: NetloaderConfig,
     if old is not None:
         old.stop()
     logger.info("rank %d: %s on %s", identity.rank, what, server.endpoint)
+    if keys is None:
+        port = int(server.endpoint.rpartition(":")[2])
+        logger.warning(
+            "rank %d: serving weights without authentication on %s: anyone who can reach it "
+            "can read the weights; set secret_file (a file made with `mesh keygen PATH`, the "
+            "same on every instance) to require the cluster secret",
+            identity.rank,
+            join_host_port(config.settings.listen_host, port),
+        )
     return server
 
 

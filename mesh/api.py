@@ -33,17 +33,12 @@ log = logging.getLogger(__name__)
 SNAPSHOT_REFRESH_S = 0.2
 SEED_RERESOLVE_S = 10.0
 LEAVE_GRACE_S = 1.0
-_open_mesh_warned = False
-
-
-def _warn_open_mesh() -> None:
-    global _open_mesh_warned
-    if not _open_mesh_warned:
-        _open_mesh_warned = True
-        log.warning("no mesh secret configured: gossip is unauthenticated and unencrypted (open mesh)")
 
 
 class MeshAgent:
+    """One gossip member. Without `secret_file` or `keys` it refuses to run unless
+    `insecure=True` says explicitly that anyone who reaches it may join and read."""
+
     def __init__(
         self,
         bind: str = "0.0.0.0:0",
@@ -55,12 +50,16 @@ class MeshAgent:
         advertise: str | None = None,
         config: ProtocolConfig | None = None,
         keys: ClusterKeys | None = None,
+        insecure: bool = False,
     ) -> None:
         self._bind_host, self._bind_port = split_host_port(bind)
         self._seed_specs = parse_seed_list(seeds)
         self._keys = keys if keys is not None else load_cluster_keys(secret_file)
-        if self._keys is None:
-            _warn_open_mesh()
+        if self._keys is None and not insecure:
+            raise ValueError(
+                "no cluster secret: pass secret_file (make one with `mesh keygen PATH`) or "
+                "keys, or insecure=True to run an unauthenticated mesh"
+            )
         self.zone = zone
         initial = dict(meta or {})
         if zone is not None:
@@ -109,6 +108,14 @@ class MeshAgent:
         self._thread = threading.Thread(target=self._run, name=f"mesh-agent-{self.name}", daemon=True)
         self._thread.start()
         log.info("mesh agent %s listening on %s, seeds %s", self.name, self.addr, seeds or "none")
+        if self._keys is None:
+            log.warning(
+                "mesh agent %s runs insecure: gossip on %s is unauthenticated and unencrypted; "
+                "anyone who can reach it can join, read the members and their metadata, and "
+                "advertise false ones",
+                self.name,
+                self.addr,
+            )
 
     def stop(self, leave: bool = True, timeout: float = 5.0) -> None:
         """Stop the agent; with leave=True announce `left` first (up to ~1 s)."""

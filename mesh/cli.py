@@ -1,4 +1,4 @@
-"""`mesh agent` and `mesh status` (DESIGN.md §4 contract)."""
+"""`mesh agent`, `mesh status` and `mesh keygen`."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import orjson
 
 from .addresses import parse_seed_list
 from .api import MeshAgent
-from .security import load_cluster_keys
+from .security import load_cluster_keys, new_secret, write_secret_file
 from .status import StatusError, format_table, printable, query_members
 
 # keys whose values are identifiers: "1234" must stay the string "1234"
 STRING_META_KEYS = {"fingerprint", "endpoint", "zone", "host", "model"}
+INSECURE_HELP = "run without a cluster secret (unauthenticated, unencrypted gossip)"
 
 
 def _parse_meta_value(text: str):
@@ -51,7 +52,8 @@ def _build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--meta", nargs="*", default=[], metavar="KEY=VALUE",
                        help="metadata to advertise; values are parsed as JSON scalars when possible")
     agent.add_argument("--secret-file", default=os.environ.get("NETLOADER_MESH_SECRET_FILE"),
-                       help="cluster secret; without it the mesh is open (default $NETLOADER_MESH_SECRET_FILE)")
+                       help="cluster secret, made with `mesh keygen` (default $NETLOADER_MESH_SECRET_FILE)")
+    agent.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     agent.add_argument("--zone", default=None, help="zone label advertised as meta zone")
     agent.add_argument("--advertise", default=None, help="host (or host:port) others should use to reach us")
     agent.add_argument("--log-level", default="INFO")
@@ -63,11 +65,32 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh in place every --interval seconds")
     status.add_argument("--interval", type=float, default=1.0)
     status.add_argument("--timeout", type=float, default=3.0, help="give up after this many seconds")
-    status.add_argument("--secret-file", default=os.environ.get("NETLOADER_MESH_SECRET_FILE"))
+    status.add_argument("--secret-file", default=os.environ.get("NETLOADER_MESH_SECRET_FILE"),
+                        help="the cluster secret (default $NETLOADER_MESH_SECRET_FILE)")
+    status.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
+
+    keygen = sub.add_parser("keygen", help="write a new random cluster secret (mode 0600)")
+    keygen.add_argument("path", nargs="?", help="file to create (default: print the secret)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing file")
     return parser
 
 
+def _require_secret(command: str, args) -> bool:
+    """False (after printing the one-line reason) when neither a secret nor --insecure is given."""
+    if args.secret_file or args.insecure:
+        return True
+    print(
+        f"mesh {command}: no cluster secret: pass --secret-file PATH or set "
+        "$NETLOADER_MESH_SECRET_FILE (make one with `mesh keygen PATH`), "
+        "or --insecure for an unauthenticated mesh",
+        file=sys.stderr,
+    )
+    return False
+
+
 def run_agent(args) -> int:
+    if not _require_secret("agent", args):
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         agent = MeshAgent(
@@ -78,6 +101,7 @@ def run_agent(args) -> int:
             secret_file=args.secret_file,
             zone=args.zone,
             advertise=args.advertise,
+            insecure=args.insecure,
         )
         agent.start()
     except (ValueError, OSError) as e:
@@ -97,6 +121,8 @@ def run_agent(args) -> int:
 
 
 def run_status(args) -> int:
+    if not _require_secret("status", args):
+        return 2
     try:
         keys = load_cluster_keys(args.secret_file)
     except ValueError as e:
@@ -129,11 +155,29 @@ def run_status(args) -> int:
             return 0
 
 
+def run_keygen(args) -> int:
+    if args.path is None:
+        sys.stdout.write(new_secret().decode())
+        return 0
+    try:
+        write_secret_file(args.path, force=args.force)
+    except FileExistsError:
+        print(f"mesh keygen: {args.path} exists; pass --force to replace it", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"mesh keygen: cannot write {args.path}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"mesh keygen: wrote a new cluster secret to {args.path} (mode 0600)", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "agent":
             return run_agent(args)
+        if args.command == "keygen":
+            return run_keygen(args)
         return run_status(args)
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ import pytest
 
 from loader.tiny_checkpoint import CheckpointSpec, build_checkpoint
 from loader.vllm_process import VllmServer, free_port
+from mesh.security import write_secret_file
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +32,7 @@ def _mesh_status(seed: str, secret: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def secret(tmp_path_factory):
     path = tmp_path_factory.mktemp("secret") / "cluster.secret"
-    path.write_text("correct horse battery staple\n")
+    write_secret_file(str(path))
     return str(path)
 
 
@@ -59,8 +60,8 @@ def _only_result(server) -> dict:
         server.stop()
 
 
-def _start_b(model, log_path, mesh, extra_args=(), **extra):
-    return VllmServer(model=model, log_path=log_path, extra_args=list(extra_args),
+def _start_b(model, log_path, mesh, extra_args=(), env=None, **extra):
+    return VllmServer(model=model, log_path=log_path, extra_args=list(extra_args), env=env,
                       extra_config={"mesh": {"wait_timeout_s": 5, **mesh}, **extra}).start()
 
 
@@ -97,7 +98,7 @@ def test_b_finds_a_through_the_mesh_and_answers_identically(instance_a, tiny_che
 
 def test_wrong_secret_never_sees_a_and_falls_back_to_disk(instance_a, tiny_checkpoint, tmp_path):
     wrong = tmp_path / "wrong.secret"
-    wrong.write_text("not the cluster secret\n")
+    write_secret_file(str(wrong))
     result = _only_result(_start_b(tiny_checkpoint, tmp_path / "B.log",
                                    {"seeds": [instance_a.gossip], "secret_file": str(wrong)}))
     assert result["source"] == "disk"
@@ -112,11 +113,25 @@ def test_b_with_another_model_ignores_a(instance_a, secret, tmp_path):
     assert "no ready peer with this model" in result["fallback_reason"]
 
 
-def test_unresolvable_seed_falls_back_to_disk(tiny_checkpoint, tmp_path):
+def test_unresolvable_seed_falls_back_to_disk(tiny_checkpoint, secret, tmp_path):
     result = _only_result(_start_b(tiny_checkpoint, tmp_path / "B.log",
-                                   {"seeds": ["no-such-host.invalid:7946"], "wait_timeout_s": 3}))
+                                   {"seeds": ["no-such-host.invalid:7946"], "secret_file": secret,
+                                    "wait_timeout_s": 3}))
     assert result["source"] == "disk"
     assert "mesh" in result["fallback_reason"]
+
+
+def test_mesh_without_a_secret_stops_the_engine_naming_the_key(tiny_checkpoint, tmp_path):
+    server = _start_b(tiny_checkpoint, tmp_path / "B.log", {"seeds": ["127.0.0.1:9"]},
+                      env={"NETLOADER_MESH_SECRET_FILE": ""})
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            server.wait_ready(timeout_s=180)
+        log = server.log_text()
+        assert "mesh.secret_file" in log and "mesh keygen" in log and '"insecure": true' in log
+        assert not server.result_lines()  # refused before any weight was loaded
+    finally:
+        server.stop()
 
 
 def test_a_killed_before_b_starts_b_falls_back(tiny_checkpoint, secret, tmp_path):

@@ -48,6 +48,9 @@ def test_b_loads_from_a_and_answers_identically(instance_a, tiny_checkpoint, tmp
         assert b_result["fallback_reason"] is None
         assert b_result["bytes"] == a_result["bytes"] > 0
         assert _logprobs(b) == _logprobs(instance_a)
+        # static keys without a secret work, and both sides say what that exposes
+        assert "serving weights without authentication" in instance_a.log_text()
+        assert "fetching weights without authentication" in b.log_text()
 
 
 def test_dead_source_falls_back_to_disk_with_reason(instance_a, tiny_checkpoint, tmp_path):

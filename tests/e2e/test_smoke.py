@@ -1,4 +1,5 @@
-"""One real vLLM server with --load-format netloader: comes up, answers a completion."""
+"""One real vLLM server with a plain --load-format netloader: comes up from disk, answers a
+completion, and opens no weight server (nothing asked it to serve)."""
 
 import pytest
 
@@ -13,4 +14,9 @@ def test_server_with_netloader_format_answers_a_completion(tiny_checkpoint, tmp_
         choice = server.complete("Hello world", max_tokens=4)
         assert choice["finish_reason"] == "length"
         assert len(choice["logprobs"]["token_logprobs"]) == 4
-        assert "Registered model loader" in server.log_text()
+        log = server.log_text()
+        assert "Registered model loader" in log
+        [result] = server.result_lines()
+        assert result["source"] == "disk" and result["rank"] == 0
+        assert "serving weights to other instances is off" in log
+        assert "netloader server rank" not in log  # no weight server started

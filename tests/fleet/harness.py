@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mesh.security import write_secret_file
 from tests.fleet import node
 from tests.fleet.node import ROOT
 
@@ -55,6 +56,9 @@ class Fleet:
         self.waves = waves
         self.keep_dir = keep_dir
         self.dir = Path(tempfile.mkdtemp(prefix="nlm-fleet-"))
+        # one cluster secret per fleet: gossip and transfers are authenticated, as in vLLM
+        self.secret_file = str(self.dir / "cluster.secret")
+        write_secret_file(self.secret_file)
         for wave in waves:
             (self.dir / wave["id"]).mkdir()
         self.procs: dict[str, mp.Process] = {}
@@ -82,6 +86,7 @@ class Fleet:
             "dir": str(self.dir),
             "host": self.network.address(host),
             "gossip": self.gossip(host),
+            "secret_file": self.secret_file,
         }
         log_path = str(self.dir / f"{name}.log")
         proc = _FORK.Process(target=_node_entry, args=(self.network, host, cfg, log_path))
@@ -130,6 +135,7 @@ class Fleet:
             cfg = {
                 "name": "observer",
                 "gossip": {wave_id: {"bind": "127.0.0.1:0", "seeds": [seed]}},
+                "secret_file": self.secret_file,
             }
             self._observers[wave_id] = node.join_mesh(cfg, self.waves[slot])
         return self._observers[wave_id]

@@ -13,7 +13,8 @@ Wave `w` has its own directory `dir/w`: `<name>.joined` (the client sees every n
 of the wave alive and the root as a source), `go` (its clients start together),
 `<name>.result.json` and `stop` (relays of that wave stop serving).
 `dir/<name>.armed` says a node is ready, `dir/stop` ends the process. Config keys:
-role, name, dir, host, size_mib, bucket_mb, gossip ({wave id: {"bind", "seeds"}}),
+role, name, dir, host, size_mib, bucket_mb, secret_file (the fleet's cluster secret: gossip
+and transfers are authenticated), gossip ({wave id: {"bind", "seeds"}}),
 waves ([{"id", "mode": "serial"|"concurrent"|"chained", "capacity", "clients",
 optional "model" (share another wave's fingerprint)}]); test knobs: bucket_delay_s,
 corrupt_bucket (source), die_after_forwarded and after_receiving (client: start
@@ -42,6 +43,7 @@ from loader.protocol import is_retryable
 from loader.relay import ObserverFanout, ProgressRecorder, RelayServer
 from loader.server import WeightServer
 from loader.upstream_choice import fetch_with_reattach
+from mesh.security import load_cluster_keys
 from tests.fleet.checkpoint import content_digest, make_empty, make_reference
 
 FINGERPRINT = "f1ee7" * 12 + "0000"
@@ -120,6 +122,11 @@ def wait_for(path: Path, deadline_s: float) -> bool:
     return False
 
 
+def cluster_keys(cfg: dict):
+    """CURVE keys from the fleet's secret (derived once per process: mesh.security caches)."""
+    return load_cluster_keys(cfg["secret_file"])
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj))
@@ -139,6 +146,7 @@ def run_source(cfg: dict, d: Path) -> None:
             wave_fingerprint(wave),
             0,
             settings_for(cfg, wave["capacity"]),
+            keys=cluster_keys(cfg),
             host=cfg["host"],
         )
         server.bucket_delay_s = cfg.get("bucket_delay_s", 0.0)
@@ -179,12 +187,13 @@ def join_mesh(cfg: dict, wave: dict) -> MeshPresence:
     mesh = MeshConfig(
         seeds=tuple(gossip["seeds"]),
         bind=gossip["bind"],
+        secret_file=cfg["secret_file"],
         name=cfg["name"],
         wait_timeout_s=cfg.get("mesh_wait_s", 30.0),
         attach_timeout_s=cfg.get("deadline_s", 900),
     )
     identity = RankIdentity(rank=0, tp=1, pp=1, device="cpu", fingerprint=wave_fingerprint(wave))
-    presence = MeshPresence(mesh, identity, None, MODEL)
+    presence = MeshPresence(mesh, identity, cluster_keys(cfg), MODEL)
     presence.start()
     if presence.start_error:
         raise RuntimeError(f"{cfg['name']}: wave {wave['id']}: mesh {presence.start_error}")
@@ -270,19 +279,23 @@ def fetch_chained(cfg: dict, presence: MeshPresence, relay: RelayServer, dest, s
         dest,
         0,
         settings,
+        keys=cluster_keys(cfg),
         observer=observer,
         deadline_s=cfg.get("deadline_s", 900),
         idle_s=cfg.get("mesh_wait_s", 30.0),
     )
 
 
-def fetch_root(presence: MeshPresence, fingerprint: str, dest, settings, recorder, deadline):
+def fetch_root(cfg: dict, presence: MeshPresence, fingerprint: str, dest, settings, recorder):
     """Straight to the root; a busy root is asked again (Netloader's clients queue)."""
     root = root_endpoint(presence)
+    deadline = cfg.get("deadline_s", 900)
     started = time.monotonic()
     kept = []
     while True:
-        outcome = fetch_from_sources([root], fingerprint, dest, 0, settings, observer=recorder)
+        outcome = fetch_from_sources(
+            [root], fingerprint, dest, 0, settings, keys=cluster_keys(cfg), observer=recorder
+        )
         if outcome.ok or not all(is_retryable(why) for _, why in outcome.failures):
             break
         if time.monotonic() - started > deadline:
@@ -304,7 +317,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
     relay = None
     presence = join_mesh(cfg, wave)
     if mode == "chained":  # every instance relays from the start, like a vLLM rank
-        relay = CrashingRelay(dest, fingerprint, 0, settings, host=cfg["host"])
+        relay = CrashingRelay(dest, fingerprint, 0, settings, keys=cluster_keys(cfg), host=cfg["host"])
         relay.die_after_forwarded = cfg.get("die_after_forwarded")
         relay.start()
         presence.publish(relay)  # state "attaching": not a source until receiving
@@ -325,7 +338,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
         names = {r["endpoint"]: node_name(r["name"]) for r in rows}
         upstream = names.get(upstream, upstream)
     else:
-        outcome = fetch_root(presence, fingerprint, dest, settings, recorder, deadline)
+        outcome = fetch_root(cfg, presence, fingerprint, dest, settings, recorder)
         upstream = ROOT
     ended = time.time()
     if relay is not None and outcome.ok:

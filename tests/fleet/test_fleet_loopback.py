@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from loader.client import fetch_from_sources
+from mesh.security import load_cluster_keys
 from tests.fleet.checkpoint import content_digest, make_empty, make_reference
 from tests.fleet.harness import Fleet
 from tests.fleet.netns import LoopbackNetwork
@@ -37,11 +38,14 @@ def test_concurrency_limit_sends_the_extra_client_to_the_next_source():
         first = fleet.wait_row("limited", ROOT, lambda r: True, 60)["endpoint"]
         second = fleet.wait_row("spare", ROOT, lambda r: True, 60)["endpoint"]
         settings = settings_for({"host": "127.0.0.1", "bucket_mb": 4}, 1)
+        keys = load_cluster_keys(fleet.secret_file)
         outcomes, dests = {}, {}
 
         def client(i):
             dests[i] = make_empty(SIZE_MIB)
-            outcomes[i] = fetch_from_sources([first, second], fingerprint, dests[i], 0, settings)
+            outcomes[i] = fetch_from_sources(
+                [first, second], fingerprint, dests[i], 0, settings, keys=keys
+            )
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
         for t in threads:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from mesh.api import MeshAgent
-from mesh.security import load_cluster_keys
+from mesh.security import load_cluster_keys, write_secret_file
 from mesh.status import StatusError, query_members
 
 pytestmark = pytest.mark.loopback
@@ -20,18 +20,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class Agents:
-    def __init__(self):
-        self.procs = {}
+    """Agent processes; they share the cluster secret `secret_file` unless told otherwise."""
 
-    def start(self, name, seeds=(), meta=(), secret_file=None):
+    def __init__(self, secret_file):
+        self.procs = {}
+        self.secret_file = secret_file
+        self.keys = load_cluster_keys(secret_file)
+
+    def start(self, name, seeds=(), meta=(), secret_file=None, insecure=False):
         cmd = [sys.executable, "-m", "mesh.cli", "agent", "--bind", "127.0.0.1:0", "--name", name,
                "--log-level", "WARNING"]
         if seeds:
             cmd += ["--seeds", ",".join(seeds)]
         if meta:
             cmd += ["--meta", *meta]
-        if secret_file:
-            cmd += ["--secret-file", secret_file]
+        cmd += ["--insecure"] if insecure else ["--secret-file", secret_file or self.secret_file]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.procs[name] = proc
@@ -54,9 +57,16 @@ class Agents:
             proc.wait(10)
 
 
+@pytest.fixture(scope="module")
+def secret(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mesh") / "cluster.secret"
+    write_secret_file(str(path))
+    return str(path)
+
+
 @pytest.fixture
-def agents():
-    group = Agents()
+def agents(secret):
+    group = Agents(secret)
     yield group
     group.stop_all()
 
@@ -71,7 +81,7 @@ def wait_for(predicate, timeout, interval=0.1):
     return predicate()
 
 
-def states(addr, keys=None):
+def states(addr, keys):
     try:
         _, rows = query_members([addr], keys, timeout=1.0)
     except StatusError:
@@ -90,7 +100,7 @@ def start_cluster(agents, n, prefix="a", **kwargs):
     return addrs
 
 
-def all_alive(addrs, names, keys=None):
+def all_alive(addrs, names, keys):
     return all(all(states(a, keys).get(n) == "alive" for n in names) for a in addrs.values())
 
 
@@ -100,9 +110,9 @@ def test_status_json_contract_and_table(agents):
     seed = agents.addr("src")
     agents.start("dst", seeds=[seed])
     agents.addr("dst")
-    assert wait_for(lambda: states(seed).get("dst") == "alive", 15)
-    out = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--seeds", seed, "--json"],
-                         cwd=REPO, capture_output=True, timeout=30)
+    assert wait_for(lambda: states(seed, agents.keys).get("dst") == "alive", 15)
+    status = [sys.executable, "-m", "mesh.cli", "status", "--seeds", seed, "--secret-file", agents.secret_file]
+    out = subprocess.run([*status, "--json"], cwd=REPO, capture_output=True, timeout=30)
     assert out.returncode == 0, out.stderr
     rows = orjson.loads(out.stdout)
     assert isinstance(rows, list) and {r["name"] for r in rows} == {"src", "dst"}
@@ -110,34 +120,35 @@ def test_status_json_contract_and_table(agents):
     assert src["addr"] == seed and src["state"] == "alive" and isinstance(src["incarnation"], int)
     assert src["meta"] == {"fingerprint": "0123456789abcdef", "tp": 2, "pp": 1, "rank": 1, "ready": True,
                            "endpoint": "127.0.0.1:9100", "load": 0.25, "zone": "z1"}
-    table = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--seeds", seed],
-                           cwd=REPO, capture_output=True, timeout=30, text=True)
+    table = subprocess.run(status, cwd=REPO, capture_output=True, timeout=30, text=True)
     assert table.returncode == 0
     assert "0123456789a" in table.stdout and "2x1" in table.stdout and "127.0.0.1:9100" in table.stdout
 
 
-def test_status_without_reachable_agent_fails_with_one_line():
+def test_status_without_reachable_agent_fails_with_one_line(secret):
     out = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--seeds", "127.0.0.1:9",
-                          "--timeout", "1"], cwd=REPO, capture_output=True, timeout=30, text=True)
+                          "--secret-file", secret, "--timeout", "1"],
+                         cwd=REPO, capture_output=True, timeout=30, text=True)
     assert out.returncode != 0
     assert len(out.stderr.strip().splitlines()) == 1 and "no agent answered" in out.stderr
 
 
 def test_kill9_is_detected_dead_and_sigterm_leaves(agents):
     addrs = start_cluster(agents, 5)
-    assert wait_for(lambda: all_alive(addrs, addrs), 20)
+    keys = agents.keys
+    assert wait_for(lambda: all_alive(addrs, addrs, keys), 20)
     agents.procs["a3"].send_signal(signal.SIGKILL)
     watcher = addrs["a0"]
-    assert wait_for(lambda: all(states(addrs[n]).get("a3") == "dead" for n in ("a0", "a1", "a2", "a4")), 30)
+    assert wait_for(lambda: all(states(addrs[n], keys).get("a3") == "dead" for n in ("a0", "a1", "a2", "a4")), 30)
     agents.procs["a4"].send_signal(signal.SIGTERM)
     assert agents.procs["a4"].wait(10) == 0
-    assert wait_for(lambda: all(states(addrs[n]).get("a4") == "left" for n in ("a0", "a1", "a2")), 10)
-    assert states(watcher)["a1"] == "alive"
+    assert wait_for(lambda: all(states(addrs[n], keys).get("a4") == "left" for n in ("a0", "a1", "a2")), 10)
+    assert states(watcher, keys)["a1"] == "alive"
 
 
 def test_restart_under_same_name_is_accepted(agents):
     addrs = start_cluster(agents, 3)
-    assert wait_for(lambda: all_alive(addrs, addrs), 20)
+    assert wait_for(lambda: all_alive(addrs, addrs, agents.keys), 20)
     agents.procs["a2"].send_signal(signal.SIGKILL)
     agents.procs["a2"].wait(10)
     agents.start("a2", seeds=[addrs["a0"]])
@@ -146,7 +157,7 @@ def test_restart_under_same_name_is_accepted(agents):
     def a2_seen_at_new_address():
         for addr in addrs.values():
             try:
-                _, rows = query_members([addr], None, timeout=1.0)
+                _, rows = query_members([addr], agents.keys, timeout=1.0)
             except StatusError:
                 return False
             row = next((r for r in rows if r["name"] == "a2"), None)
@@ -158,27 +169,25 @@ def test_restart_under_same_name_is_accepted(agents):
 
 
 def test_wrong_secret_cannot_join_or_read(agents, tmp_path):
-    good = tmp_path / "good"
-    good.write_text("cluster secret\n")
+    good, keys = agents.secret_file, agents.keys
     bad = tmp_path / "bad"
-    bad.write_text("guess\n")
-    keys = load_cluster_keys(str(good))
-    addrs = start_cluster(agents, 2, secret_file=str(good))
+    write_secret_file(str(bad))
+    addrs = start_cluster(agents, 2)
     assert wait_for(lambda: all_alive(addrs, addrs, keys), 20)
     agents.start("intruder", seeds=[addrs["a0"]], secret_file=str(bad))
     intruder = agents.addr("intruder")
-    agents.start("plain", seeds=[addrs["a0"]])
+    agents.start("plain", seeds=[addrs["a0"]], insecure=True)
     plain = agents.addr("plain")
     time.sleep(3.0)
     assert set(states(addrs["a0"], keys)) == {"a0", "a1"}
     assert set(states(intruder, load_cluster_keys(str(bad)))) == {"intruder"}
-    assert set(states(plain)) == {"plain"}
-    assert states(addrs["a0"]) == {}  # without the secret the mesh does not even answer
+    assert set(states(plain, None)) == {"plain"}
+    assert states(addrs["a0"], None) == {}  # without the secret the mesh does not even answer
     denied = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--seeds", addrs["a0"],
                              "--secret-file", str(bad), "--timeout", "1"], cwd=REPO, capture_output=True)
     assert denied.returncode != 0
     allowed = subprocess.run([sys.executable, "-m", "mesh.cli", "status", "--seeds", addrs["a0"],
-                              "--secret-file", str(good), "--json"], cwd=REPO, capture_output=True)
+                              "--secret-file", good, "--json"], cwd=REPO, capture_output=True)
     assert allowed.returncode == 0
 
 
@@ -186,18 +195,20 @@ def test_thirty_agents_converge(agents):
     started = time.monotonic()
     addrs = start_cluster(agents, 30, prefix="m")
     all_started = time.monotonic()
-    converged = wait_for(lambda: all_alive(addrs, addrs), 30, interval=0.2)
+    converged = wait_for(lambda: all_alive(addrs, addrs, agents.keys), 30, interval=0.2)
     done = time.monotonic()
     print(f"\n30 agents: started in {all_started - started:.2f}s, "
           f"converged {done - all_started:.2f}s after the last started")
     assert converged
 
 
-def test_in_process_agents_find_nearest_ready_source():
+def test_in_process_agents_find_nearest_ready_source(secret):
     key = {"fingerprint": "fp", "tp": 1, "pp": 1, "rank": 0}
-    with MeshAgent(bind="127.0.0.1:0", name="seed", meta={**key, "ready": True, "load": 3}) as seed, \
-            MeshAgent(bind="127.0.0.1:0", seeds=[seed.addr], name="idle", meta={**key, "load": 0}) as idle, \
-            MeshAgent(bind="127.0.0.1:0", seeds=[seed.addr], name="client") as client:
+    with MeshAgent(bind="127.0.0.1:0", name="seed", meta={**key, "ready": True, "load": 3},
+                   secret_file=secret) as seed, \
+            MeshAgent(bind="127.0.0.1:0", seeds=[seed.addr], name="idle", meta={**key, "load": 0},
+                      secret_file=secret) as idle, \
+            MeshAgent(bind="127.0.0.1:0", seeds=[seed.addr], name="client", secret_file=secret) as client:
         assert seed.wait_joined(0) and client.wait_joined(10)
         assert {"seed", "client"} <= {m.name for m in client.members()}  # seed's full view arrived
         assert wait_for(lambda: len(client.members()) == 3, 10)
@@ -209,8 +220,9 @@ def test_in_process_agents_find_nearest_ready_source():
         assert me.name == "client" and me.state == "alive"
 
 
-def test_agent_with_unreachable_seed_starts_and_reports_not_joined():
-    agent = MeshAgent(bind="127.0.0.1:0", seeds=["127.0.0.1:9", "no-such-host.invalid:7946"], name="lonely")
+def test_agent_with_unreachable_seed_starts_and_reports_not_joined(secret):
+    agent = MeshAgent(bind="127.0.0.1:0", seeds=["127.0.0.1:9", "no-such-host.invalid:7946"], name="lonely",
+                      secret_file=secret)
     agent.start()
     try:
         assert agent.running

@@ -20,7 +20,7 @@ GOOD = {
     "LISTEN_PORT": 4000,
     "OUTPUT_PREFIX": "/tmp/netloader-",
     "mesh": {"seeds": ["seed-a:7946"], "bind": "0.0.0.0:0", "zone": "rack1", "wait_timeout_s": 3,
-             "attach_timeout_s": 60},
+             "attach_timeout_s": 60, "secret_file": "/etc/netloader/cluster.secret"},
     "connect_timeout_s": 1.5,
     "bucket_mb": 32,
     "max_concurrent_clients": 2,
@@ -38,6 +38,7 @@ def test_good_config_parses_every_key():
     assert cfg.output_prefix == "/tmp/netloader-"
     assert cfg.mesh.seeds == ("seed-a:7946",) and cfg.mesh.zone == "rack1"
     assert cfg.mesh.wait_timeout_s == 3.0 and cfg.mesh.attach_timeout_s == 60.0
+    assert cfg.secret_file == "/etc/netloader/cluster.secret" and cfg.mesh.insecure is False
     s = cfg.settings
     assert (s.connect_timeout_s, s.bucket_mb, s.max_concurrent_clients) == (1.5, 32, 2)
     assert s.bucket_bytes == 32 << 20 and s.listen_host == "127.0.0.1"
@@ -87,6 +88,9 @@ def test_json_string_none_and_empty_are_accepted():
         ({"mesh": {"wait_timeout_s": -2}}, "mesh.wait_timeout_s"),
         ({"mesh": {"attach_timeout_s": "5m"}}, "mesh.attach_timeout_s"),
         ({"mesh": {"attach_timeout_s": 0}}, "mesh.attach_timeout_s"),
+        ({"mesh": {"insecure": "true"}}, "mesh.insecure"),
+        ({"mesh": {"insecure": 1}}, "mesh.insecure"),
+        ({"mesh": {"seeds": ["a:1"]}}, "mesh.secret_file"),
         ({"connect_timeout_s": 0}, "connect_timeout_s"),
         ({"handshake_timeout_s": "5"}, "handshake_timeout_s"),
         ({"bucket_timeout_s": False}, "bucket_timeout_s"),
@@ -135,6 +139,40 @@ def test_environment_fallbacks_for_mesh():
     with pytest.raises(ValueError, match=f"^{ENV_MESH_SEEDS}"):
         parse_extra_config({}, environ={ENV_MESH_SEEDS: "nohostport"})
     assert parse_extra_config({}, environ={}).mesh is None
+
+
+def test_mesh_without_a_secret_is_refused_with_the_way_out():
+    for raw in ({"mesh": {"seeds": ["a:1"]}}, {"mesh": {"insecure": False}}):
+        with pytest.raises(ValueError) as info:
+            parse_extra_config(raw, environ={})
+        message = str(info.value)
+        assert message.startswith("mesh.secret_file")
+        assert "mesh keygen /path/to/secret" in message and ENV_MESH_SECRET_FILE in message
+        assert '"insecure": true' in message
+    with pytest.raises(ValueError, match="^mesh.secret_file"):  # seeds from the environment
+        parse_extra_config({}, environ={ENV_MESH_SEEDS: "a:1"})
+
+
+def test_mesh_runs_with_a_secret_from_any_place_or_explicitly_insecure():
+    mesh = {"seeds": ["a:1"]}
+    from_env = parse_extra_config({"mesh": mesh}, environ={ENV_MESH_SECRET_FILE: "/e"})
+    assert from_env.secret_file == "/e"
+    tuning = parse_extra_config({"mesh": mesh, "secret_file": "/t"}, environ={})
+    assert tuning.secret_file == "/t"
+    insecure = parse_extra_config({"mesh": {**mesh, "insecure": True}}, environ={})
+    assert insecure.mesh.insecure is True and insecure.secret_file is None
+
+
+def test_weights_are_served_only_when_a_key_asks_for_it():
+    assert not parse_extra_config({}, environ={}).serves
+    assert not parse_extra_config({"MODEL": "m@1", "bucket_mb": 8}, environ={}).serves
+    for raw in (
+        {"LISTEN_PORT": 4000},
+        {"SOURCE": [{"device_id": 0, "sources": ["a:1"]}]},
+        {"mesh": {"insecure": True}},
+        {"OUTPUT_PREFIX": "/tmp/ep-"},  # publishes the endpoint of a free port
+    ):
+        assert parse_extra_config(raw, environ={}).serves, raw
 
 
 def test_transfer_secret_prefers_the_tuning_key():

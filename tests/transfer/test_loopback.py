@@ -179,12 +179,11 @@ def test_busy_source_when_over_the_client_limit():
 
 
 def test_authenticated_source_serves_only_key_holders(tmp_path):
-    from mesh.security import load_cluster_keys
+    from mesh.security import load_cluster_keys, write_secret_file
 
-    secret = tmp_path / "secret"
-    secret.write_text("cluster-secret-for-tests\n")
-    wrong = tmp_path / "wrong"
-    wrong.write_text("another-secret\n")
+    secret, wrong = tmp_path / "secret", tmp_path / "wrong"
+    write_secret_file(str(secret))
+    write_secret_file(str(wrong))
     with SourceProcess(secret_file=str(secret)) as secured:
         no_key, _, _ = fetch([secured])
         wrong_key, _, _ = fetch([secured], keys=load_cluster_keys(str(wrong)))
