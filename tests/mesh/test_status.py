@@ -44,7 +44,7 @@ def test_status_output_has_no_control_characters_but_its_own_screen_refresh(watc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli.time, "sleep", stop)
-    args = ["status", "--seeds", "10.0.0.1:7946"] + (["--watch"] if watch else [])
+    args = ["status", "--insecure", "--seeds", "10.0.0.1:7946"] + (["--watch"] if watch else [])
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     if watch:
@@ -56,5 +56,5 @@ def test_status_output_has_no_control_characters_but_its_own_screen_refresh(watc
 
 def test_status_json_stays_valid_json_with_values_unchanged(monkeypatch, capsys):
     monkeypatch.setattr(cli, "query_members", lambda seeds, keys, timeout: ("resp", HOSTILE_ROWS))
-    assert cli.main(["status", "--seeds", "10.0.0.1:7946", "--json"]) == 0
+    assert cli.main(["status", "--insecure", "--seeds", "10.0.0.1:7946", "--json"]) == 0
     assert orjson.loads(capsys.readouterr().out) == HOSTILE_ROWS
