@@ -445,7 +445,10 @@ class _BucketReceiver:
                 if future is not None:
                     future.result()
         finally:
-            verifier.shutdown(wait=True, cancel_futures=True)
+            # buckets that arrived whole are still verified (and kept for a resume) when a
+            # later one fails; each verification is bounded, and the gate decides whether
+            # it may still write
+            verifier.shutdown(wait=True)
 
     def _verify_and_write(self, bucket: Bucket, data: torch.Tensor) -> None:
         """Check a staged bucket; only then copy it into the destination tensors."""
