@@ -90,13 +90,21 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 
 class BucketReader:
     """The bytes of a bucket as the source sends them: a view into the tensor for a
-    direct piece, the packed copy in `buffer` otherwise. A non-contiguous tensor is made
+    direct piece on the transfer device, a copy in `buffer` otherwise (packed buckets,
+    and pieces of tensors kept in host memory). A non-contiguous tensor is made
     contiguous once for all its pieces (the last one is kept)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], copy=None) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], copy=None, device=None) -> None:
         self.tensors = tensors
         self.copy = copy or copy_bytes
+        self.device = device
         self._contiguous: tuple[str, torch.Tensor] | None = None
+
+    def needs_buffer(self, bucket: Bucket) -> bool:
+        if not bucket.direct:
+            return True
+        held_on = self.tensors[bucket.items[0].name].device
+        return self.device is not None and held_on.type != torch.device(self.device).type
 
     def tensor_bytes(self, name: str) -> torch.Tensor:
         t = self.tensors[name]
@@ -107,12 +115,12 @@ class BucketReader:
         return self._contiguous[1]
 
     def read(self, bucket: Bucket, buffer: torch.Tensor | None) -> torch.Tensor:
-        if bucket.direct:
-            item = bucket.items[0]
-            return self.tensor_bytes(item.name)[item.tensor_offset : item.tensor_offset + item.nbytes]
-        out = buffer[: bucket.nbytes]
+        out = buffer[: bucket.nbytes] if self.needs_buffer(bucket) else None
         for item in bucket.items:
-            self.copy(out[item.offset : item.offset + item.nbytes], self.tensor_bytes(item.name))
+            data = self.tensor_bytes(item.name)[item.tensor_offset : item.tensor_offset + item.nbytes]
+            if out is None:
+                return data  # a direct piece, sent from its own storage
+            self.copy(out[item.offset : item.offset + item.nbytes], data)
         return out
 
 

@@ -18,6 +18,7 @@ asynchronous fake (tests/transfer/fake_device.py) through `device_for`.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -66,6 +67,21 @@ class TransferDevice:
         """Block until everything enqueued on the transfer stream has run."""
         if self.stream is not None:
             self.stream.synchronize()
+
+
+# device memory a communicator takes per session besides our buffers (HCCL allocates
+# HCCL_BUFFSIZE MB per direction, 200 by default; NCCL a few MiB per channel)
+def communicator_bytes(backend: str) -> int:
+    if backend == "hccl":
+        return 2 * int(os.environ.get("HCCL_BUFFSIZE", "200")) << 20
+    if backend == "nccl":
+        return 64 << 20
+    return 0
+
+
+def session_device_bytes(backend: str, bucket_bytes: int) -> int:
+    """Device memory one served session needs: two staging buffers and a communicator."""
+    return 2 * bucket_bytes + communicator_bytes(backend)
 
 
 def device_for(device: torch.device) -> TransferDevice:

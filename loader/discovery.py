@@ -44,6 +44,7 @@ class MeshPresence:
         self._agent = None
         self._stop = threading.Event()
         self._publisher: threading.Thread | None = None
+        self._server = None  # the server whose status is advertised (publish replaces it)
         self._status_lock = threading.Lock()
         self._last_status: dict | None = None
         self.start_error: str | None = None
@@ -144,14 +145,15 @@ class MeshPresence:
     def publish(self, server) -> None:
         """Advertise `server` as this rank's endpoint and keep its status current: state,
         progress, load, capacity, upstream (a RelayServer reports them while receiving;
-        any other server is complete). `ready` is advertised once the state is complete."""
-        if self._agent is None or self._publisher is not None:
+        any other server is complete). `ready` is advertised once the state is complete.
+        A later call replaces the server whose status is kept current."""
+        if self._agent is None:
             return
-        if not self._advertise_status(server):
+        self._server = server
+        if not self._advertise_status(server) or self._publisher is not None:
             return
         self._publisher = threading.Thread(
             target=self._refresh_status,
-            args=(server,),
             daemon=True,
             name=f"netloader-mesh-status-r{self._identity.rank}",
         )
@@ -160,7 +162,6 @@ class MeshPresence:
     def announce(self, server) -> None:
         """Advertise this rank as a ready source (publishing `server` if not done yet)."""
         self.publish(server)
-        self._advertise_status(server)
 
     def _advertise_status(self, server) -> bool:
         status = _server_status(server)
@@ -189,9 +190,9 @@ class MeshPresence:
             )
         return True
 
-    def _refresh_status(self, server) -> None:
+    def _refresh_status(self) -> None:
         while not self._stop.wait(STATUS_REFRESH_S):
-            self._advertise_status(server)
+            self._advertise_status(self._server)
 
     def stop(self) -> None:
         self._stop.set()
@@ -226,6 +227,8 @@ def _server_status(server) -> dict:
         "load": server.active_clients,
         "capacity": server.settings.max_concurrent_clients,
         "upstream": getattr(server, "upstream", None) if state != "complete" else None,
+        # bytes kept only to serve (raw copies next to processed weights)
+        "retained_bytes": getattr(server, "retained_bytes", 0),
     }
 
 

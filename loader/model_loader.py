@@ -83,16 +83,21 @@ class NetloaderModelLoader(BaseModelLoader):
             processing = time.monotonic()
             process_weights_after_loading(model, model_config, target_device)
             result.phases["process_weights"] = time.monotonic() - processing
+            served, result.retained_bytes = serving.served_tensors(raw_tensors, model)
             result.seconds = time.monotonic() - started
             log_result(result)
             gc.collect()
             torch.accelerator.empty_cache()
 
-        if server is not None and not _same_storage(server.tensors, raw_tensors):
-            serving.stop_server(server)  # the disk load replaced parameters: serve the new ones
+        serving.warm_up.begin()  # no new clients until vLLM's warm-up is over
+        if server is not None and not _same_storage(server.tensors, served):
+            # the disk load replaced parameters, or copies moved to host memory
+            serving.stop_server(server)
             server = None
         if server is None:
-            server = serving.start_serving(raw_tensors, identity, self.config)
+            server = serving.start_serving(served, identity, self.config, target_device)
+        if server is not None:
+            server.retained_bytes = result.retained_bytes
         if presence is not None and server is not None:
             presence.announce(server)
         return model.eval()

@@ -20,7 +20,38 @@ def register() -> None:
 
     register_model_loader(LOAD_FORMAT)(NetloaderModelLoader)
     _route_logs_through_vllm()
+    _watch_warm_up()
     _registered = True
+
+
+def _watch_warm_up() -> None:
+    """Tell this process's weight servers when vLLM's warm-up is over. Every worker class
+    (CPU, CUDA, Ascend) is driven through WorkerWrapperBase by method name, so one
+    wrapper method there sees `compile_or_warm_up_model` finish."""
+    try:
+        from vllm.v1.worker.worker_base import WorkerWrapperBase
+    except ImportError:
+        logging.getLogger(__name__).info("netloader: vLLM warm-up not observable here")
+        return
+    if getattr(WorkerWrapperBase, "_netloader_watches_warm_up", False):
+        return
+    inner = WorkerWrapperBase.__dict__.get("compile_or_warm_up_model")
+
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        from loader.serving import warm_up
+
+        try:
+            if inner is not None:
+                return inner(self, *args, **kwargs)
+            return self.worker.compile_or_warm_up_model(*args, **kwargs)
+        finally:
+            warm_up.done()
+
+    WorkerWrapperBase.compile_or_warm_up_model = compile_or_warm_up_model
+    WorkerWrapperBase._netloader_watches_warm_up = True
+    from loader.serving import warm_up
+
+    warm_up.watch()
 
 
 def _route_logs_through_vllm() -> None:

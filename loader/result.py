@@ -21,6 +21,7 @@ class LoadResult:
     fallback_reason: str | None
     # phase -> seconds (lookup, transfer, disk, process_weights), logged as `<phase>_s`
     phases: dict[str, float] = field(default_factory=dict)
+    retained_bytes: int = 0  # kept only to be served (raw copies of replaced parameters)
 
     def to_json(self) -> str:
         fields = asdict(self)

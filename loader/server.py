@@ -16,16 +16,17 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import zmq
 
 from loader import protocol
-from loader.buckets import Bucket, BucketReader, bucket_tag, max_packed_bytes, plan_buckets
+from loader.buckets import Bucket, BucketReader, bucket_tag, plan_buckets
 from loader.checksum import algorithm_for_device, checksum_key, digest
 from loader.config import TransferSettings
-from loader.device import TransferDevice, await_work, device_for
+from loader.device import TransferDevice, await_work, device_for, session_device_bytes
 from loader.manifest import build_manifest, unique_tensors
 from loader.process_group import (
     CLIENT_RANK,
@@ -41,9 +42,14 @@ log = logging.getLogger(__name__)
 _POLL_MS = 1000
 SEND_DEPTH = 4  # sends in flight; the client posts as many receives ahead
 _BAD_MESSAGE_LOG_FIRST = 10
-# sessions whose process group is not up yet, per client address: a peer that sends
-# hellos and never connects holds at most this many slots, each for pg_setup_timeout_s
-MAX_PENDING_PER_PEER = 2
+
+
+def max_pending_per_peer(max_clients: int) -> int:
+    """Sessions whose process group is not up yet, per client address: a peer that sends
+    hellos and never connects holds at most this many slots (each for pg_setup_timeout_s)
+    and never all of them; several instances on one host still start together."""
+    return max(1, max_clients - 1)
+
 _MIB = 1 << 20
 # the bucket sizes a source serves (plus its own): a client cannot make it hash the
 # model again for arbitrary sizes, and the checksums of every size stay cached
@@ -97,6 +103,12 @@ class _Send:
 class WeightServer:
     """Serve `tensors` (this rank's raw weights; they must not change while served).
 
+    `device` is the transfer device (the one the clients' tensors live on, whose backend
+    moves the data); served tensors are on it or in host memory (copies kept only to be
+    served), from where each bucket is staged onto the device. Default: the tensors' own.
+    `admission()` may return a "busy" reason to refuse new sessions for now (e.g. while
+    vLLM warms up).
+
     Tensors sharing storage (tied weights) are sent once. `port=0` picks a free port.
     With `keys` (mesh.security.ClusterKeys) the control socket requires CURVE auth.
     """
@@ -111,17 +123,24 @@ class WeightServer:
         host: str = "0.0.0.0",
         port: int = 0,
         output_prefix: str | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self._tensors, _ = unique_tensors(tensors)
         self._manifest = build_manifest(tensors)
         self._manifest_digest = self._manifest.digest()
-        device_types = {t.device.type for t in self._tensors.values()} or {"cpu"}
-        if len(device_types) != 1:
-            raise ValueError(f"tensors span several device types: {sorted(device_types)}")
-        self._device_type = device_types.pop()
-        self._device = (
-            next(iter(self._tensors.values())).device if self._tensors else torch.device("cpu")
-        )
+        if device is None:
+            devices = {t.device for t in self._tensors.values()} or {torch.device("cpu")}
+            if len({d.type for d in devices}) != 1:
+                raise ValueError(f"tensors span several device types: {sorted(map(str, devices))}")
+            device = next(iter(devices))
+        stray = {t.device.type for t in self._tensors.values()} - {device.type, "cpu"}
+        if stray:
+            raise ValueError(f"tensors on {sorted(stray)} cannot be served from {device}")
+        # the index the tensors were allocated with (a bare "cuda" means another device
+        # in a worker whose local rank is not 0)
+        device = next((t.device for t in self._tensors.values() if t.device.type == device.type), device)
+        self._device = device
+        self._device_type = device.type
         self._backend = backend_for_device(self._device_type)
         self._algorithm = algorithm_for_device(self._device_type)
         self._checksum_key = checksum_key(keys)
@@ -145,6 +164,8 @@ class WeightServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self.bad_messages = 0
+        self.admission: Callable[[], str | None] | None = None
+        self.retained_bytes = 0  # bytes kept only to be served (reported in the mesh)
         self.endpoint: str | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -289,10 +310,10 @@ class WeightServer:
             )
             if len(self._sessions) >= self.settings.max_concurrent_clients:
                 busy = f"source busy ({len(self._sessions)} transfers running)"
-            elif pending >= MAX_PENDING_PER_PEER:
+            elif pending >= max_pending_per_peer(self.settings.max_concurrent_clients):
                 busy = f"source busy ({pending} sessions from {peer_address} still setting up)"
             else:
-                busy = None
+                busy = (self.admission and self.admission()) or self._memory_refusal(bucket_bytes)
             if busy:
                 self._send(identity, protocol.nack_message(busy, busy=True))
                 return
@@ -342,6 +363,20 @@ class WeightServer:
             )
         session.done_message = done
         session.done.set()
+
+    def _memory_refusal(self, bucket_bytes: int) -> str | None:
+        """On an accelerator a session needs staging buffers and communicator memory on
+        the device, which vLLM may have given to the KV cache: refuse rather than fail."""
+        free = self._free_device_bytes()
+        need = session_device_bytes(self._backend, bucket_bytes)
+        if free is None or free >= need:
+            return None
+        return f"source busy (device memory: {free >> 20} MiB free, a session needs {need >> 20} MiB)"
+
+    def _free_device_bytes(self) -> int | None:
+        if self._device_type == "cpu":
+            return None
+        return torch.accelerator.get_memory_info(self._device)[0]
 
     # ---- one client's transfer -------------------------------------------------------
 
@@ -419,20 +454,20 @@ class WeightServer:
         Packed buckets alternate between two buffers; a buffer is refilled only after the
         send that used it completed."""
         timeout_s = self.settings.bucket_timeout_s
-        size = max_packed_bytes(plan)
+        reader = BucketReader(self._tensors, device.copy, device.device)
+        size = max((b.nbytes for b in plan if reader.needs_buffer(b)), default=0)
         buffers = [device.empty(size) for _ in range(2)]
         buffer_work: list = [None, None]
         in_flight: deque[_Send] = deque()
-        reader = BucketReader(self._tensors, device.copy)
-        packed_count = 0
+        staged_count = 0
         for bucket in plan:
             if self._stopping.is_set():
                 raise RuntimeError("server stopping")
             self._before_bucket(session, bucket)
             slot = None
-            if not bucket.direct:
-                slot = packed_count % 2
-                packed_count += 1
+            if reader.needs_buffer(bucket):
+                slot = staged_count % 2
+                staged_count += 1
                 if buffer_work[slot] is not None:
                     buffer_work[slot].complete(device, timeout_s)
             data = reader.read(bucket, buffers[slot] if slot is not None else None)
@@ -471,8 +506,8 @@ class WeightServer:
             if cached is not None:
                 return cached
             plan = plan_buckets(self._manifest.specs, bucket_bytes)
-            scratch = device.empty(max_packed_bytes(plan))
-            reader = BucketReader(self._tensors, device.copy)
+            reader = BucketReader(self._tensors, device.copy, device.device)
+            scratch = device.empty(max((b.nbytes for b in plan if reader.needs_buffer(b)), default=0))
             checksums = []
             for bucket in plan:
                 data = reader.read(bucket, scratch)

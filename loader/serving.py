@@ -23,6 +23,61 @@ _servers: dict[int, object] = {}
 _keys_cache: dict[str | None, object] = {}
 
 
+class WarmUp:
+    """Between the end of a rank's load and the end of vLLM's warm-up (memory profiling,
+    KV cache sizing, compilation, graph capture) a source takes no new clients: their
+    buffers would skew the profile and their threads could break a graph capture.
+    Only engaged when the plugin could hook vLLM's warm-up (`watch()`); otherwise a
+    source never waits for a signal that would not come."""
+
+    def __init__(self) -> None:
+        self._watched = False
+        self._warming = threading.Event()
+
+    def watch(self) -> None:
+        self._watched = True
+
+    def begin(self) -> None:
+        if self._watched:
+            self._warming.set()
+
+    def done(self) -> None:
+        self._warming.clear()
+
+    def refusal(self) -> str | None:
+        if self._warming.is_set():
+            return "source busy (warming up: memory profiling, compilation, graph capture)"
+        return None
+
+
+warm_up = WarmUp()
+
+
+def served_tensors(
+    raw: dict[str, torch.Tensor], model: torch.nn.Module, to_host: bool | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """What a rank serves after `process_weights_after_loading`, and the bytes kept only
+    for that. A raw tensor whose storage the model still uses costs nothing extra. One
+    that processing replaced (oneDNN packing on CPU; NZ casts, quantized and MoE repacks
+    on accelerators) is a copy kept only to be served: on an accelerator it moves to
+    host memory (pinned where possible), so serving never doubles device memory.
+    `to_host` overrides that choice (default: for tensors not already on the CPU)."""
+    live = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    served: dict[str, torch.Tensor] = {}
+    retained = 0
+    for name, t in raw.items():
+        if t.untyped_storage().data_ptr() in live:
+            served[name] = t
+            continue
+        retained += t.numel() * t.element_size()
+        if to_host if to_host is not None else t.device.type != "cpu":
+            t = t.to("cpu", copy=True)
+            if torch.accelerator.is_available():
+                t = t.pin_memory()
+        served[name] = t
+    return served, retained
+
+
 def cluster_keys(config: NetloaderConfig):
     """CURVE keys from the cluster secret, or None (unauthenticated: callers warn)."""
     path = config.secret_file
@@ -35,12 +90,16 @@ def cluster_keys(config: NetloaderConfig):
 
 
 def start_serving(
-    tensors: dict[str, torch.Tensor] | None, identity: RankIdentity, config: NetloaderConfig
+    tensors: dict[str, torch.Tensor] | None,
+    identity: RankIdentity,
+    config: NetloaderConfig,
+    device: torch.device | None = None,
 ):
-    """Start this rank's weight server. Never raises: a rank that cannot serve still runs."""
+    """Start this rank's weight server. Never raises: a rank that cannot serve still runs.
+    `device`: the transfer device when some tensors are kept in host memory."""
     from loader.server import WeightServer
 
-    return _start(WeightServer, tensors, identity, config, "serving weights")
+    return _start(WeightServer, tensors, identity, config, "serving weights", device)
 
 
 def start_relay(
@@ -53,7 +112,7 @@ def start_relay(
     return _start(RelayServer, tensors, identity, config, "serving (verified buckets while still loading)")
 
 
-def _start(server_cls, tensors, identity: RankIdentity, config: NetloaderConfig, what: str):
+def _start(server_cls, tensors, identity: RankIdentity, config: NetloaderConfig, what: str, device=None):
     if not config.serves:
         return None
     if tensors is None or identity.fingerprint is None:
@@ -72,7 +131,9 @@ def _start(server_cls, tensors, identity: RankIdentity, config: NetloaderConfig,
             host=config.settings.listen_host,
             port=config.port_for_rank(identity.rank),
             output_prefix=config.output_prefix,
+            device=device,
         )
+        server.admission = warm_up.refusal
         server.start()
     except Exception as exc:
         logger.error("rank %d: weight server did not start: %s", identity.rank, exc)

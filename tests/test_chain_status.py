@@ -163,3 +163,21 @@ def test_a_relay_about_to_receive_is_retried_soon(monkeypatch):
 
     delays = reattach_delays(monkeypatch, f"refused: {NOT_RECEIVING}")
     assert max(delays) <= 0.05
+
+
+def test_the_status_publisher_follows_the_server_that_replaced_the_relay():
+    """After the relay is replaced (disk load replaced parameters, or copies moved to host
+    memory), only the new server's endpoint may be gossiped."""
+    agent, relay = RecordingAgent(), FakeRelay()
+    p = presence(agent)
+    p.publish(relay)
+    relay.state = "complete"
+    server = FakeRelay()
+    server.endpoint, server.state, server.retained_bytes = "10.0.0.9:6000", "complete", 123
+    p.announce(server)
+    time.sleep(8 * discovery.STATUS_REFRESH_S)  # several refreshes of the publisher
+    p._stop.set()
+    assert agent.advertised[-1]["endpoint"] == server.endpoint
+    assert agent.advertised[-1]["retained_bytes"] == 123
+    after = agent.advertised[[a["endpoint"] for a in agent.advertised].index(server.endpoint):]
+    assert all(a["endpoint"] == server.endpoint for a in after)
