@@ -82,7 +82,7 @@ def test_a_peer_without_the_session_id_cannot_join_the_transfer_group(monkeypatc
         assert torch.equal(dest[name], t), name
 
 
-def test_a_hello_that_never_connects_holds_its_slot_only_for_the_setup_timeout():
+def test_a_hello_that_never_connects_holds_its_slot_only_for_the_setup_timeout(caplog):
     settings = TransferSettings(
         **{**FAST.__dict__, "max_concurrent_clients": 1, "pg_setup_timeout_s": 1.0,
            "bucket_timeout_s": 60.0}
@@ -101,6 +101,8 @@ def test_a_hello_that_never_connects_holds_its_slot_only_for_the_setup_timeout()
         while server.active_clients and time.monotonic() < deadline:
             time.sleep(0.1)
         assert server.active_clients == 0, "the never-connecting session still holds the slot"
+        # ended by the setup wait (1 s), not by the 60 s bucket timeout
+        assert any("wait timeout after 1000ms" in r.getMessage() for r in caplog.records)
         dest = empty_like_all(source)
         assert fetch_from_sources([server.endpoint], FINGERPRINT, dest, 0, settings).ok
         sock.close()
