@@ -77,10 +77,21 @@ def _ago(seconds) -> str:
     return f"{seconds:.1f}s ago"
 
 
+def _size(n) -> str:
+    """Bytes a member keeps only to serve (raw copies), human-sized; "-" when not given."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return "-"
+
+
 def format_table(rows: list[dict]) -> str:
     """A text table of member rows; names and metadata come from the network, so nothing
     in it can move the cursor, clear the screen or otherwise talk to the terminal."""
-    header = ["NAME", "ADDRESS", "STATE", "INC", "FINGERPRINT", "TPxPP", "RANK", "ENDPOINT", "LOAD", "RTT", "LAST HEARD"]
+    header = ["NAME", "ADDRESS", "STATE", "INC", "FINGERPRINT", "TPxPP", "RANK", "ENDPOINT", "LOAD", "RETAINED", "RTT", "LAST HEARD"]
     table = [header]
     for row in sorted(rows, key=lambda r: r["name"]):
         meta = row.get("meta", {})
@@ -96,6 +107,7 @@ def format_table(rows: list[dict]) -> str:
             _short(meta.get("rank"), 6),
             _short(meta.get("endpoint"), 28),
             _short(meta.get("load"), 8),
+            _size(meta.get("retained_bytes")),
             "-" if rtt is None else f"{rtt * 1000:.2f}ms",
             _ago(row.get("last_heard")),
         ]

@@ -58,3 +58,12 @@ def test_status_json_stays_valid_json_with_values_unchanged(monkeypatch, capsys)
     monkeypatch.setattr(cli, "query_members", lambda seeds, keys, timeout: ("resp", HOSTILE_ROWS))
     assert cli.main(["status", "--insecure", "--seeds", "10.0.0.1:7946", "--json"]) == 0
     assert orjson.loads(capsys.readouterr().out) == HOSTILE_ROWS
+
+
+def test_table_shows_the_bytes_a_member_keeps_only_to_serve():
+    row = {"name": "w-r0", "addr": "10.0.0.1:7946", "state": "alive", "incarnation": 1,
+           "meta": {"retained_bytes": 3 * (1 << 30) // 2}}
+    odd = dict(row, name="w-r1", meta={"retained_bytes": "lots"})
+    header, first, second = format_table([row, odd]).splitlines()
+    assert "RETAINED" in header
+    assert "1.5GiB" in first.split() and "-" in second.split()
