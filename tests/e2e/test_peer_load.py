@@ -121,7 +121,8 @@ def test_client_without_weight_files_loads_by_model_id_or_fails_clearly(tiny_che
         with pytest.raises(RuntimeError, match="exited"):
             orphan.wait_ready(timeout_s=180)
         assert "no peer served the weights" in orphan.log_text()
-        assert "fingerprint mismatch" in orphan.log_text() or "mismatch" in orphan.log_text()
+        # the source refused it: its MODEL makes another fingerprint
+        assert "refused: fingerprint mismatch: source " in orphan.log_text()
         orphan.stop()
     finally:
         a.stop()

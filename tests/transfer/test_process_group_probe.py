@@ -13,7 +13,11 @@ def test_returns_once_the_store_listens():
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen()
-        wait_for_store("127.0.0.1", srv.getsockname()[1], timeout_s=5)
+        assert wait_for_store("127.0.0.1", srv.getsockname()[1], timeout_s=5) is None
+        srv.settimeout(1)
+        conn, _ = srv.accept()  # the probe really connected (and closed its socket)
+        with conn:
+            assert conn.recv(1) == b""
 
 
 def test_unreachable_store_times_out_and_other_threads_keep_running():
