@@ -46,9 +46,10 @@ _BAD_MESSAGE_LOG_FIRST = 10
 
 def max_pending_per_peer(max_clients: int) -> int:
     """Sessions whose process group is not up yet, per client address: a peer that sends
-    hellos and never connects holds at most this many slots (each for pg_setup_timeout_s)
-    and never all of them; several instances on one host still start together."""
-    return max(1, max_clients - 1)
+    hellos and never connects holds at most this many slots, each for pg_setup_timeout_s,
+    and never all of them once there are three or more; two instances on one host can
+    always start together."""
+    return max(2, max_clients - 1)
 
 _MIB = 1 << 20
 # the bucket sizes a source serves (plus its own): a client cannot make it hash the

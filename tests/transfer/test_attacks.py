@@ -122,7 +122,7 @@ def test_sessions_still_setting_up_are_capped_per_peer_address(monkeypatch):
     monkeypatch.setattr(server_module, "create_transfer_group", stalled_group)
     settings = TransferSettings(**{**FAST.__dict__, "max_concurrent_clients": 4})
     cap = max_pending_per_peer(4)
-    assert cap == 3
+    assert cap == 3 and max_pending_per_peer(2) == 2 and max_pending_per_peer(16) == 15
     from loader.server import WeightServer
 
     server = WeightServer(source, FINGERPRINT, 0, settings, host="127.0.0.1")
