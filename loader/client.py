@@ -72,6 +72,27 @@ def describe_failures(failures: list[tuple[str, str]]) -> str | None:
     return "; ".join(f"{src}: {why}" for src, why in failures)
 
 
+@dataclass
+class FetchRequest:
+    """What to fetch and how: the same for every source and stage of one rank's load.
+    `tensors` are filled in place; `observer` (a relay) hears of every verified bucket;
+    `resume` carries what was verified from one attempt to the next."""
+
+    fingerprint: str
+    tensors: dict[str, torch.Tensor]
+    rank: int
+    settings: TransferSettings
+    keys: object = None
+    observer: object = None
+    resume: ResumeState = field(default_factory=lambda: ResumeState())
+
+    def from_sources(self, sources: list[str]) -> FetchOutcome:
+        return fetch_from_sources(
+            sources, self.fingerprint, self.tensors, self.rank, self.settings,
+            keys=self.keys, observer=self.observer, resume=self.resume,
+        )
+
+
 class SourceFailure(Exception):
     """This source cannot serve us; the message is the reason recorded."""
 

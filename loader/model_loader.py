@@ -27,10 +27,11 @@ from vllm.model_executor.model_loader.utils import process_weights_after_loading
 from vllm.utils.torch_utils import set_default_torch_dtype
 
 from loader import serving
-from loader.client import FetchOutcome, ResumeState, describe_failures, fetch_from_sources
+from loader.client import FetchOutcome, FetchRequest, describe_failures
 from loader.config import NetloaderConfig, parse_extra_config
 from loader.discovery import MeshPresence
 from loader.identity import RankIdentity, rank_identity
+from loader.reattach import ReattachPolicy
 from loader.result import LoadResult, log_result
 from loader.sources import SourcePlan, plan_sources
 from loader.upstream_choice import fetch_with_reattach
@@ -198,10 +199,9 @@ class NetloaderModelLoader(BaseModelLoader):
         )
 
     def _fetch(self, plan: SourcePlan, identity, presence, relay, tensors) -> FetchOutcome:
-        """Mesh upstreams first (re-attaching while the table offers any), then SOURCE."""
-        # both stages write into `tensors`, tell the relay, and share what was verified so
-        # a later source only sends what an interrupted one did not
-        transfer = (identity.fingerprint, tensors, identity.rank, self.config.settings)
+        """Mesh upstreams first (re-attaching while the table offers any), then SOURCE.
+        Both stages fill `tensors`, tell the relay and share one resume state, so a later
+        source only sends what an interrupted one did not."""
         keys = serving.cluster_keys(self.config)
         if keys is None:
             logger.warning(
@@ -210,27 +210,21 @@ class NetloaderModelLoader(BaseModelLoader):
                 "with `mesh keygen PATH`, the same on every instance) to authenticate sources",
                 identity.rank,
             )
-        common = {
-            "keys": keys,
-            "observer": relay,
-            "resume": ResumeState(),
-        }
+        request = FetchRequest(
+            identity.fingerprint, tensors, identity.rank, self.config.settings, keys, relay
+        )
         failures: list[tuple[str, str]] = []
         if plan.mesh and presence is not None:
             mesh = self.config.mesh
-            outcome = fetch_with_reattach(
-                presence.upstream_rows,
-                relay.endpoint if relay is not None else "",
-                *transfer,
-                deadline_s=mesh.attach_timeout_s,
-                idle_s=mesh.wait_timeout_s,
-                zone=mesh.zone,
-                **common,
+            policy = ReattachPolicy(
+                deadline_s=mesh.attach_timeout_s, idle_s=mesh.wait_timeout_s, zone=mesh.zone
             )
+            self_endpoint = relay.endpoint if relay is not None else ""
+            outcome = fetch_with_reattach(presence.upstream_rows, self_endpoint, request, policy)
             if outcome.ok or not plan.static:
                 return outcome
             failures = outcome.failures
-        outcome = fetch_from_sources(plan.static, *transfer, **common)
+        outcome = request.from_sources(plan.static)
         outcome.failures[:0] = failures
         return outcome
 

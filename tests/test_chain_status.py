@@ -6,9 +6,11 @@ import time
 from types import MappingProxyType, SimpleNamespace
 
 from loader import discovery
+from loader.client import FetchRequest
 from loader.config import MeshConfig, TransferSettings
 from loader.discovery import MeshPresence
 from loader.identity import RankIdentity
+from loader.reattach import Attempt, GiveUp, Reattach, ReattachPolicy, Wait
 from loader.upstream_choice import fetch_with_reattach
 
 IDENTITY = RankIdentity(rank=0, tp=1, pp=1, device="cpu", fingerprint="f" * 64)
@@ -96,7 +98,8 @@ def test_reattach_gives_up_once_the_table_offers_nothing_usable():
     row = {"name": "dead", "endpoint": dead, "state": "complete", "load": 0, "capacity": 1}
     started = time.monotonic()
     outcome = fetch_with_reattach(
-        lambda: [row], "10.0.0.9:5000", "f" * 64, {}, 0, SETTINGS, idle_s=0.5, deadline_s=60
+        lambda: [row], "10.0.0.9:5000", FetchRequest("f" * 64, {}, 0, SETTINGS),
+        ReattachPolicy(idle_s=0.5, deadline_s=60),
     )
     assert not outcome.ok and time.monotonic() - started < 10
     assert outcome.failures[0][0] == dead  # the dead hop, with its reason
@@ -104,13 +107,12 @@ def test_reattach_gives_up_once_the_table_offers_nothing_usable():
 
 
 def test_reattach_stops_at_the_deadline_when_upstreams_stay_busy(monkeypatch):
-    import loader.upstream_choice as choice
-
     busy = SimpleNamespace(ok=False, failures=[("a:1", "busy: source busy (1 transfers running)")])
-    monkeypatch.setattr(choice, "fetch_from_sources", lambda *a, **k: busy)
+    monkeypatch.setattr(FetchRequest, "from_sources", lambda self, sources: busy)
     row = {"name": "a", "endpoint": "a:1", "state": "complete", "load": 1, "capacity": 1}
     outcome = fetch_with_reattach(
-        lambda: [row], "me:1", "f" * 64, {}, 0, SETTINGS, idle_s=0.3, deadline_s=0.6
+        lambda: [row], "me:1", FetchRequest("f" * 64, {}, 0, SETTINGS),
+        ReattachPolicy(idle_s=0.3, deadline_s=0.6),
     )
     assert not outcome.ok
     assert outcome.failures[-1][0] == "mesh" and "within 0.6s" in outcome.failures[-1][1]
@@ -140,16 +142,19 @@ def reattach_delays(monkeypatch, reason):
 
     clock = FakeClock()
     refused = SimpleNamespace(ok=False, failures=[("a:1", reason)])
-    monkeypatch.setattr(choice, "fetch_from_sources", lambda *a, **k: refused)
+    monkeypatch.setattr(FetchRequest, "from_sources", lambda self, sources: refused)
     monkeypatch.setattr(choice, "time", clock)
     row = {"name": "a", "endpoint": "a:1", "state": "complete", "load": 0, "capacity": 1}
-    fetch_with_reattach(lambda: [row], "me:1", "f" * 64, {}, 0, SETTINGS, deadline_s=30, retry_s=0.05)
+    fetch_with_reattach(
+        lambda: [row], "me:1", FetchRequest("f" * 64, {}, 0, SETTINGS),
+        ReattachPolicy(deadline_s=30, retry_s=0.05),
+    )
     return clock.sleeps
 
 
 def test_busy_refusals_back_off_exponentially_with_jitter(monkeypatch):
     delays = reattach_delays(monkeypatch, "busy: source busy (4 transfers running)")
-    from loader.upstream_choice import BUSY_BACKOFF_CAP_S
+    from loader.reattach import BUSY_BACKOFF_CAP_S
 
     assert delays[0] <= 0.1 and max(delays) <= BUSY_BACKOFF_CAP_S
     assert delays[5] > 8 * delays[0]  # grows (0.05 * 2**6 before jitter)
@@ -181,3 +186,44 @@ def test_the_status_publisher_follows_the_server_that_replaced_the_relay():
     assert agent.advertised[-1]["retained_bytes"] == 123
     after = agent.advertised[[a["endpoint"] for a in agent.advertised].index(server.endpoint):]
     assert all(a["endpoint"] == server.endpoint for a in after)
+
+
+def upstream(name, **extra):
+    return {"name": name, "endpoint": f"{name}:1", "state": "complete", "load": 0, "capacity": 1, **extra}
+
+
+def test_reattach_decisions_are_a_function_of_table_clock_and_outcomes():
+    """The policy alone, with explicit times: no sockets, no sleeping."""
+    import random
+
+    state = Reattach(ReattachPolicy(deadline_s=100, idle_s=20, suspect_s=10, retry_s=0.05),
+                     "me:1", 0.0, random.Random(1))
+    table = [upstream("a"), upstream("b", load=1)]
+    assert state.next(0.0, table) == Attempt(["a:1", "b:1"])
+    state.record(0.1, [("a:1", "transfer failed: peer died"), ("b:1", "busy: source busy")])
+    wait = state.next(0.1, table)
+    assert isinstance(wait, Wait) and 0 < wait.seconds <= 0.05
+    assert state.next(0.2, table) == Attempt(["b:1"])  # a is suspect for 10 s
+    state.record(0.3, [("b:1", "busy: source busy")])
+    assert state.failures == [("a:1", "transfer failed: peer died")] and state.refusals == 2
+    assert state.next(10.2, table) == Attempt(["a:1", "b:1"])  # suspicion over
+    assert isinstance(state.next(10.3, []), Wait)  # nothing usable: wait, then give up
+    assert state.next(30.2, []) == GiveUp("no usable upstream in the table for 20s")
+
+
+def test_reattach_gives_up_at_the_deadline_even_while_busy_answers_come():
+    import random
+
+    state = Reattach(ReattachPolicy(deadline_s=3, retry_s=0.05), "me:1", 0.0, random.Random(2))
+    now, delays = 0.0, []
+    while True:
+        decision = state.next(now, [upstream("a", load=1)])
+        if isinstance(decision, GiveUp):
+            break
+        if isinstance(decision, Attempt):
+            state.record(now, [("a:1", "busy: source busy (1 transfers running)")])
+        else:
+            delays.append(decision.seconds)
+            now += decision.seconds
+    assert decision == GiveUp(f"no upstream served us within 3s ({state.refusals} busy refusals)")
+    assert delays[-1] > 8 * delays[0] and state.busy_rounds == state.refusals

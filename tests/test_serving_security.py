@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from vllm.config.load import LoadConfig
 
-from loader import model_loader, serving
+from loader import serving
 from loader.client import FetchOutcome
 from loader.config import MeshConfig, parse_extra_config
 from loader.discovery import MeshPresence
@@ -98,7 +98,7 @@ def test_static_client_without_a_secret_fetches_and_warns_of_impersonation(monke
         {"SOURCE": [{"device_id": 0, "sources": [DEAD_SOURCE]}], "listen_host": "127.0.0.1"}
     )
     tried: list = []
-    monkeypatch.setattr(model_loader, "fetch_from_sources", failing_fetch(tried))
+    monkeypatch.setattr("loader.client.fetch_from_sources", failing_fetch(tried))
     caplog.set_level(logging.WARNING, logger="loader")
     result, server = fill(loader)
     assert tried == [([DEAD_SOURCE], None)] and result.source == "disk"
@@ -115,7 +115,7 @@ def test_with_a_secret_transfers_are_keyed_and_nothing_warns(tmp_path, monkeypat
     loader = loader_for({"SOURCE": [{"device_id": 0, "sources": [DEAD_SOURCE]}],
                          "listen_host": "127.0.0.1", "secret_file": str(secret)})
     tried: list = []
-    monkeypatch.setattr(model_loader, "fetch_from_sources", failing_fetch(tried))
+    monkeypatch.setattr("loader.client.fetch_from_sources", failing_fetch(tried))
     caplog.set_level(logging.WARNING, logger="loader")
     result, server = fill(loader)
     [(_, keys)] = tried

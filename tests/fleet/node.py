@@ -35,11 +35,12 @@ import traceback
 from pathlib import Path
 
 from loader.buckets import byte_view
-from loader.client import FetchOutcome, fetch_from_sources
+from loader.client import FetchOutcome, FetchRequest, fetch_from_sources
 from loader.config import MeshConfig, TransferSettings
 from loader.discovery import MeshPresence
 from loader.identity import RankIdentity
 from loader.protocol import is_retryable
+from loader.reattach import ReattachPolicy
 from loader.relay import ObserverFanout, ProgressRecorder, RelayServer
 from loader.server import WeightServer
 from loader.upstream_choice import fetch_with_reattach
@@ -272,18 +273,9 @@ def fetch_chained(cfg: dict, presence: MeshPresence, relay: RelayServer, dest, s
     found = presence.candidates()
     if not found.endpoints:
         return FetchOutcome(False, None, 0, 0.0, [("mesh", found.reason or "no candidates")])
-    return fetch_with_reattach(
-        presence.upstream_rows,
-        relay.endpoint,
-        relay.fingerprint,
-        dest,
-        0,
-        settings,
-        keys=cluster_keys(cfg),
-        observer=observer,
-        deadline_s=cfg.get("deadline_s", 900),
-        idle_s=cfg.get("mesh_wait_s", 30.0),
-    )
+    request = FetchRequest(relay.fingerprint, dest, 0, settings, cluster_keys(cfg), observer)
+    policy = ReattachPolicy(deadline_s=cfg.get("deadline_s", 900), idle_s=cfg.get("mesh_wait_s", 30.0))
+    return fetch_with_reattach(presence.upstream_rows, relay.endpoint, request, policy)
 
 
 def fetch_root(cfg: dict, presence: MeshPresence, fingerprint: str, dest, settings, recorder):

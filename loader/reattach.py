@@ -1,0 +1,103 @@
+"""When a starting rank tries which mesh upstream, waits, or gives up: a pure function of
+the gossip table, the clock and past outcomes (no sockets, no sleeping, no clock reads),
+driven by `upstream_choice.fetch_with_reattach`.
+
+- Try the table's usable upstreams, best first (`rank_upstreams`), skipping for
+  `suspect_s` any that failed for a reason other than busy / not receiving yet (a dead
+  hop may linger in the table until gossip declares it dead).
+- After rounds in which every upstream said "busy", wait exponentially longer, with
+  jitter; otherwise (a relay about to start receiving, an empty table) retry soon.
+- Give up after `deadline_s`, or once the table has offered nothing usable for `idle_s`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from loader.protocol import is_retryable
+from loader.ranking import rank_upstreams
+
+BUSY_BACKOFF_CAP_S = 2.0
+
+
+@dataclass(frozen=True)
+class ReattachPolicy:
+    deadline_s: float = 300.0
+    idle_s: float | None = None  # None: keep waiting until the deadline
+    suspect_s: float = 10.0
+    retry_s: float = 0.05
+    zone: str | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    candidates: list[str]
+
+
+@dataclass(frozen=True)
+class Wait:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+
+
+def retry_delay_s(
+    busy_rounds: int, base_s: float, rng: random.Random, cap_s: float = BUSY_BACKOFF_CAP_S
+) -> float:
+    """Delay before re-reading the table: exponential in the rounds of "busy" answers
+    (jittered, so newcomers refused together do not come back together)."""
+    ceiling = min(cap_s, base_s * (2**busy_rounds))
+    return ceiling * (0.5 + 0.5 * rng.random())
+
+
+@dataclass
+class Reattach:
+    policy: ReattachPolicy
+    self_endpoint: str
+    started: float
+    rng: random.Random
+    failures: list[tuple[str, str]] = field(default_factory=list)  # real failures only
+    refusals: int = 0  # busy / not receiving yet: expected while a chain forms
+    busy_rounds: int = 0
+    _suspects: dict[str, float] = field(default_factory=dict)
+    _last_offer: float | None = None
+    _resume_at: float = 0.0
+
+    def next(self, now: float, table: list[dict]) -> Attempt | Wait | GiveUp:
+        policy = self.policy
+        if now - self.started >= policy.deadline_s:
+            return GiveUp(
+                f"no upstream served us within {policy.deadline_s:g}s ({self.refusals} busy refusals)"
+            )
+        last_offer = self.started if self._last_offer is None else self._last_offer
+        if policy.idle_s is not None and now - last_offer >= policy.idle_s:
+            return GiveUp(f"no usable upstream in the table for {policy.idle_s:g}s")
+        if now < self._resume_at:
+            return Wait(self._resume_at - now)
+        candidates = [
+            c
+            for c in rank_upstreams(table, self.self_endpoint, policy.zone)
+            if self._suspects.get(c, 0.0) <= now
+        ]
+        if not candidates:
+            self._resume_at = now + retry_delay_s(0, policy.retry_s, self.rng)
+            return Wait(self._resume_at - now)
+        self._last_offer = now
+        return Attempt(candidates)
+
+    def record(self, now: float, failures: list[tuple[str, str]]) -> None:
+        """The failures of an attempt that did not succeed."""
+        for source, reason in failures:
+            if is_retryable(reason):
+                self.refusals += 1
+            else:
+                self._suspects[source] = now + self.policy.suspect_s
+                self.failures.append((source, reason))
+        all_busy = bool(failures) and all(reason.startswith("busy:") for _, reason in failures)
+        self.busy_rounds = self.busy_rounds + 1 if all_busy else 0
+        self._last_offer = now
+        self._resume_at = now + retry_delay_s(self.busy_rounds, self.policy.retry_s, self.rng)
