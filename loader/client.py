@@ -41,7 +41,7 @@ from loader.process_group import (
     wait_for_store,
 )
 from loader.progress import ProgressReporter
-from loader.watchdog import PhaseTimeout, Watchdog
+from loader.watchdog import Interrupted, PhaseTimeout, Watchdog
 from loader.write_gate import GateClosed, WriteGate
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ class _SourceAttempt:
             self.handshake_s = time.monotonic() - t0
             ok, reason = False, "client error"
             try:
-                self._transfer(host, ack)
+                self._transfer(host, ack, sock)
                 ok, reason = True, None
             except SourceFailure as exc:
                 reason = str(exc)
@@ -339,7 +339,7 @@ class _SourceAttempt:
             raise SourceFailure(f"source chose {reply.bucket_bytes}-byte buckets, above our limit")
         return reply
 
-    def _transfer(self, host: str, ack: protocol.Ack) -> None:
+    def _transfer(self, host: str, ack: protocol.Ack, sock: zmq.Socket) -> None:
         plan = plan_buckets(self.manifest.specs, ack.bucket_bytes)
         skip = self.resume.accept(ack)
         self.resumed_bytes = sum(plan[i].nbytes for i in skip)
@@ -357,7 +357,11 @@ class _SourceAttempt:
                 self.observer.bucket_verified(self.source, index)
         receiver = _BucketReceiver(self, host, ack, [b for b in plan if b.index not in skip])
         try:
-            Watchdog().run(receiver.run, on_timeout=receiver.abort)
+            Watchdog().run(
+                receiver.run, on_timeout=receiver.abort, interrupt=lambda: _source_abort(sock, ack)
+            )
+        except Interrupted as exc:
+            raise SourceFailure(f"source failed to set up the transfer: {exc}") from None
         except GateClosed:
             raise SourceFailure("attempt abandoned") from None
         except WorkTimeout as exc:
@@ -404,7 +408,9 @@ class _BucketReceiver:
         attempt, settings = self.attempt, self.settings
         watchdog.phase("process-group setup", settings.pg_setup_timeout_s)
         t0 = time.monotonic()
-        wait_for_store(self.host, self.ack.store_port, settings.pg_setup_timeout_s)
+        wait_for_store(
+            self.host, self.ack.store_port, settings.pg_setup_timeout_s, watchdog.cancelled.is_set
+        )
         watchdog.check()
         self.pg = create_transfer_group(
             attempt.device.type,
@@ -495,6 +501,22 @@ class _BucketReceiver:
             first, last = bucket.items[0].name, bucket.items[-1].name
             names = first if first == last else f"{first} .. {last}"
             raise SourceFailure(f"checksum mismatch in bucket {bucket.index} ({names})")
+
+
+def _source_abort(sock: zmq.Socket, ack: protocol.Ack) -> str | None:
+    """The reason of an abort the source sent for this session, if one arrived (other
+    and malformed messages are dropped: only the control thread reads this socket)."""
+    while True:
+        try:
+            payload = sock.recv(zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return None
+        try:
+            session, reason = protocol.parse_abort(protocol.decode(payload, 1 << 16))
+        except protocol.ProtocolError:
+            continue
+        if session == ack.session:
+            return reason
 
 
 def _backstop(timeout_s: float) -> float:

@@ -151,7 +151,7 @@ def _abort_only_env(backend: str):
                     os.environ[k] = v
 
 
-def wait_for_store(host: str, port: int, timeout_s: float) -> None:
+def wait_for_store(host: str, port: int, timeout_s: float, cancelled=lambda: False) -> None:
     """Return once the peer's store accepts TCP connections; TimeoutError after timeout_s.
 
     torch's TCPStore client retries its connect in C++ while holding the GIL, freezing
@@ -162,6 +162,8 @@ def wait_for_store(host: str, port: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     last_error: OSError | None = None
     while True:
+        if cancelled():
+            raise TimeoutError(f"store {host}:{port}: abandoned")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"store {host}:{port} not reachable within {timeout_s:g}s: {last_error}")

@@ -4,7 +4,8 @@ client -> server: hello (identity, manifest, largest bucket size, optionally the
                   it already holds verified: `resume`), done (result)
 server -> client: ack (session id = the secret store prefix, store port, bucket size,
                   checksum algorithm and keyed checksums, optionally the buckets it will
-                  not send: `skip`), nack (reason), busy
+                  not send: `skip`), nack (reason), busy, abort (the session failed on the
+                  source before its first bucket: the reason, at once)
 Every decoded message is untrusted: size, type and every field are checked here.
 """
 
@@ -175,6 +176,16 @@ def parse_ranges(name: str, value, limit: int) -> tuple[tuple[int, int], ...]:
 
 def nack_message(reason: str, busy: bool = False) -> dict:
     return {"type": "busy" if busy else "nack", "reason": reason[:MAX_REASON_LEN]}
+
+
+def abort_message(session: str, reason: str) -> dict:
+    return {"type": "abort", "session": session, "reason": reason[:MAX_REASON_LEN]}
+
+
+def parse_abort(obj: dict) -> tuple[str, str]:
+    """(session, reason) of a source's abort message."""
+    _expect(obj, "abort", {"session", "reason"})
+    return _match("session", obj["session"], _SESSION_RE), clean_reason(obj["reason"])
 
 
 def done_message(session: str, ok: bool, reason: str | None) -> dict:

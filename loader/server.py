@@ -432,6 +432,10 @@ class WeightServer:
                 f" (resumed: {len(skip)} of {len(plan)} buckets held already)" if skip else "",
             )
         except Exception as exc:
+            if not session.group_up and not self._stopping.is_set():
+                # the client is still setting up: tell it now, not after pg_setup_timeout_s
+                why = f"{type(exc).__name__}: {str(exc)[:300]}"
+                self._send(session.identity, protocol.abort_message(session.session_id, why))
             if not self._stopping.is_set():
                 log.warning(
                     "netloader server rank %d: transfer %s failed: %s: %s",

@@ -21,6 +21,10 @@ class PhaseTimeout(Exception):
     pass
 
 
+class Interrupted(Exception):
+    """`interrupt()` gave a reason to stop (e.g. the peer said it failed)."""
+
+
 class Watchdog:
     def __init__(self, clock=time.monotonic) -> None:
         self._clock = clock
@@ -53,8 +57,11 @@ class Watchdog:
         poll_s: float = 0.05,
         grace_s: float = 5.0,
         name: str = "netloader-transfer",
+        interrupt: Callable[[], str | None] = lambda: None,
     ):
-        """Run `work(self)` in a thread; return its result or raise its exception."""
+        """Run `work(self)` in a thread; return its result or raise its exception.
+        `interrupt()` is asked every `poll_s`: a reason abandons the work like a timeout
+        (`on_timeout` runs) and raises Interrupted(reason)."""
         result: dict = {}
 
         def target() -> None:
@@ -68,12 +75,15 @@ class Watchdog:
         while thread.is_alive():
             thread.join(poll_s)
             late = self.expired()
-            if late is not None and thread.is_alive():
+            stop = interrupt() if late is None and thread.is_alive() else None
+            if (late is not None or stop is not None) and thread.is_alive():
                 self.cancelled.set()
                 try:
                     on_timeout()
                 finally:
                     thread.join(grace_s)
+                if stop is not None:
+                    raise Interrupted(stop)
                 raise PhaseTimeout(f"{late[0]} timed out after {late[1]:g}s")
         if "error" in result:
             raise result["error"]

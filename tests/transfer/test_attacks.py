@@ -59,8 +59,8 @@ def test_a_peer_without_the_session_id_cannot_join_the_transfer_group(monkeypatc
     attacker: dict = {}
     real_wait = client_module.wait_for_store
 
-    def attack_first(host, port, timeout_s):
-        real_wait(host, port, timeout_s)
+    def attack_first(host, port, timeout_s, cancelled=lambda: False):
+        real_wait(host, port, timeout_s, cancelled)
         for prefix in (f"tcp://{host}:{port}", "netloader/" + "0" * 32 + "/"):
             try:
                 store = TCPStore(host, port, 2, False, timedelta(seconds=2), wait_for_workers=False)
@@ -173,3 +173,21 @@ def test_arbitrary_client_bucket_sizes_do_not_make_the_source_hash_again_and_aga
     finally:
         server.stop()
     assert len(hashed) == len(set(hashed)) <= len(BUCKET_SIZES)
+
+
+def test_a_source_that_cannot_set_up_says_so_at_once(monkeypatch):
+    """Its group creation raises (e.g. a backend missing on that host): the client hears
+    the reason over the control channel instead of waiting out pg_setup_timeout_s."""
+
+    def broken_group(*args, **kwargs):
+        raise RuntimeError("HCCL is not available on this host")
+
+    monkeypatch.setattr(server_module, "create_transfer_group", broken_group)
+    slow_setup = TransferSettings(**{**FAST.__dict__, "pg_setup_timeout_s": 300.0})
+    source = make_tensors(11, small=3, big_numel=1000)
+    with in_process_server(source) as server:
+        outcome = fetch_from_sources([server.endpoint], FINGERPRINT, empty_like_all(source), 0, slow_setup)
+    [(_, reason)] = outcome.failures
+    assert reason == (
+        "source failed to set up the transfer: RuntimeError: HCCL is not available on this host"
+    )
