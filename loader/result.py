@@ -21,6 +21,7 @@ class LoadResult:
     fallback_reason: str | None
     # phase -> seconds (lookup, transfer, disk, process_weights), logged as `<phase>_s`
     phases: dict[str, float] = field(default_factory=dict)
+    vllm: str = field(default_factory=lambda: _vllm_version())  # the vLLM version in use
 
     def to_json(self) -> str:
         fields = asdict(self)
@@ -28,6 +29,12 @@ class LoadResult:
         for phase, seconds in fields.pop("phases").items():
             fields[f"{phase}_s"] = round(seconds, 3)
         return orjson.dumps(fields).decode()
+
+
+def _vllm_version() -> str:
+    from loader.vllm_compat import VLLM_VERSION
+
+    return VLLM_VERSION
 
 
 def log_result(result: LoadResult) -> None:
