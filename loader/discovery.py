@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from loader.config import MeshConfig
 from loader.identity import RankIdentity
 from loader.process_exit import on_process_exit
+from loader.vllm_compat import VLLM_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ class MeshPresence:
             "pp": identity.pp,
             "rank": identity.rank,
             "ready": ready,
+            "vllm": VLLM_VERSION[:32],
         }
         if self._mesh.zone:
             meta["zone"] = self._mesh.zone

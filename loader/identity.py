@@ -7,11 +7,10 @@ import os
 from dataclasses import dataclass
 
 import torch
-import vllm
-from vllm.config import ModelConfig, VllmConfig
 
 from loader.config import NetloaderConfig
 from loader.fingerprint import compute_fingerprint
+from loader.vllm_compat import VLLM_VERSION, ModelConfig, VllmConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def rank_identity(
             tp=tp,
             pp=pp,
             rank=rank,
-            vllm_version=vllm.__version__,
+            vllm_version=VLLM_VERSION,
         )
         return RankIdentity(rank, tp, pp, device, fingerprint)
     except (ValueError, OSError) as exc:

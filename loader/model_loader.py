@@ -15,18 +15,8 @@ import time
 
 import torch
 from torch import nn
-from vllm.config import ModelConfig, VllmConfig
-from vllm.config.load import LoadConfig
-from vllm.model_executor.model_loader.base_loader import (
-    BaseModelLoader,
-    _has_online_quant,
-)
-from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-from vllm.model_executor.model_loader.reload import finalize_layerwise_processing
-from vllm.model_executor.model_loader.utils import process_weights_after_loading
-from vllm.utils.torch_utils import set_default_torch_dtype
 
-from loader import serving
+from loader import serving, vllm_compat
 from loader.client import FetchOutcome, FetchRequest, describe_failures
 from loader.config import NetloaderConfig, parse_extra_config
 from loader.discovery import MeshPresence
@@ -35,12 +25,24 @@ from loader.reattach import ReattachPolicy
 from loader.result import LoadResult, log_result
 from loader.sources import SourcePlan, plan_sources
 from loader.upstream_choice import fetch_with_reattach
+from loader.vllm_compat import (  # every vLLM API goes through the adapter
+    BaseModelLoader,
+    DefaultModelLoader,
+    LoadConfig,
+    ModelConfig,
+    VllmConfig,
+    finalize_layerwise_processing,
+    has_online_quant,
+    process_weights_after_loading,
+    set_default_torch_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class NetloaderModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig):
+        vllm_compat.require()  # a vLLM without what the loader needs stops here, named
         super().__init__(load_config)
         # Bad keys fail here, at engine start, with an error naming the key.
         self.config: NetloaderConfig = parse_extra_config(load_config.model_loader_extra_config)
@@ -76,7 +78,7 @@ class NetloaderModelLoader(BaseModelLoader):
             gc.collect()
             torch.accelerator.empty_cache()
             result.phases["gc"] = time.monotonic() - collecting
-            if _has_online_quant(model):
+            if has_online_quant(model):
                 finalize_layerwise_processing(model, model_config)
             # Kernel post-processing may repack and drop parameters (oneDNN on CPU):
             # keep references to the raw tensors so they can be served afterwards.

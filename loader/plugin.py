@@ -14,11 +14,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm.model_executor.model_loader import register_model_loader
-
     from loader.model_loader import NetloaderModelLoader
+    from loader.vllm_compat import register_loader
 
-    register_model_loader(LOAD_FORMAT)(NetloaderModelLoader)
+    register_loader(LOAD_FORMAT, NetloaderModelLoader)  # never raises; logs why it could not
     _route_logs_through_vllm()
     _watch_warm_up()
     _registered = True

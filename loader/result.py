@@ -22,6 +22,7 @@ class LoadResult:
     # phase -> seconds (lookup, transfer, disk, process_weights), logged as `<phase>_s`
     phases: dict[str, float] = field(default_factory=dict)
     retained_bytes: int = 0  # kept only to be served (raw copies of replaced parameters)
+    vllm: str = field(default_factory=lambda: _vllm_version())  # the vLLM version in use
 
     def to_json(self) -> str:
         fields = asdict(self)
@@ -29,6 +30,12 @@ class LoadResult:
         for phase, seconds in fields.pop("phases").items():
             fields[f"{phase}_s"] = round(seconds, 3)
         return orjson.dumps(fields).decode()
+
+
+def _vllm_version() -> str:
+    from loader.vllm_compat import VLLM_VERSION
+
+    return VLLM_VERSION
 
 
 def log_result(result: LoadResult) -> None:

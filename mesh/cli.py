@@ -18,7 +18,7 @@ from .security import load_cluster_keys, new_secret, write_secret_file
 from .status import StatusError, format_table, printable, query_members
 
 # keys whose values are identifiers: "1234" must stay the string "1234"
-STRING_META_KEYS = {"fingerprint", "endpoint", "zone", "host", "model"}
+STRING_META_KEYS = {"fingerprint", "endpoint", "zone", "host", "model", "vllm"}
 INSECURE_HELP = "run without a cluster secret (unauthenticated, unencrypted gossip)"
 
 

@@ -91,7 +91,7 @@ def _size(n) -> str:
 def format_table(rows: list[dict]) -> str:
     """A text table of member rows; names and metadata come from the network, so nothing
     in it can move the cursor, clear the screen or otherwise talk to the terminal."""
-    header = ["NAME", "ADDRESS", "STATE", "INC", "FINGERPRINT", "TPxPP", "RANK", "ENDPOINT", "LOAD", "RETAINED", "RTT", "LAST HEARD"]
+    header = ["NAME", "ADDRESS", "STATE", "INC", "FINGERPRINT", "VLLM", "TPxPP", "RANK", "ENDPOINT", "LOAD", "RETAINED", "RTT", "LAST HEARD"]
     table = [header]
     for row in sorted(rows, key=lambda r: r["name"]):
         meta = row.get("meta", {})
@@ -103,6 +103,7 @@ def format_table(rows: list[dict]) -> str:
             row["state"],
             str(row["incarnation"]),
             _short(meta.get("fingerprint"), 12),
+            _short(meta.get("vllm"), 16),
             f"{tp}x{pp}" if tp is not None or pp is not None else "-",
             _short(meta.get("rank"), 6),
             _short(meta.get("endpoint"), 28),

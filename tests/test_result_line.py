@@ -1,6 +1,7 @@
 import json
 
 from loader.result import RESULT_PREFIX, LoadResult, log_result
+from loader.vllm_compat import VLLM_VERSION
 from loader.vllm_process import RESULT_LINE
 
 
@@ -13,7 +14,7 @@ def test_result_line_is_one_parseable_json_object_with_contract_fields(caplog):
     assert line.startswith(RESULT_PREFIX) and "\n" not in line
     payload = json.loads(RESULT_LINE.search(line).group(1))
     assert payload == {"rank": 3, "source": "peer", "peer": "10.0.0.5:47003", "bytes": 1234,
-                       "seconds": 1.235, "fallback_reason": None, "retained_bytes": 0,
+                       "seconds": 1.235, "fallback_reason": None, "retained_bytes": 0, "vllm": VLLM_VERSION,
                        "lookup_s": 0.1, "transfer_s": 0.9}
 
 
@@ -22,3 +23,10 @@ def test_disk_result_carries_the_reason():
     assert payload["source"] == "disk" and payload["peer"] is None
     assert payload["fallback_reason"] == "a:1: refused"
     assert isinstance(payload["seconds"], float)
+
+
+def test_result_names_the_vllm_version_in_use():
+    import vllm
+
+    payload = json.loads(LoadResult(0, "disk", None, 10, 2.0, None).to_json())
+    assert payload["vllm"] == vllm.__version__

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from loader.tiny_checkpoint import CheckpointSpec, build_checkpoint
+from loader.vllm_compat import VLLM_VERSION
 from loader.vllm_process import VllmServer, free_port
 from mesh.security import write_secret_file
 
@@ -65,6 +66,7 @@ def _start_b(model, log_path, mesh, extra_args=(), env=None, **extra):
                       extra_config={"mesh": {"wait_timeout_s": 5, **mesh}, **extra}).start()
 
 
+@pytest.mark.compat
 def test_b_finds_a_through_the_mesh_and_answers_identically(instance_a, tiny_checkpoint, secret,
                                                              tmp_path):
     members = _mesh_status(instance_a.gossip, secret)
@@ -72,6 +74,7 @@ def test_b_finds_a_through_the_mesh_and_answers_identically(instance_a, tiny_che
     assert a["state"] == "alive" and a["meta"]["ready"] is True
     assert a["meta"]["state"] == "complete" and a["meta"]["progress"] == 1.0  # loaded from disk
     assert a["meta"]["role"] == "vllm-worker" and a["meta"]["tp"] == 1
+    assert a["meta"]["vllm"] == VLLM_VERSION  # `mesh status` shows the version in use
     b = _start_b(tiny_checkpoint, tmp_path / "B.log",
                  {"seeds": [instance_a.gossip], "secret_file": secret, "name": "B"},
                  # a shutdown grace lets the worker leave the mesh; vLLM's default SIGKILLs it
@@ -81,6 +84,7 @@ def test_b_finds_a_through_the_mesh_and_answers_identically(instance_a, tiny_che
         [result] = b.result_lines()
         assert result["source"] == "peer", result
         assert result["peer"] == a["meta"]["endpoint"]
+        assert result["vllm"] == VLLM_VERSION
         assert _logprobs(b) == _logprobs(instance_a)
         names = {m["name"]: m for m in _mesh_status(instance_a.gossip, secret)}
         assert names["B-r0"]["meta"]["ready"] is True

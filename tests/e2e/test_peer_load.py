@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from loader.vllm_compat import VLLM_VERSION
 from loader.vllm_process import VllmServer, free_port
 
 pytestmark = pytest.mark.e2e
@@ -33,6 +34,7 @@ def instance_a(tiny_checkpoint, tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.compat
 def test_b_loads_from_a_and_answers_identically(instance_a, tiny_checkpoint, tmp_path):
     [a_result] = instance_a.result_lines()
     assert a_result["source"] == "disk" and a_result["rank"] == 0
@@ -47,6 +49,7 @@ def test_b_loads_from_a_and_answers_identically(instance_a, tiny_checkpoint, tmp
         assert b_result["peer"] == source
         assert b_result["fallback_reason"] is None
         assert b_result["bytes"] == a_result["bytes"] > 0
+        assert b_result["vllm"] == a_result["vllm"] == VLLM_VERSION
         assert _logprobs(b) == _logprobs(instance_a)
         # static keys without a secret work, and both sides say what that exposes
         assert "serving weights without authentication" in instance_a.log_text()
