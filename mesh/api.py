@@ -21,9 +21,10 @@ from .addresses import (
     resolve_seeds,
     split_host_port,
 )
-from .codec import PROTOCOL_VERSION, Decoder, encode, validate_meta
+from .codec import Decoder, encode, validate_meta
 from .core import MeshCore, ProtocolConfig
 from .members import STATE_NAMES
+from .messages import StatusQuery, StatusReply
 from .security import ClusterKeys, load_cluster_keys
 from .selection import Member, select_sources
 from .transport import ZmqTransport
@@ -241,18 +242,17 @@ class MeshAgent:
         msg = self.decoder.decode(data)
         if msg is None:
             return
-        kind = msg["t"]
-        if kind == "qry":
-            rows = [m.as_dict() for m in self._snapshot]
-            reply = {"v": PROTOCOL_VERSION, "t": "qres", "q": msg["q"], "self": self.name, "ms": rows}
-            self._transport.reply(identity, encode(reply))
-        elif kind != "qres":
+        if isinstance(msg, StatusQuery):
+            rows = tuple(m.as_dict() for m in self._snapshot)
+            self._transport.reply(identity, encode(StatusReply(msg.query_id, self.name, rows)))
+        elif not isinstance(msg, StatusReply):
             try:
                 out = self._core.handle(time.monotonic(), msg)
             except Exception:  # a message must never stop the agent: drop it, count it
                 self.handler_errors += 1
                 if self.handler_errors == 1:
-                    log.exception("mesh agent %s: dropped a %s message that failed", self.name, kind)
+                    log.exception("mesh agent %s: dropped a %s message that failed", self.name,
+                                  type(msg).__name__)
                 return
             self._send_all(out)
 

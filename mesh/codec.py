@@ -1,21 +1,26 @@
-"""Wire format (orjson) and validation of every field before a message touches state.
+"""Wire format (orjson) of the typed messages in mesh/messages.py, and validation of
+every field before a message touches state.
 
-`decode` never raises: a malformed message yields None and is counted by reason.
-Keys are short because they are sent several times a second by every member.
+The only place that knows wire keys and the protocol version. `Decoder.decode` never
+raises: a malformed message yields None and is counted by reason. Keys are short
+because they are sent several times a second by every member.
 
 Message types (all carry "v" (version), "t" (type); member messages also "f" (sender
 name) and, when the receiver may answer, "fa" (sender "host:port")):
-  ping  q (seq) tg (target name) [u (entries)]      direct probe
-  ack   q [u]                                        answer to ping (or forwarded)
-  preq  q tg ta (target addr)                        ask the receiver to probe tg
-  nack  q                                            indirect probe got no answer
-  gos   u                                            gossip of pending updates
-  syn   h (view hash)                                anti-entropy: do our views differ?
-  dig   h d ([[name, incarnation, state], ...])      they do: here is my digest
-  dlt   u [w (names wanted)]                         entries the other side lacks
-  push  u r (reply wanted)                           full state (join / reconnect)
-  qry   q                                            status query from a non-member
-  qres  q self ms (member rows)                      reply to qry
+  ping  q (seq) tg (target name) [u (entries)]      Ping
+  ack   q [u]                                        Ack
+  preq  q tg ta (target addr)                        PingReq
+  nack  q                                            Nack
+  gos   u                                            Gossip
+  syn   h (view hash)                                Sync
+  dig   h d ([[name, incarnation, state], ...])      Digest
+  dlt   u w (names wanted)                           Delta
+  push  u r (reply wanted)                           PushState
+  qry   q                                            StatusQuery (from a non-member)
+  qres  q self ms (member rows)                      StatusReply
+An entry is {"n": name, "a": addr, "i": incarnation, "s": state, ["m": meta (alive only)],
+["f": accuser (suspect only)]}. "u" on preq and nack is accepted (and validated) for
+compatibility, and ignored.
 """
 
 from __future__ import annotations
@@ -26,7 +31,21 @@ from collections import Counter
 
 import orjson
 
-from .members import MAX_META_BYTES, MAX_META_KEY_CHARS, MAX_NAME_CHARS
+from .members import ALIVE, MAX_META_BYTES, MAX_META_KEY_CHARS, MAX_NAME_CHARS, Entry
+from .messages import (
+    Ack,
+    Delta,
+    Digest,
+    Gossip,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    PushState,
+    StatusQuery,
+    StatusReply,
+    Sync,
+)
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1024 * 1024  # any message between members (the core keeps its own below)
@@ -37,38 +56,104 @@ MAX_META_KEYS = 32
 MAX_META_STR_CHARS = 256
 MAX_INT = 2**53
 # Incarnations stop well below MAX_INT so that a refutation (claim + 1) is always a valid
-# number; the core additionally refuses claims that jump far ahead (see core.INCARNATION_STEP).
+# number; the core additionally refuses claims that jump far ahead (see claims.INCARNATION_STEP).
 MAX_INCARNATION = 2**52
 MAX_HASH = 2**64 - 1
 
 _ADDR_RE = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9_.-]{1,253}):([0-9]{1,5})$")
-
-MEMBER_TYPES = {"ping", "ack", "preq", "nack", "gos", "syn", "dig", "dlt", "push"}
-ALL_TYPES = MEMBER_TYPES | {"qry", "qres"}
-REPLY_TYPES = MEMBER_TYPES - {"ack", "nack", "gos"}  # the receiver may answer: "fa" required
+_WHITESPACE_RE = re.compile(r"\s")
 
 
 class Invalid(ValueError):
     pass
 
 
-def encode(msg: dict) -> bytes:
-    return orjson.dumps(msg)
+# ---------------------------------------------------------------- encoding
 
 
-def fit(rng, items: list, budget: int) -> list:
-    """`items`, or as many of them (a random choice) as encode within `budget` bytes."""
-    if len(orjson.dumps(items)) <= budget:
+def entry_wire(entry: Entry) -> dict:
+    wire = {"n": entry.name, "a": entry.addr, "i": entry.incarnation, "s": entry.state}
+    if entry.state == ALIVE and entry.meta:
+        wire["m"] = entry.meta
+    if entry.accuser is not None:
+        wire["f"] = entry.accuser
+    return wire
+
+
+def entry_size(entry: Entry) -> int:
+    """Bytes `entry` takes on the wire."""
+    return len(orjson.dumps(entry_wire(entry)))
+
+
+def _member(kind: str, msg, addr: str | None, **fields) -> dict:
+    wire = {"v": PROTOCOL_VERSION, "t": kind, "f": msg.sender}
+    if addr is not None:
+        wire["fa"] = addr
+    wire.update(fields)
+    return wire
+
+
+def _with_updates(wire: dict, updates) -> dict:
+    if updates:
+        wire["u"] = [entry_wire(e) for e in updates]
+    return wire
+
+
+def to_wire(msg: Message) -> dict:
+    """The wire dict of a typed message (what `encode` serialises)."""
+    match msg:
+        case Ping():
+            wire = _member("ping", msg, msg.sender_addr, q=msg.seq, tg=msg.target)
+            return _with_updates(wire, msg.updates)
+        case Ack():
+            return _with_updates(_member("ack", msg, msg.sender_addr, q=msg.seq), msg.updates)
+        case PingReq():
+            return _member("preq", msg, msg.sender_addr, q=msg.seq, tg=msg.target, ta=msg.target_addr)
+        case Nack():
+            return _member("nack", msg, msg.sender_addr, q=msg.seq)
+        case Gossip():
+            return _with_updates(_member("gos", msg, msg.sender_addr), msg.updates)
+        case Sync():
+            return _member("syn", msg, msg.sender_addr, h=msg.view_hash)
+        case Digest():
+            return _member("dig", msg, msg.sender_addr, h=msg.view_hash, d=[list(r) for r in msg.rows])
+        case Delta():
+            updates = [entry_wire(e) for e in msg.updates]
+            return _member("dlt", msg, msg.sender_addr, u=updates, w=list(msg.wanted))
+        case PushState():
+            updates = [entry_wire(e) for e in msg.updates]
+            return _member("push", msg, msg.sender_addr, u=updates, r=msg.reply)
+        case StatusQuery():
+            return {"v": PROTOCOL_VERSION, "t": "qry", "q": msg.query_id}
+        case StatusReply():
+            members = list(msg.members)
+            return {"v": PROTOCOL_VERSION, "t": "qres", "q": msg.query_id, "self": msg.responder, "ms": members}
+    raise TypeError(f"not a message: {msg!r}")
+
+
+def encode(msg: Message) -> bytes:
+    return orjson.dumps(to_wire(msg))
+
+
+def fit(rng, items: list, budget: int, wire=None) -> list:
+    """`items`, or as many of them (a random choice) as encode within `budget` bytes as
+    a list; `wire(item)` is an item's wire form (default: the item itself)."""
+    wires = items if wire is None else [wire(item) for item in items]
+    if len(orjson.dumps(wires)) <= budget:
         return items
-    rng.shuffle(items)
+    pairs = list(zip(items, wires, strict=True))
+    rng.shuffle(pairs)
     fitted: list = []
     used = 2
-    for item in items:
-        used += len(orjson.dumps(item)) + 1
+    for item, item_wire in pairs:
+        used += len(orjson.dumps(item_wire)) + 1
         if used > budget:
             break
         fitted.append(item)
     return fitted
+
+
+# -------------------------------------------------------------- validation
 
 
 def valid_addr(value) -> bool:
@@ -76,9 +161,6 @@ def valid_addr(value) -> bool:
         return False
     m = _ADDR_RE.match(value)
     return bool(m) and 0 < int(m.group(2)) < 65536
-
-
-_WHITESPACE_RE = re.compile(r"\s")
 
 
 def valid_name(value) -> bool:
@@ -139,35 +221,33 @@ def validate_meta(meta) -> dict:
     return meta
 
 
-def _entry(value) -> dict:
+def _entry(value) -> Entry:
     if not isinstance(value, dict):
         raise Invalid("entry")
     state = _int(value.get("s"), 0, 3)
-    out = {
-        "n": _name(value.get("n")),
-        "a": _addr(value.get("a")),
-        "i": _int(value.get("i"), 0, MAX_INCARNATION),
-        "s": state,
-    }
+    name, addr = _name(value.get("n")), _addr(value.get("a"))
+    incarnation = _int(value.get("i"), 0, MAX_INCARNATION)
+    meta: dict = {}
+    accuser = None
     if "m" in value:
-        if state != 0:
+        if state != ALIVE:
             raise Invalid("meta on non-alive entry")
-        out["m"] = validate_meta(value["m"])
+        meta = validate_meta(value["m"])
     if "f" in value:
         if state != 1:
             raise Invalid("accuser on non-suspect entry")
-        out["f"] = _name(value["f"])
-    return out
+        accuser = _name(value["f"])
+    return Entry(name, addr, incarnation, state, meta, accuser)
 
 
-def _entries(value, limit: int) -> list[dict]:
-    return [_entry(e) for e in _list(value, limit)]
+def _entries(value, limit: int) -> tuple[Entry, ...]:
+    return tuple(_entry(e) for e in _list(value, limit))
 
 
-def _digest_row(value) -> list:
+def _digest_row(value) -> tuple[str, int, int]:
     if not isinstance(value, list) or len(value) != 3:
         raise Invalid("digest row")
-    return [_name(value[0]), _int(value[1], 0, MAX_INCARNATION), _int(value[2], 0, 3)]
+    return (_name(value[0]), _int(value[1], 0, MAX_INCARNATION), _int(value[2], 0, 3))
 
 
 def _member_row(value) -> dict:
@@ -192,41 +272,113 @@ def _member_row(value) -> dict:
     }
 
 
-def _validate(msg) -> dict:
-    if not isinstance(msg, dict) or msg.get("v") != PROTOCOL_VERSION:
+# One parser per type. Fields are checked in a fixed order (sender, sender address,
+# updates, then the type's own fields), which decides the reason a message with several
+# bad fields is counted under.
+
+
+def _sender(raw: dict, reply_expected: bool) -> tuple[str, str | None]:
+    """The sender's name and address; the address is required when the receiver may answer."""
+    sender = _name(raw.get("f"))
+    addr = _addr(raw.get("fa")) if reply_expected or "fa" in raw else None
+    return sender, addr
+
+
+def _piggyback(raw: dict) -> tuple[Entry, ...]:
+    return _entries(raw.get("u", []), MAX_PIGGYBACK_ENTRIES)
+
+
+def _ignored_piggyback(raw: dict) -> None:
+    if "u" in raw:
+        _piggyback(raw)  # validated, then ignored
+
+
+def _ping(raw: dict) -> Ping:
+    sender, addr = _sender(raw, True)
+    updates = _piggyback(raw)
+    return Ping(sender, addr, _int(raw.get("q")), _name(raw.get("tg")), updates)
+
+
+def _ack(raw: dict) -> Ack:
+    sender, addr = _sender(raw, False)
+    updates = _piggyback(raw)
+    return Ack(sender, _int(raw.get("q")), updates, addr)
+
+
+def _ping_req(raw: dict) -> PingReq:
+    sender, addr = _sender(raw, True)
+    _ignored_piggyback(raw)
+    return PingReq(sender, addr, _int(raw.get("q")), _name(raw.get("tg")), _addr(raw.get("ta")))
+
+
+def _nack(raw: dict) -> Nack:
+    sender, addr = _sender(raw, False)
+    _ignored_piggyback(raw)
+    return Nack(sender, _int(raw.get("q")), addr)
+
+
+def _gossip(raw: dict) -> Gossip:
+    sender, addr = _sender(raw, False)
+    return Gossip(sender, _piggyback(raw), addr)
+
+
+def _sync(raw: dict) -> Sync:
+    sender, addr = _sender(raw, True)
+    return Sync(sender, addr, _int(raw.get("h"), 0, MAX_HASH))
+
+
+def _digest(raw: dict) -> Digest:
+    sender, addr = _sender(raw, True)
+    view_hash = _int(raw.get("h"), 0, MAX_HASH)
+    return Digest(sender, addr, view_hash, tuple(_digest_row(r) for r in _list(raw.get("d"), MAX_ENTRIES)))
+
+
+def _delta(raw: dict) -> Delta:
+    sender, addr = _sender(raw, True)
+    updates = _entries(raw.get("u", []), MAX_ENTRIES)
+    return Delta(sender, addr, updates, tuple(_name(n) for n in _list(raw.get("w", []), MAX_ENTRIES)))
+
+
+def _push(raw: dict) -> PushState:
+    sender, addr = _sender(raw, True)
+    updates = _entries(raw.get("u"), MAX_ENTRIES)
+    if not isinstance(raw.get("r"), bool):
+        raise Invalid("reply flag")
+    return PushState(sender, addr, updates, raw["r"])
+
+
+def _status_query(raw: dict) -> StatusQuery:
+    return StatusQuery(_int(raw.get("q")))
+
+
+def _status_reply(raw: dict) -> StatusReply:
+    query_id = _int(raw.get("q"))
+    responder = _name(raw.get("self"))
+    return StatusReply(query_id, responder, tuple(_member_row(r) for r in _list(raw.get("ms"), MAX_ENTRIES)))
+
+
+_PARSERS = {
+    "ping": _ping,
+    "ack": _ack,
+    "preq": _ping_req,
+    "nack": _nack,
+    "gos": _gossip,
+    "syn": _sync,
+    "dig": _digest,
+    "dlt": _delta,
+    "push": _push,
+    "qry": _status_query,
+    "qres": _status_reply,
+}
+
+
+def _validate(raw) -> Message:
+    if not isinstance(raw, dict) or raw.get("v") != PROTOCOL_VERSION:
         raise Invalid("version")
-    kind = msg.get("t")
-    if kind not in ALL_TYPES:
+    kind = raw.get("t")
+    if kind not in _PARSERS:  # (an unhashable type is counted as malformed)
         raise Invalid("type")
-    out: dict = {"v": PROTOCOL_VERSION, "t": kind}
-    if kind in MEMBER_TYPES:
-        out["f"] = _name(msg.get("f"))
-        if kind in REPLY_TYPES or "fa" in msg:
-            out["fa"] = _addr(msg.get("fa"))
-    if kind in ("ping", "ack", "gos") or (kind in ("preq", "nack") and "u" in msg):
-        out["u"] = _entries(msg.get("u", []), MAX_PIGGYBACK_ENTRIES)
-    if kind in ("ping", "ack", "preq", "nack", "qry", "qres"):
-        out["q"] = _int(msg.get("q"))
-    if kind in ("ping", "preq"):
-        out["tg"] = _name(msg.get("tg"))
-    if kind == "preq":
-        out["ta"] = _addr(msg.get("ta"))
-    if kind in ("syn", "dig"):
-        out["h"] = _int(msg.get("h"), 0, MAX_HASH)
-    if kind == "dig":
-        out["d"] = [_digest_row(r) for r in _list(msg.get("d"), MAX_ENTRIES)]
-    if kind == "dlt":
-        out["u"] = _entries(msg.get("u", []), MAX_ENTRIES)
-        out["w"] = [_name(n) for n in _list(msg.get("w", []), MAX_ENTRIES)]
-    if kind == "push":
-        out["u"] = _entries(msg.get("u"), MAX_ENTRIES)
-        if not isinstance(msg.get("r"), bool):
-            raise Invalid("reply flag")
-        out["r"] = msg["r"]
-    if kind == "qres":
-        out["self"] = _name(msg.get("self"))
-        out["ms"] = [_member_row(r) for r in _list(msg.get("ms"), MAX_ENTRIES)]
-    return out
+    return _PARSERS[kind](raw)
 
 
 class Decoder:
@@ -238,7 +390,7 @@ class Decoder:
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
 
-    def decode(self, data) -> dict | None:
+    def decode(self, data) -> Message | None:
         try:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise Invalid("not bytes")

@@ -1,7 +1,8 @@
 """SWIM + Lifeguard membership as a pure state machine.
 
-Inputs are `handle(now, msg)` (a message already validated by the codec) and
-`tick(now)`; both return the messages to send as (addr, msg) pairs. The core never
+Inputs are `handle(now, msg)` (a typed message from mesh/messages.py, already
+validated by the codec) and `tick(now)`; both return the messages to send as
+(addr, message) pairs, which the codec encodes. The core never
 reads a clock, sleeps or touches a socket; randomness comes from the injected
 `random.Random`, so the simulator can run it deterministically in virtual time.
 
@@ -32,20 +33,35 @@ import math
 import random
 from dataclasses import dataclass, replace
 
-import orjson
-
 from .claims import ClaimFilter
-from .codec import MAX_INCARNATION, MAX_MESSAGE_BYTES, MAX_PIGGYBACK_ENTRIES, fit, validate_meta
+from .codec import (
+    MAX_INCARNATION,
+    MAX_MESSAGE_BYTES,
+    MAX_PIGGYBACK_ENTRIES,
+    entry_size,
+    entry_wire,
+    fit,
+    validate_meta,
+)
 from .members import ALIVE, DEAD, LEFT, SUSPECT, Entry, entry_digest
+from .messages import (
+    Ack,
+    Delta,
+    Digest,
+    Gossip,
+    MemberMessage,
+    Nack,
+    Ping,
+    PingReq,
+    PushState,
+    Sync,
+)
 from .suspicion import Suspicion, suspicion_bounds
 
-Out = tuple[str, dict]
+Out = tuple[str, MemberMessage]
 
 # budget for the entries or digest rows of one message; the rest of it fits in the remainder
 STATE_BUDGET = MAX_MESSAGE_BYTES - 16 * 1024
-
-# the receiver never answers these, so they need not carry the sender's address
-_NO_REPLY_TYPES = frozenset({"ack", "nack", "gos"})
 
 
 @dataclass
@@ -217,21 +233,19 @@ class MeshCore:
             times += [s.deadline for s in self.suspicions.values()]
         return min(times)
 
-    def handle(self, now: float, msg: dict) -> list[Out]:
+    def handle(self, now: float, msg: MemberMessage) -> list[Out]:
         out: list[Out] = []
-        sender = msg.get("f")
-        if self.leaving or sender == self.name:
+        handler = _HANDLERS.get(type(msg))
+        if handler is None or self.leaving or msg.sender == self.name:
             return out
-        info = self.local.get(sender)
+        info = self.local.get(msg.sender)
         if info is not None:
             info.last_heard = now
         self.joined = True
-        kind = msg["t"]
-        for wire in msg.get("u", ()) if kind in ("ping", "ack", "gos") else ():
-            self._apply(now, Entry.from_wire(wire), gossip=True)
-        handler = getattr(self, "_on_" + kind, None)
-        if handler is not None:
-            handler(now, msg, out)
+        if type(msg) in _PIGGYBACKED:
+            for entry in msg.updates:
+                self._apply(now, entry, gossip=True)
+        handler(self, now, msg, out)
         return out
 
     def advertise(self, now: float, meta: dict) -> list[Out]:
@@ -261,7 +275,7 @@ class MeshCore:
     def _push_rumors(self, out: list[Out], count: int) -> None:
         """Send pending rumors to `count` random members now, outside the gossip tick."""
         for target in self._random_members(count, states=(ALIVE, SUSPECT)):
-            self._send(out, self.view[target].addr, {"t": "gos"}, piggyback=True)
+            self._send(out, self.view[target].addr, Gossip(self.name, self._piggyback()))
 
     def drain_events(self) -> list[tuple[float, str, int | None, int | None, int]]:
         events, self.events = self.events, []
@@ -272,16 +286,16 @@ class MeshCore:
 
     # ---------------------------------------------------------------- handlers
 
-    def _on_ping(self, now: float, msg: dict, out: list[Out]) -> None:
-        if msg["tg"] == self.name:
-            self._send(out, msg["fa"], {"t": "ack", "q": msg["q"]}, piggyback=True)
+    def _on_ping(self, now: float, msg: Ping, out: list[Out]) -> None:
+        if msg.target == self.name:
+            self._send(out, msg.sender_addr, Ack(self.name, msg.seq, self._piggyback()))
 
-    def _on_ack(self, now: float, msg: dict, out: list[Out]) -> None:
-        seq = msg["q"]
+    def _on_ack(self, now: float, msg: Ack, out: list[Out]) -> None:
+        seq = msg.seq
         probe = self.probe
         if probe is not None and seq == probe.seq:
             target = self.view.get(probe.target)
-            if msg["f"] == probe.target and target is not None and not probe.indirect_sent:
+            if msg.sender == probe.target and target is not None and not probe.indirect_sent:
                 info = self.local[probe.target]
                 sample = max(0.0, now - probe.start)
                 a = self.config.rtt_smoothing
@@ -291,35 +305,35 @@ class MeshCore:
             return
         help_req = self.helping.pop(seq, None)
         if help_req is not None:
-            self._send(out, help_req.requester_addr, {"t": "ack", "q": help_req.requester_seq})
+            self._send(out, help_req.requester_addr, Ack(self.name, help_req.requester_seq))
 
-    def _on_nack(self, now: float, msg: dict, out: list[Out]) -> None:
-        if self.probe is not None and msg["q"] == self.probe.seq:
+    def _on_nack(self, now: float, msg: Nack, out: list[Out]) -> None:
+        if self.probe is not None and msg.seq == self.probe.seq:
             self.probe.nacks += 1
 
-    def _on_preq(self, now: float, msg: dict, out: list[Out]) -> None:
+    def _on_ping_req(self, now: float, msg: PingReq, out: list[Out]) -> None:
         if len(self.helping) >= 256:
             return
         seq = self._next_seq()
-        self.helping[seq] = HelpRequest(msg["fa"], msg["q"], now + 0.8 * self.config.probe_timeout)
-        self._send(out, msg["ta"], {"t": "ping", "q": seq, "tg": msg["tg"]})
+        self.helping[seq] = HelpRequest(msg.sender_addr, msg.seq, now + 0.8 * self.config.probe_timeout)
+        self._send(out, msg.target_addr, Ping(self.name, self.addr, seq, msg.target))
 
-    def _on_gos(self, now: float, msg: dict, out: list[Out]) -> None:
+    def _on_gossip(self, now: float, msg: Gossip, out: list[Out]) -> None:
         pass  # updates were applied in handle()
 
-    def _on_syn(self, now: float, msg: dict, out: list[Out]) -> None:
-        if msg["h"] != self.view_hash:
-            digest = [[n, e.incarnation, e.state] for n, e in self.view.items()]
+    def _on_sync(self, now: float, msg: Sync, out: list[Out]) -> None:
+        if msg.view_hash != self.view_hash:
+            digest = [(n, e.incarnation, e.state) for n, e in self.view.items()]
             digest = fit(self.rng, digest, STATE_BUDGET)
-            self._send(out, msg["fa"], {"t": "dig", "h": self.view_hash, "d": digest})
+            self._send(out, msg.sender_addr, Digest(self.name, self.addr, self.view_hash, tuple(digest)))
 
-    def _on_dig(self, now: float, msg: dict, out: list[Out]) -> None:
-        if msg["h"] == self.view_hash:
+    def _on_digest(self, now: float, msg: Digest, out: list[Out]) -> None:
+        if msg.view_hash == self.view_hash:
             return
         theirs = set()
-        send: list[dict] = []
+        send: list[Entry] = []
         want: list[str] = []
-        for name, inc, state in msg["d"]:
+        for name, inc, state in msg.rows:
             theirs.add(name)
             mine = self.view.get(name)
             if mine is None:
@@ -328,28 +342,27 @@ class MeshCore:
             elif (inc, state) > (mine.incarnation, mine.state):
                 want.append(name)
             elif (inc, state) < (mine.incarnation, mine.state):
-                send.append(mine.to_wire())
-        send += [e.to_wire() for n, e in self.view.items() if n not in theirs]
+                send.append(mine)
+        send += [e for n, e in self.view.items() if n not in theirs]
         want = fit(self.rng, want, STATE_BUDGET // 2)
-        send = fit(self.rng, send, STATE_BUDGET // 2)
+        send = fit(self.rng, send, STATE_BUDGET // 2, entry_wire)
         if send or want:
-            self._send(out, msg["fa"], {"t": "dlt", "u": send, "w": want})
+            self._send(out, msg.sender_addr, Delta(self.name, self.addr, tuple(send), tuple(want)))
 
-    def _on_dlt(self, now: float, msg: dict, out: list[Out]) -> None:
-        for wire in msg["u"]:
-            self._apply(now, Entry.from_wire(wire), gossip=False)
-        wanted = [self.view[n].to_wire() for n in msg["w"] if n in self.view]
-        wanted = fit(self.rng, wanted, STATE_BUDGET)
+    def _on_delta(self, now: float, msg: Delta, out: list[Out]) -> None:
+        for entry in msg.updates:
+            self._apply(now, entry, gossip=False)
+        wanted = [self.view[n] for n in msg.wanted if n in self.view]
+        wanted = fit(self.rng, wanted, STATE_BUDGET, entry_wire)
         if wanted:
-            self._send(out, msg["fa"], {"t": "dlt", "u": wanted, "w": []})
+            self._send(out, msg.sender_addr, Delta(self.name, self.addr, tuple(wanted), ()))
 
-    def _on_push(self, now: float, msg: dict, out: list[Out]) -> None:
-        for wire in msg["u"]:
-            entry = Entry.from_wire(wire)
-            self._apply(now, entry, gossip=entry.name == msg["f"])
-        if msg["r"]:
-            full_state = fit(self.rng, self._full_state(), STATE_BUDGET)
-            self._send(out, msg["fa"], {"t": "push", "u": full_state, "r": False})
+    def _on_push(self, now: float, msg: PushState, out: list[Out]) -> None:
+        for entry in msg.updates:
+            self._apply(now, entry, gossip=entry.name == msg.sender)
+        if msg.reply:
+            full_state = fit(self.rng, list(self.view.values()), STATE_BUDGET, entry_wire)
+            self._send(out, msg.sender_addr, PushState(self.name, self.addr, tuple(full_state), False))
 
     # ------------------------------------------------------------------ timers
 
@@ -367,13 +380,10 @@ class MeshCore:
                 probe.expected_nacks = len(helpers)
                 # a second direct ping, like memberlist's TCP fallback: one lost
                 # datagram should not be enough to start a suspicion
-                self._send(out, target.addr, {"t": "ping", "q": probe.seq, "tg": probe.target})
+                self._send(out, target.addr, Ping(self.name, self.addr, probe.seq, probe.target))
                 for helper in helpers:
-                    self._send(
-                        out,
-                        self.view[helper].addr,
-                        {"t": "preq", "q": probe.seq, "tg": probe.target, "ta": target.addr},
-                    )
+                    preq = PingReq(self.name, self.addr, probe.seq, probe.target, target.addr)
+                    self._send(out, self.view[helper].addr, preq)
         if probe is not None and now >= probe.end_at:
             self.probe = None
             missed = probe.expected_nacks - probe.nacks if probe.expected_nacks else 1
@@ -394,14 +404,14 @@ class MeshCore:
             )
             self.next_probe_at = now + c.probe_interval * scale
             entry = self.view[target]
-            first = [entry.to_wire()] if entry.state == SUSPECT else []  # buddy system
-            self._send(out, entry.addr, {"t": "ping", "q": seq, "tg": target}, True, first)
+            first = [entry] if entry.state == SUSPECT else []  # buddy system
+            self._send(out, entry.addr, Ping(self.name, self.addr, seq, target, self._piggyback(first)))
 
     def _help_tick(self, now: float, out: list[Out]) -> None:
         for seq, req in list(self.helping.items()):
             if now >= req.nack_at:
                 del self.helping[seq]
-                self._send(out, req.requester_addr, {"t": "nack", "q": req.requester_seq})
+                self._send(out, req.requester_addr, Nack(self.name, req.requester_seq))
 
     def _suspicion_tick(self, now: float) -> None:
         for name, s in list(self.suspicions.items()):
@@ -420,7 +430,7 @@ class MeshCore:
         for target in self._random_members(self.config.gossip_fanout, states=(ALIVE, SUSPECT)):
             if not self.rumors:
                 break
-            self._send(out, self.view[target].addr, {"t": "gos"}, piggyback=True)
+            self._send(out, self.view[target].addr, Gossip(self.name, self._piggyback()))
 
     def _sync_tick(self, now: float, out: list[Out]) -> None:
         c = self.config
@@ -436,7 +446,7 @@ class MeshCore:
             alive = self._random_members(1, states=(ALIVE,))
             target = alive[0] if alive else None
         if target is not None:
-            self._send(out, self.view[target].addr, {"t": "syn", "h": self.view_hash})
+            self._send(out, self.view[target].addr, Sync(self.name, self.addr, self.view_hash))
 
     def _join_tick(self, now: float, out: list[Out]) -> None:
         if not self.seeds or now < self.next_join_at:
@@ -447,7 +457,7 @@ class MeshCore:
         self.next_join_at = now + self.join_backoff
         self.join_backoff = min(self.join_backoff * 2, self.config.join_retry_max)
         for seed in self.seeds:
-            self._send(out, seed, {"t": "push", "u": [self._own_entry().to_wire()], "r": True})
+            self._send(out, seed, PushState(self.name, self.addr, (self._own_entry(),), True))
 
     def _expire_tombstones(self, now: float) -> None:
         ttl = self.config.tombstone_ttl
@@ -593,14 +603,13 @@ class MeshCore:
     def _queue_rumor(self, entry: Entry) -> None:
         n = max(len(self.view), 1)
         limit = self.config.retransmit_mult * math.ceil(math.log10(n + 1))
-        wire = entry.to_wire()
-        self.rumors[entry.name] = Rumor(entry, limit, len(orjson.dumps(wire)) + 1)
+        self.rumors[entry.name] = Rumor(entry, limit, entry_size(entry) + 1)
 
-    def _piggyback(self, first: list[dict]) -> list[dict]:
+    def _piggyback(self, first: list[Entry] = ()) -> tuple[Entry, ...]:
         budget = self.config.piggyback_bytes
         chosen = list(first)
         if not self.rumors:
-            return chosen
+            return tuple(chosen)
         # least-sent first; at most MAX_PIGGYBACK_ENTRIES can fit anyway
         candidates = heapq.nlargest(
             MAX_PIGGYBACK_ENTRIES, self.rumors.items(), key=lambda kv: kv[1].remaining
@@ -609,23 +618,13 @@ class MeshCore:
             if len(chosen) >= MAX_PIGGYBACK_ENTRIES or rumor.size > budget:
                 break
             budget -= rumor.size
-            chosen.append(rumor.entry.to_wire())
+            chosen.append(rumor.entry)
             rumor.remaining -= 1
             if rumor.remaining <= 0:
                 del self.rumors[name]
-        return chosen
+        return tuple(chosen)
 
-    def _send(
-        self, out: list[Out], addr: str, msg: dict, piggyback: bool = False, first=()
-    ) -> None:
-        msg["v"] = 1
-        msg["f"] = self.name
-        if msg["t"] not in _NO_REPLY_TYPES:
-            msg["fa"] = self.addr
-        if piggyback:
-            updates = self._piggyback(list(first))
-            if updates:
-                msg["u"] = updates
+    def _send(self, out: list[Out], addr: str, msg: MemberMessage) -> None:
         out.append((addr, msg))
 
     def _next_seq(self) -> int:
@@ -634,9 +633,6 @@ class MeshCore:
 
     def _own_entry(self) -> Entry:
         return Entry(self.name, self.addr, self.incarnation, ALIVE, self.meta)
-
-    def _full_state(self) -> list[dict]:
-        return [e.to_wire() for e in self.view.values()]
 
     def _adjust_awareness(self, delta: int) -> None:
         if self.config.lifeguard:
@@ -671,3 +667,17 @@ class MeshCore:
             ]
             self.rng.shuffle(self.probe_order)
         return None
+
+
+_HANDLERS = {
+    Ping: MeshCore._on_ping,
+    Ack: MeshCore._on_ack,
+    Nack: MeshCore._on_nack,
+    PingReq: MeshCore._on_ping_req,
+    Gossip: MeshCore._on_gossip,
+    Sync: MeshCore._on_sync,
+    Digest: MeshCore._on_digest,
+    Delta: MeshCore._on_delta,
+    PushState: MeshCore._on_push,
+}
+_PIGGYBACKED = (Ping, Ack, Gossip)  # the messages whose updates handle() applies

@@ -42,14 +42,12 @@ class Simulator:
         loss: float = 0.0,
         delay: tuple[float, float] = (0.0005, 0.005),
         config: ProtocolConfig | None = None,
-        decode: bool = True,
         on_event: EventHook | None = None,
     ) -> None:
         self.seed = seed
         self.loss = loss
         self.delay = delay
         self.config = config or ProtocolConfig()
-        self.decode = decode
         self.on_event = on_event
         self.now = 0.0
         self.rng = random.Random(seed)
@@ -111,9 +109,9 @@ class Simulator:
         self._emit(node)
         self._reschedule(node)
 
-    def inject(self, name: str, msg: dict) -> None:
-        """Deliver `msg` to `name` now, as if sent from outside the mesh (e.g. forged)."""
-        self._push(self.now, "msg", self.nodes[name].addr, encode(msg))
+    def inject(self, name: str, data: bytes) -> None:
+        """Deliver `data` to `name` now, as if sent from outside the mesh (e.g. forged)."""
+        self._push(self.now, "msg", self.nodes[name].addr, data)
 
     def stall(self, name: str, duration: float) -> None:
         node = self.nodes[name]
@@ -154,7 +152,7 @@ class Simulator:
                 node.wake_at = math.inf
                 self._dispatch(node, node.core.tick(when))
             else:
-                msg = node.decoder.decode(payload) if self.decode else _loads(payload)
+                msg = node.decoder.decode(payload)
                 if msg is None:
                     continue
                 self.delivered += 1
@@ -224,9 +222,3 @@ class Simulator:
 
 def _addr_for(index: int) -> str:
     return f"10.{index // 65536 % 256}.{index // 256 % 256}.{index % 256}:7946"
-
-
-def _loads(data: bytes) -> dict:
-    import orjson
-
-    return orjson.loads(data)

@@ -9,7 +9,8 @@ import time
 import zmq
 
 from .addresses import resolve_seeds, zmq_endpoint
-from .codec import MAX_STATUS_BYTES, PROTOCOL_VERSION, Decoder, encode
+from .codec import MAX_STATUS_BYTES, Decoder, encode
+from .messages import StatusQuery, StatusReply
 from .security import ClusterKeys, release_context, secure_client
 
 
@@ -23,7 +24,7 @@ def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: floa
     if not addrs:
         raise StatusError(f"no seed address could be resolved from {','.join(seed_specs) or '(none)'}")
     query_id = random.randrange(1 << 52)
-    request = encode({"v": PROTOCOL_VERSION, "t": "qry", "q": query_id})
+    request = encode(StatusQuery(query_id))
     decoder = Decoder(max_bytes=MAX_STATUS_BYTES)
     context = zmq.Context()
     sockets = []
@@ -44,8 +45,8 @@ def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: floa
         while (remaining := deadline - time.monotonic()) > 0:
             for sock, _ in poller.poll(int(remaining * 1000) + 1):
                 msg = decoder.decode(sock.recv())
-                if msg is not None and msg["t"] == "qres" and msg["q"] == query_id:
-                    return msg["self"], msg["ms"]
+                if isinstance(msg, StatusReply) and msg.query_id == query_id:
+                    return msg.responder, list(msg.members)
     finally:
         for sock in sockets:
             sock.close(0)

@@ -4,6 +4,7 @@ import pytest
 
 from mesh.core import ProtocolConfig
 from mesh.members import DEAD, SUSPECT
+from mesh.messages import Ack, Gossip
 from mesh.sim import Simulator
 
 
@@ -207,7 +208,7 @@ def test_local_health_slows_probing_after_unanswered_probes_and_recovers():
     assert probe.end_at - probe.start == pytest.approx(interval * (core.awareness + 1))
     # answers come back: awareness decays to zero
     for _ in range(core.config.awareness_max):
-        core.handle(probe.start, {"v": 1, "t": "ack", "f": probe.target, "q": probe.seq})
+        core.handle(probe.start, Ack(probe.target, probe.seq))
         core.tick(core.next_probe_at)
         probe = core.probe
     assert core.awareness == 0
@@ -240,6 +241,6 @@ def test_metadata_update_is_pushed_at_once_but_at_most_once_per_gossip_interval(
     core = sim.nodes["n3"].core
     first = core.advertise(sim.now, {"state": "receiving"})
     assert 0 < len(first) <= core.config.gossip_fanout
-    assert all(msg["t"] == "gos" for _, msg in first)
+    assert all(isinstance(msg, Gossip) for _, msg in first)
     assert core.advertise(sim.now, {"state": "complete"}) == []  # the next tick carries it
     assert core.advertise(sim.now + 1.01 * core.config.gossip_interval, {"state": "x"}) != []
