@@ -25,13 +25,24 @@ compatibility, and ignored.
 
 from __future__ import annotations
 
-import math
-import re
 from collections import Counter
 
 import orjson
 
-from .members import ALIVE, MAX_META_BYTES, MAX_META_KEY_CHARS, MAX_NAME_CHARS, Entry
+from .fields import (
+    MAX_HASH,
+    MAX_INCARNATION,
+    MAX_META_BYTES,
+    Invalid,
+    check_addr,
+    check_int,
+    check_list,
+    check_name,
+    valid_addr,
+    valid_name,
+    validate_meta,
+)
+from .members import ALIVE, Entry
 from .messages import (
     Ack,
     Delta,
@@ -47,26 +58,16 @@ from .messages import (
     Sync,
 )
 
+# field checks and their limits live in mesh/fields.py; these names are part of the codec's API
+__all__ = [
+    "MAX_INCARNATION", "MAX_META_BYTES", "Invalid", "valid_addr", "valid_name", "validate_meta",
+]
+
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1024 * 1024  # any message between members (the core keeps its own below)
 MAX_STATUS_BYTES = 16 * 1024 * 1024  # a `mesh status` reply: every member with its metadata
 MAX_ENTRIES = 20000
 MAX_PIGGYBACK_ENTRIES = 64
-MAX_META_KEYS = 32
-MAX_META_STR_CHARS = 256
-MAX_INT = 2**53
-# Incarnations stop well below MAX_INT so that a refutation (claim + 1) is always a valid
-# number; the core additionally refuses claims that jump far ahead (see claims.INCARNATION_STEP).
-MAX_INCARNATION = 2**52
-MAX_HASH = 2**64 - 1
-
-_ADDR_RE = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9_.-]{1,253}):([0-9]{1,5})$")
-_WHITESPACE_RE = re.compile(r"\s")
-
-
-class Invalid(ValueError):
-    pass
-
 
 # ---------------------------------------------------------------- encoding
 
@@ -85,50 +86,43 @@ def entry_size(entry: Entry) -> int:
     return len(orjson.dumps(entry_wire(entry)))
 
 
-def _member(kind: str, msg, addr: str | None, **fields) -> dict:
+def _member(kind: str, msg, **fields) -> dict:
     wire = {"v": PROTOCOL_VERSION, "t": kind, "f": msg.sender}
-    if addr is not None:
-        wire["fa"] = addr
+    if msg.sender_addr is not None:
+        wire["fa"] = msg.sender_addr
     wire.update(fields)
     return wire
 
 
-def _with_updates(wire: dict, updates) -> dict:
-    if updates:
-        wire["u"] = [entry_wire(e) for e in updates]
+def _piggybacked(kind: str, msg, **fields) -> dict:
+    wire = _member(kind, msg, **fields)
+    if msg.updates:
+        wire["u"] = [entry_wire(e) for e in msg.updates]
     return wire
+
+
+_WIRE_FORMS = {
+    Ping: lambda m: _piggybacked("ping", m, q=m.seq, tg=m.target),
+    Ack: lambda m: _piggybacked("ack", m, q=m.seq),
+    PingReq: lambda m: _member("preq", m, q=m.seq, tg=m.target, ta=m.target_addr),
+    Nack: lambda m: _member("nack", m, q=m.seq),
+    Gossip: lambda m: _piggybacked("gos", m),
+    Sync: lambda m: _member("syn", m, h=m.view_hash),
+    Digest: lambda m: _member("dig", m, h=m.view_hash, d=[list(r) for r in m.rows]),
+    Delta: lambda m: _member("dlt", m, u=[entry_wire(e) for e in m.updates], w=list(m.wanted)),
+    PushState: lambda m: _member("push", m, u=[entry_wire(e) for e in m.updates], r=m.reply),
+    StatusQuery: lambda m: {"v": PROTOCOL_VERSION, "t": "qry", "q": m.query_id},
+    StatusReply: lambda m: {"v": PROTOCOL_VERSION, "t": "qres", "q": m.query_id, "self": m.responder,
+                            "ms": list(m.members)},
+}
 
 
 def to_wire(msg: Message) -> dict:
     """The wire dict of a typed message (what `encode` serialises)."""
-    match msg:
-        case Ping():
-            wire = _member("ping", msg, msg.sender_addr, q=msg.seq, tg=msg.target)
-            return _with_updates(wire, msg.updates)
-        case Ack():
-            return _with_updates(_member("ack", msg, msg.sender_addr, q=msg.seq), msg.updates)
-        case PingReq():
-            return _member("preq", msg, msg.sender_addr, q=msg.seq, tg=msg.target, ta=msg.target_addr)
-        case Nack():
-            return _member("nack", msg, msg.sender_addr, q=msg.seq)
-        case Gossip():
-            return _with_updates(_member("gos", msg, msg.sender_addr), msg.updates)
-        case Sync():
-            return _member("syn", msg, msg.sender_addr, h=msg.view_hash)
-        case Digest():
-            return _member("dig", msg, msg.sender_addr, h=msg.view_hash, d=[list(r) for r in msg.rows])
-        case Delta():
-            updates = [entry_wire(e) for e in msg.updates]
-            return _member("dlt", msg, msg.sender_addr, u=updates, w=list(msg.wanted))
-        case PushState():
-            updates = [entry_wire(e) for e in msg.updates]
-            return _member("push", msg, msg.sender_addr, u=updates, r=msg.reply)
-        case StatusQuery():
-            return {"v": PROTOCOL_VERSION, "t": "qry", "q": msg.query_id}
-        case StatusReply():
-            members = list(msg.members)
-            return {"v": PROTOCOL_VERSION, "t": "qres", "q": msg.query_id, "self": msg.responder, "ms": members}
-    raise TypeError(f"not a message: {msg!r}")
+    form = _WIRE_FORMS.get(type(msg))
+    if form is None:
+        raise TypeError(f"not a message: {msg!r}")
+    return form(msg)
 
 
 def encode(msg: Message) -> bytes:
@@ -156,77 +150,12 @@ def fit(rng, items: list, budget: int, wire=None) -> list:
 # -------------------------------------------------------------- validation
 
 
-def valid_addr(value) -> bool:
-    if not isinstance(value, str) or len(value) > 262:
-        return False
-    m = _ADDR_RE.match(value)
-    return bool(m) and 0 < int(m.group(2)) < 65536
-
-
-def valid_name(value) -> bool:
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= MAX_NAME_CHARS
-        and value.isprintable()
-        and _WHITESPACE_RE.search(value) is None
-    )
-
-
-def _int(value, lo: int = 0, hi: int = MAX_INT) -> int:
-    if type(value) is not int or not lo <= value <= hi:
-        raise Invalid("int")
-    return value
-
-
-def _name(value) -> str:
-    if not valid_name(value):
-        raise Invalid("name")
-    return value
-
-
-def _addr(value) -> str:
-    if not valid_addr(value):
-        raise Invalid("addr")
-    return value
-
-
-def _list(value, limit: int) -> list:
-    if not isinstance(value, list) or len(value) > limit:
-        raise Invalid("list")
-    return value
-
-
-def validate_meta(meta) -> dict:
-    """Flat dict of scalars, at most MAX_META_BYTES encoded. Raises Invalid."""
-    if not isinstance(meta, dict) or len(meta) > MAX_META_KEYS:
-        raise Invalid("meta")
-    for key, value in meta.items():
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_META_KEY_CHARS:
-            raise Invalid("meta key")
-        if value is None or isinstance(value, bool):
-            continue
-        if type(value) is int:
-            if abs(value) > MAX_INT:
-                raise Invalid("meta int")
-        elif type(value) is float:
-            if not math.isfinite(value):
-                raise Invalid("meta float")
-        elif isinstance(value, str):
-            if len(value) > MAX_META_STR_CHARS:
-                raise Invalid("meta str")
-        else:
-            raise Invalid("meta value type")
-    if len(orjson.dumps(meta)) > MAX_META_BYTES:
-        raise Invalid("meta size")
-    return meta
-
-
 def _entry(value) -> Entry:
     if not isinstance(value, dict):
         raise Invalid("entry")
-    state = _int(value.get("s"), 0, 3)
-    name, addr = _name(value.get("n")), _addr(value.get("a"))
-    incarnation = _int(value.get("i"), 0, MAX_INCARNATION)
+    state = check_int(value.get("s"), 0, 3)
+    name, addr = check_name(value.get("n")), check_addr(value.get("a"))
+    incarnation = check_int(value.get("i"), 0, MAX_INCARNATION)
     meta: dict = {}
     accuser = None
     if "m" in value:
@@ -236,18 +165,19 @@ def _entry(value) -> Entry:
     if "f" in value:
         if state != 1:
             raise Invalid("accuser on non-suspect entry")
-        accuser = _name(value["f"])
+        accuser = check_name(value["f"])
     return Entry(name, addr, incarnation, state, meta, accuser)
 
 
 def _entries(value, limit: int) -> tuple[Entry, ...]:
-    return tuple(_entry(e) for e in _list(value, limit))
+    return tuple(_entry(e) for e in check_list(value, limit))
 
 
 def _digest_row(value) -> tuple[str, int, int]:
     if not isinstance(value, list) or len(value) != 3:
         raise Invalid("digest row")
-    return (_name(value[0]), _int(value[1], 0, MAX_INCARNATION), _int(value[2], 0, 3))
+    name, incarnation = check_name(value[0]), check_int(value[1], 0, MAX_INCARNATION)
+    return (name, incarnation, check_int(value[2], 0, 3))
 
 
 def _member_row(value) -> dict:
@@ -262,10 +192,10 @@ def _member_row(value) -> dict:
         if number is not None and (type(number) not in (int, float) or not 0 <= number < 1e9):
             raise Invalid("number")
     return {
-        "name": _name(value.get("name")),
-        "addr": _addr(value.get("addr")),
+        "name": check_name(value.get("name")),
+        "addr": check_addr(value.get("addr")),
         "state": state,
-        "incarnation": _int(value.get("incarnation"), 0, MAX_INCARNATION),
+        "incarnation": check_int(value.get("incarnation"), 0, MAX_INCARNATION),
         "meta": validate_meta(value.get("meta", {})),
         "rtt": rtt,
         "last_heard": heard,
@@ -279,8 +209,8 @@ def _member_row(value) -> dict:
 
 def _sender(raw: dict, reply_expected: bool) -> tuple[str, str | None]:
     """The sender's name and address; the address is required when the receiver may answer."""
-    sender = _name(raw.get("f"))
-    addr = _addr(raw.get("fa")) if reply_expected or "fa" in raw else None
+    sender = check_name(raw.get("f"))
+    addr = check_addr(raw.get("fa")) if reply_expected or "fa" in raw else None
     return sender, addr
 
 
@@ -296,25 +226,26 @@ def _ignored_piggyback(raw: dict) -> None:
 def _ping(raw: dict) -> Ping:
     sender, addr = _sender(raw, True)
     updates = _piggyback(raw)
-    return Ping(sender, addr, _int(raw.get("q")), _name(raw.get("tg")), updates)
+    return Ping(sender, addr, check_int(raw.get("q")), check_name(raw.get("tg")), updates)
 
 
 def _ack(raw: dict) -> Ack:
     sender, addr = _sender(raw, False)
     updates = _piggyback(raw)
-    return Ack(sender, _int(raw.get("q")), updates, addr)
+    return Ack(sender, check_int(raw.get("q")), updates, addr)
 
 
 def _ping_req(raw: dict) -> PingReq:
     sender, addr = _sender(raw, True)
     _ignored_piggyback(raw)
-    return PingReq(sender, addr, _int(raw.get("q")), _name(raw.get("tg")), _addr(raw.get("ta")))
+    seq, target = check_int(raw.get("q")), check_name(raw.get("tg"))
+    return PingReq(sender, addr, seq, target, check_addr(raw.get("ta")))
 
 
 def _nack(raw: dict) -> Nack:
     sender, addr = _sender(raw, False)
     _ignored_piggyback(raw)
-    return Nack(sender, _int(raw.get("q")), addr)
+    return Nack(sender, check_int(raw.get("q")), addr)
 
 
 def _gossip(raw: dict) -> Gossip:
@@ -324,19 +255,21 @@ def _gossip(raw: dict) -> Gossip:
 
 def _sync(raw: dict) -> Sync:
     sender, addr = _sender(raw, True)
-    return Sync(sender, addr, _int(raw.get("h"), 0, MAX_HASH))
+    return Sync(sender, addr, check_int(raw.get("h"), 0, MAX_HASH))
 
 
 def _digest(raw: dict) -> Digest:
     sender, addr = _sender(raw, True)
-    view_hash = _int(raw.get("h"), 0, MAX_HASH)
-    return Digest(sender, addr, view_hash, tuple(_digest_row(r) for r in _list(raw.get("d"), MAX_ENTRIES)))
+    view_hash = check_int(raw.get("h"), 0, MAX_HASH)
+    rows = tuple(_digest_row(r) for r in check_list(raw.get("d"), MAX_ENTRIES))
+    return Digest(sender, addr, view_hash, rows)
 
 
 def _delta(raw: dict) -> Delta:
     sender, addr = _sender(raw, True)
     updates = _entries(raw.get("u", []), MAX_ENTRIES)
-    return Delta(sender, addr, updates, tuple(_name(n) for n in _list(raw.get("w", []), MAX_ENTRIES)))
+    wanted = tuple(check_name(n) for n in check_list(raw.get("w", []), MAX_ENTRIES))
+    return Delta(sender, addr, updates, wanted)
 
 
 def _push(raw: dict) -> PushState:
@@ -348,13 +281,14 @@ def _push(raw: dict) -> PushState:
 
 
 def _status_query(raw: dict) -> StatusQuery:
-    return StatusQuery(_int(raw.get("q")))
+    return StatusQuery(check_int(raw.get("q")))
 
 
 def _status_reply(raw: dict) -> StatusReply:
-    query_id = _int(raw.get("q"))
-    responder = _name(raw.get("self"))
-    return StatusReply(query_id, responder, tuple(_member_row(r) for r in _list(raw.get("ms"), MAX_ENTRIES)))
+    query_id = check_int(raw.get("q"))
+    responder = check_name(raw.get("self"))
+    rows = tuple(_member_row(r) for r in check_list(raw.get("ms"), MAX_ENTRIES))
+    return StatusReply(query_id, responder, rows)
 
 
 _PARSERS = {

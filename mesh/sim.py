@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .codec import Decoder, encode
-from .core import MeshCore, ProtocolConfig
+from .config import ProtocolConfig
+from .core import MeshCore
 from .members import STATE_NAMES
 
 EventHook = Callable[[float, str, str, int | None, int | None, int], None]
@@ -40,13 +41,13 @@ class Simulator:
         self,
         seed: int = 0,
         loss: float = 0.0,
-        delay: tuple[float, float] = (0.0005, 0.005),
+        delay_s: tuple[float, float] = (0.0005, 0.005),
         config: ProtocolConfig | None = None,
         on_event: EventHook | None = None,
     ) -> None:
         self.seed = seed
         self.loss = loss
-        self.delay = delay
+        self.delay_s = delay_s
         self.config = config or ProtocolConfig()
         self.on_event = on_event
         self.now = 0.0
@@ -61,9 +62,6 @@ class Simulator:
         self.dropped = 0
 
     # ------------------------------------------------------------ membership
-
-    def addr_of(self, name: str) -> str:
-        return self.nodes[name].addr if name in self.nodes else _addr_for(len(self.nodes))
 
     def add_node(
         self, name: str, seeds: list[str] = (), meta: dict | None = None, new_addr: bool = False
@@ -113,9 +111,9 @@ class Simulator:
         """Deliver `data` to `name` now, as if sent from outside the mesh (e.g. forged)."""
         self._push(self.now, "msg", self.nodes[name].addr, data)
 
-    def stall(self, name: str, duration: float) -> None:
+    def stall(self, name: str, duration_s: float) -> None:
         node = self.nodes[name]
-        node.stalled_until = max(node.stalled_until, self.now + duration)
+        node.stalled_until = max(node.stalled_until, self.now + duration_s)
 
     def partition(self, *groups) -> None:
         """Only members of the same group can talk; names not listed form their own group."""
@@ -161,8 +159,8 @@ class Simulator:
             self._reschedule(node)
         self.now = max(self.now, t)
 
-    def run_for(self, duration: float) -> None:
-        self.run_until(self.now + duration)
+    def run_for(self, duration_s: float) -> None:
+        self.run_until(self.now + duration_s)
 
     # --------------------------------------------------------------- queries
 
@@ -199,7 +197,7 @@ class Simulator:
             ):
                 self.dropped += 1
                 continue
-            self._push(self.now + self.rng.uniform(*self.delay), "msg", addr, data)
+            self._push(self.now + self.rng.uniform(*self.delay_s), "msg", addr, data)
 
     def _reschedule(self, node: SimNode) -> None:
         if not node.up:

@@ -18,8 +18,10 @@ class StatusError(Exception):
     """The mesh could not be reached; the message is the one-line reason."""
 
 
-def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: float = 3.0) -> tuple[str, list[dict]]:
-    """(name of the answering agent, its member rows); StatusError after `timeout` seconds."""
+def query_members(
+    seed_specs: list[str], keys: ClusterKeys | None, timeout_s: float = 3.0
+) -> tuple[str, list[dict]]:
+    """(name of the answering agent, its member rows); StatusError after `timeout_s`."""
     addrs = resolve_seeds(seed_specs)
     if not addrs:
         raise StatusError(f"no seed address could be resolved from {','.join(seed_specs) or '(none)'}")
@@ -41,7 +43,7 @@ def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: floa
             sock.send(request, zmq.NOBLOCK)
             poller.register(sock, zmq.POLLIN)
             sockets.append(sock)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
             for sock, _ in poller.poll(int(remaining * 1000) + 1):
                 msg = decoder.decode(sock.recv())
@@ -53,7 +55,7 @@ def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: floa
         release_context(context)
         context.term()
     hint = " (is --secret-file the cluster's?)" if keys is not None else " (does the mesh require --secret-file?)"
-    raise StatusError(f"no agent answered at {', '.join(addrs)} within {timeout:g}s{hint}")
+    raise StatusError(f"no agent answered at {', '.join(addrs)} within {timeout_s:g}s{hint}")
 
 
 # an escape or control sequence: ESC or CSI (0x9b), parameters, intermediates, final byte
