@@ -18,7 +18,7 @@ def __getattr__(name):  # imported lazily so `import mesh.codec` stays light
 
         return Member
     if name == "ProtocolConfig":
-        from .core import ProtocolConfig
+        from .config import ProtocolConfig
 
         return ProtocolConfig
     if name == "load_cluster_keys":

@@ -21,9 +21,11 @@ from .addresses import (
     resolve_seeds,
     split_host_port,
 )
-from .codec import PROTOCOL_VERSION, Decoder, encode, validate_meta
-from .core import MeshCore, ProtocolConfig
+from .codec import Decoder, encode, validate_meta
+from .config import ProtocolConfig
+from .core import MeshCore
 from .members import STATE_NAMES
+from .messages import StatusQuery, StatusReply
 from .security import ClusterKeys, load_cluster_keys
 from .selection import Member, select_sources
 from .transport import ZmqTransport
@@ -73,7 +75,6 @@ class MeshAgent:
         self._self_member: Member | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._stopped = threading.Event()
         self._joined = threading.Event()
         self._meta_lock = threading.Lock()
         self._leave_on_stop = True
@@ -117,13 +118,13 @@ class MeshAgent:
                 self.addr,
             )
 
-    def stop(self, leave: bool = True, timeout: float = 5.0) -> None:
+    def stop(self, leave: bool = True, timeout_s: float = 5.0) -> None:
         """Stop the agent; with leave=True announce `left` first (up to ~1 s)."""
         if self._thread is None:
             return
         self._leave_on_stop = leave
         self._stopping.set()
-        self._thread.join(timeout)
+        self._thread.join(timeout_s)
 
     def __enter__(self) -> MeshAgent:
         self.start()
@@ -132,15 +133,15 @@ class MeshAgent:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def wait_joined(self, timeout: float = 3.0) -> bool:
-        """Block until the agent has heard from the mesh (True), or `timeout` passed (False).
+    def wait_joined(self, timeout_s: float = 3.0) -> bool:
+        """Block until the agent has heard from the mesh (True), or `timeout_s` passed (False).
 
         With no seeds there is nothing to join and this returns True at once. After it
         returns True the view already holds the seed's full member list.
         """
         if not self._seed_specs:
             return True
-        return self._joined.wait(timeout)
+        return self._joined.wait(timeout_s)
 
     @property
     def joined(self) -> bool:
@@ -210,8 +211,8 @@ class MeshAgent:
                     leave_deadline = now + LEAVE_GRACE_S
                 if leave_deadline is not None and (now >= leave_deadline or not core.rumors):
                     break
-                wait = min(max(core.next_deadline() - now, 0.0), 0.05)
-                for identity, data in transport.receive(int(wait * 1000)):
+                wait_s = min(max(core.next_deadline() - now, 0.0), 0.05)
+                for identity, data in transport.receive(wait_s):
                     self._on_datagram(identity, data)
                 self._run_commands()
                 now = time.monotonic()
@@ -234,25 +235,23 @@ class MeshAgent:
             log.exception("mesh agent thread failed")
         finally:
             self._refresh_snapshot(time.monotonic())
-            transport.close(linger_ms=200 if leave_deadline is not None else 0)
-            self._stopped.set()
+            transport.close(linger_s=0.2 if leave_deadline is not None else 0.0)
 
     def _on_datagram(self, identity: bytes, data: bytes) -> None:
         msg = self.decoder.decode(data)
         if msg is None:
             return
-        kind = msg["t"]
-        if kind == "qry":
-            rows = [m.as_dict() for m in self._snapshot]
-            reply = {"v": PROTOCOL_VERSION, "t": "qres", "q": msg["q"], "self": self.name, "ms": rows}
-            self._transport.reply(identity, encode(reply))
-        elif kind != "qres":
+        if isinstance(msg, StatusQuery):
+            rows = tuple(m.as_dict() for m in self._snapshot)
+            self._transport.reply(identity, encode(StatusReply(msg.query_id, self.name, rows)))
+        elif not isinstance(msg, StatusReply):
             try:
                 out = self._core.handle(time.monotonic(), msg)
             except Exception:  # a message must never stop the agent: drop it, count it
                 self.handler_errors += 1
                 if self.handler_errors == 1:
-                    log.exception("mesh agent %s: dropped a %s message that failed", self.name, kind)
+                    log.exception("mesh agent %s: dropped a %s message that failed", self.name,
+                                  type(msg).__name__)
                 return
             self._send_all(out)
 
@@ -295,7 +294,7 @@ class MeshAgent:
                 state=STATE_NAMES[entry.state],
                 incarnation=entry.incarnation,
                 meta=MappingProxyType(dict(entry.meta)),
-                rtt=info.rtt,
+                rtt=info.rtt_s,
                 last_heard=0.0 if is_self else (None if info.last_heard is None else max(0.0, now - info.last_heard)),
                 is_self=is_self,
             )

@@ -63,8 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="comma-separated HOST:PORT of agents to ask (default $NETLOADER_MESH_SEEDS)")
     status.add_argument("--json", action="store_true", help="print one JSON array")
     status.add_argument("--watch", action="store_true", help="refresh in place every --interval seconds")
-    status.add_argument("--interval", type=float, default=1.0)
-    status.add_argument("--timeout", type=float, default=3.0, help="give up after this many seconds")
+    status.add_argument("--interval", dest="interval_s", type=float, default=1.0)
+    status.add_argument("--timeout", dest="timeout_s", type=float, default=3.0,
+                        help="give up after this many seconds")
     status.add_argument("--secret-file", default=os.environ.get("NETLOADER_MESH_SECRET_FILE"),
                         help="the cluster secret (default $NETLOADER_MESH_SECRET_FILE)")
     status.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
@@ -134,7 +135,7 @@ def run_status(args) -> int:
         return 2
     while True:
         try:
-            responder, rows = query_members(seeds, keys, timeout=args.timeout)
+            responder, rows = query_members(seeds, keys, timeout_s=args.timeout_s)
         except StatusError as e:
             print(f"mesh status: {e}", file=sys.stderr)
             return 1
@@ -150,7 +151,7 @@ def run_status(args) -> int:
         if not args.watch:
             return 0
         try:
-            time.sleep(args.interval)
+            time.sleep(args.interval_s)
         except KeyboardInterrupt:
             return 0
 

@@ -1,173 +1,183 @@
-"""Wire format (orjson) and validation of every field before a message touches state.
+"""Wire format (orjson) of the typed messages in mesh/messages.py, and validation of
+every field before a message touches state.
 
-`decode` never raises: a malformed message yields None and is counted by reason.
-Keys are short because they are sent several times a second by every member.
+The only place that knows wire keys and the protocol version. `Decoder.decode` never
+raises: a malformed message yields None and is counted by reason. Keys are short
+because they are sent several times a second by every member.
 
 Message types (all carry "v" (version), "t" (type); member messages also "f" (sender
 name) and, when the receiver may answer, "fa" (sender "host:port")):
-  ping  q (seq) tg (target name) [u (entries)]      direct probe
-  ack   q [u]                                        answer to ping (or forwarded)
-  preq  q tg ta (target addr)                        ask the receiver to probe tg
-  nack  q                                            indirect probe got no answer
-  gos   u                                            gossip of pending updates
-  syn   h (view hash)                                anti-entropy: do our views differ?
-  dig   h d ([[name, incarnation, state], ...])      they do: here is my digest
-  dlt   u [w (names wanted)]                         entries the other side lacks
-  push  u r (reply wanted)                           full state (join / reconnect)
-  qry   q                                            status query from a non-member
-  qres  q self ms (member rows)                      reply to qry
+  ping  q (seq) tg (target name) [u (entries)]      Ping
+  ack   q [u]                                        Ack
+  preq  q tg ta (target addr)                        PingReq
+  nack  q                                            Nack
+  gos   u                                            Gossip
+  syn   h (view hash)                                Sync
+  dig   h d ([[name, incarnation, state], ...])      Digest
+  dlt   u w (names wanted)                           Delta
+  push  u r (reply wanted)                           PushState
+  qry   q                                            StatusQuery (from a non-member)
+  qres  q self ms (member rows)                      StatusReply
+An entry is {"n": name, "a": addr, "i": incarnation, "s": state, ["m": meta (alive only)],
+["f": accuser (suspect only)]}. "u" on preq and nack is accepted (and validated) for
+compatibility, and ignored.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections import Counter
 
 import orjson
 
-from .members import MAX_META_BYTES, MAX_META_KEY_CHARS, MAX_NAME_CHARS
+from .fields import (
+    MAX_HASH,
+    MAX_INCARNATION,
+    MAX_META_BYTES,
+    Invalid,
+    check_addr,
+    check_int,
+    check_list,
+    check_name,
+    valid_addr,
+    valid_name,
+    validate_meta,
+)
+from .members import ALIVE, Entry
+from .messages import (
+    Ack,
+    Delta,
+    Digest,
+    Gossip,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    PushState,
+    StatusQuery,
+    StatusReply,
+    Sync,
+)
+
+# field checks and their limits live in mesh/fields.py; these names are part of the codec's API
+__all__ = [
+    "MAX_INCARNATION", "MAX_META_BYTES", "Invalid", "valid_addr", "valid_name", "validate_meta",
+]
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1024 * 1024  # any message between members (the core keeps its own below)
 MAX_STATUS_BYTES = 16 * 1024 * 1024  # a `mesh status` reply: every member with its metadata
 MAX_ENTRIES = 20000
 MAX_PIGGYBACK_ENTRIES = 64
-MAX_META_KEYS = 32
-MAX_META_STR_CHARS = 256
-MAX_INT = 2**53
-# Incarnations stop well below MAX_INT so that a refutation (claim + 1) is always a valid
-# number; the core additionally refuses claims that jump far ahead (see core.INCARNATION_STEP).
-MAX_INCARNATION = 2**52
-MAX_HASH = 2**64 - 1
 
-_ADDR_RE = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9_.-]{1,253}):([0-9]{1,5})$")
-
-MEMBER_TYPES = {"ping", "ack", "preq", "nack", "gos", "syn", "dig", "dlt", "push"}
-ALL_TYPES = MEMBER_TYPES | {"qry", "qres"}
-REPLY_TYPES = MEMBER_TYPES - {"ack", "nack", "gos"}  # the receiver may answer: "fa" required
+# ---------------------------------------------------------------- encoding
 
 
-class Invalid(ValueError):
-    pass
+def entry_wire(entry: Entry) -> dict:
+    wire = {"n": entry.name, "a": entry.addr, "i": entry.incarnation, "s": entry.state}
+    if entry.state == ALIVE and entry.meta:
+        wire["m"] = entry.meta
+    if entry.accuser is not None:
+        wire["f"] = entry.accuser
+    return wire
 
 
-def encode(msg: dict) -> bytes:
-    return orjson.dumps(msg)
+def entry_size(entry: Entry) -> int:
+    """Bytes `entry` takes on the wire."""
+    return len(orjson.dumps(entry_wire(entry)))
 
 
-def fit(rng, items: list, budget: int) -> list:
-    """`items`, or as many of them (a random choice) as encode within `budget` bytes."""
-    if len(orjson.dumps(items)) <= budget:
+def _member(kind: str, msg, **fields) -> dict:
+    wire = {"v": PROTOCOL_VERSION, "t": kind, "f": msg.sender}
+    if msg.sender_addr is not None:
+        wire["fa"] = msg.sender_addr
+    wire.update(fields)
+    return wire
+
+
+def _piggybacked(kind: str, msg, **fields) -> dict:
+    wire = _member(kind, msg, **fields)
+    if msg.updates:
+        wire["u"] = [entry_wire(e) for e in msg.updates]
+    return wire
+
+
+_WIRE_FORMS = {
+    Ping: lambda m: _piggybacked("ping", m, q=m.seq, tg=m.target),
+    Ack: lambda m: _piggybacked("ack", m, q=m.seq),
+    PingReq: lambda m: _member("preq", m, q=m.seq, tg=m.target, ta=m.target_addr),
+    Nack: lambda m: _member("nack", m, q=m.seq),
+    Gossip: lambda m: _piggybacked("gos", m),
+    Sync: lambda m: _member("syn", m, h=m.view_hash),
+    Digest: lambda m: _member("dig", m, h=m.view_hash, d=[list(r) for r in m.rows]),
+    Delta: lambda m: _member("dlt", m, u=[entry_wire(e) for e in m.updates], w=list(m.wanted)),
+    PushState: lambda m: _member("push", m, u=[entry_wire(e) for e in m.updates], r=m.reply),
+    StatusQuery: lambda m: {"v": PROTOCOL_VERSION, "t": "qry", "q": m.query_id},
+    StatusReply: lambda m: {"v": PROTOCOL_VERSION, "t": "qres", "q": m.query_id, "self": m.responder,
+                            "ms": list(m.members)},
+}
+
+
+def to_wire(msg: Message) -> dict:
+    """The wire dict of a typed message (what `encode` serialises)."""
+    form = _WIRE_FORMS.get(type(msg))
+    if form is None:
+        raise TypeError(f"not a message: {msg!r}")
+    return form(msg)
+
+
+def encode(msg: Message) -> bytes:
+    return orjson.dumps(to_wire(msg))
+
+
+def fit(rng, items: list, budget: int, wire=None) -> list:
+    """`items`, or as many of them (a random choice) as encode within `budget` bytes as
+    a list; `wire(item)` is an item's wire form (default: the item itself)."""
+    wires = items if wire is None else [wire(item) for item in items]
+    if len(orjson.dumps(wires)) <= budget:
         return items
-    rng.shuffle(items)
+    pairs = list(zip(items, wires, strict=True))
+    rng.shuffle(pairs)
     fitted: list = []
     used = 2
-    for item in items:
-        used += len(orjson.dumps(item)) + 1
+    for item, item_wire in pairs:
+        used += len(orjson.dumps(item_wire)) + 1
         if used > budget:
             break
         fitted.append(item)
     return fitted
 
 
-def valid_addr(value) -> bool:
-    if not isinstance(value, str) or len(value) > 262:
-        return False
-    m = _ADDR_RE.match(value)
-    return bool(m) and 0 < int(m.group(2)) < 65536
+# -------------------------------------------------------------- validation
 
 
-_WHITESPACE_RE = re.compile(r"\s")
-
-
-def valid_name(value) -> bool:
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= MAX_NAME_CHARS
-        and value.isprintable()
-        and _WHITESPACE_RE.search(value) is None
-    )
-
-
-def _int(value, lo: int = 0, hi: int = MAX_INT) -> int:
-    if type(value) is not int or not lo <= value <= hi:
-        raise Invalid("int")
-    return value
-
-
-def _name(value) -> str:
-    if not valid_name(value):
-        raise Invalid("name")
-    return value
-
-
-def _addr(value) -> str:
-    if not valid_addr(value):
-        raise Invalid("addr")
-    return value
-
-
-def _list(value, limit: int) -> list:
-    if not isinstance(value, list) or len(value) > limit:
-        raise Invalid("list")
-    return value
-
-
-def validate_meta(meta) -> dict:
-    """Flat dict of scalars, at most MAX_META_BYTES encoded. Raises Invalid."""
-    if not isinstance(meta, dict) or len(meta) > MAX_META_KEYS:
-        raise Invalid("meta")
-    for key, value in meta.items():
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_META_KEY_CHARS:
-            raise Invalid("meta key")
-        if value is None or isinstance(value, bool):
-            continue
-        if type(value) is int:
-            if abs(value) > MAX_INT:
-                raise Invalid("meta int")
-        elif type(value) is float:
-            if not math.isfinite(value):
-                raise Invalid("meta float")
-        elif isinstance(value, str):
-            if len(value) > MAX_META_STR_CHARS:
-                raise Invalid("meta str")
-        else:
-            raise Invalid("meta value type")
-    if len(orjson.dumps(meta)) > MAX_META_BYTES:
-        raise Invalid("meta size")
-    return meta
-
-
-def _entry(value) -> dict:
+def _entry(value) -> Entry:
     if not isinstance(value, dict):
         raise Invalid("entry")
-    state = _int(value.get("s"), 0, 3)
-    out = {
-        "n": _name(value.get("n")),
-        "a": _addr(value.get("a")),
-        "i": _int(value.get("i"), 0, MAX_INCARNATION),
-        "s": state,
-    }
+    state = check_int(value.get("s"), 0, 3)
+    name, addr = check_name(value.get("n")), check_addr(value.get("a"))
+    incarnation = check_int(value.get("i"), 0, MAX_INCARNATION)
+    meta: dict = {}
+    accuser = None
     if "m" in value:
-        if state != 0:
+        if state != ALIVE:
             raise Invalid("meta on non-alive entry")
-        out["m"] = validate_meta(value["m"])
+        meta = validate_meta(value["m"])
     if "f" in value:
         if state != 1:
             raise Invalid("accuser on non-suspect entry")
-        out["f"] = _name(value["f"])
-    return out
+        accuser = check_name(value["f"])
+    return Entry(name, addr, incarnation, state, meta, accuser)
 
 
-def _entries(value, limit: int) -> list[dict]:
-    return [_entry(e) for e in _list(value, limit)]
+def _entries(value, limit: int) -> tuple[Entry, ...]:
+    return tuple(_entry(e) for e in check_list(value, limit))
 
 
-def _digest_row(value) -> list:
+def _digest_row(value) -> tuple[str, int, int]:
     if not isinstance(value, list) or len(value) != 3:
         raise Invalid("digest row")
-    return [_name(value[0]), _int(value[1], 0, MAX_INCARNATION), _int(value[2], 0, 3)]
+    name, incarnation = check_name(value[0]), check_int(value[1], 0, MAX_INCARNATION)
+    return (name, incarnation, check_int(value[2], 0, 3))
 
 
 def _member_row(value) -> dict:
@@ -182,51 +192,127 @@ def _member_row(value) -> dict:
         if number is not None and (type(number) not in (int, float) or not 0 <= number < 1e9):
             raise Invalid("number")
     return {
-        "name": _name(value.get("name")),
-        "addr": _addr(value.get("addr")),
+        "name": check_name(value.get("name")),
+        "addr": check_addr(value.get("addr")),
         "state": state,
-        "incarnation": _int(value.get("incarnation"), 0, MAX_INCARNATION),
+        "incarnation": check_int(value.get("incarnation"), 0, MAX_INCARNATION),
         "meta": validate_meta(value.get("meta", {})),
         "rtt": rtt,
         "last_heard": heard,
     }
 
 
-def _validate(msg) -> dict:
-    if not isinstance(msg, dict) or msg.get("v") != PROTOCOL_VERSION:
+# One parser per type. Fields are checked in a fixed order (sender, sender address,
+# updates, then the type's own fields), which decides the reason a message with several
+# bad fields is counted under.
+
+
+def _sender(raw: dict, reply_expected: bool) -> tuple[str, str | None]:
+    """The sender's name and address; the address is required when the receiver may answer."""
+    sender = check_name(raw.get("f"))
+    addr = check_addr(raw.get("fa")) if reply_expected or "fa" in raw else None
+    return sender, addr
+
+
+def _piggyback(raw: dict) -> tuple[Entry, ...]:
+    return _entries(raw.get("u", []), MAX_PIGGYBACK_ENTRIES)
+
+
+def _ignored_piggyback(raw: dict) -> None:
+    if "u" in raw:
+        _piggyback(raw)  # validated, then ignored
+
+
+def _ping(raw: dict) -> Ping:
+    sender, addr = _sender(raw, True)
+    updates = _piggyback(raw)
+    return Ping(sender, addr, check_int(raw.get("q")), check_name(raw.get("tg")), updates)
+
+
+def _ack(raw: dict) -> Ack:
+    sender, addr = _sender(raw, False)
+    updates = _piggyback(raw)
+    return Ack(sender, check_int(raw.get("q")), updates, addr)
+
+
+def _ping_req(raw: dict) -> PingReq:
+    sender, addr = _sender(raw, True)
+    _ignored_piggyback(raw)
+    seq, target = check_int(raw.get("q")), check_name(raw.get("tg"))
+    return PingReq(sender, addr, seq, target, check_addr(raw.get("ta")))
+
+
+def _nack(raw: dict) -> Nack:
+    sender, addr = _sender(raw, False)
+    _ignored_piggyback(raw)
+    return Nack(sender, check_int(raw.get("q")), addr)
+
+
+def _gossip(raw: dict) -> Gossip:
+    sender, addr = _sender(raw, False)
+    return Gossip(sender, _piggyback(raw), addr)
+
+
+def _sync(raw: dict) -> Sync:
+    sender, addr = _sender(raw, True)
+    return Sync(sender, addr, check_int(raw.get("h"), 0, MAX_HASH))
+
+
+def _digest(raw: dict) -> Digest:
+    sender, addr = _sender(raw, True)
+    view_hash = check_int(raw.get("h"), 0, MAX_HASH)
+    rows = tuple(_digest_row(r) for r in check_list(raw.get("d"), MAX_ENTRIES))
+    return Digest(sender, addr, view_hash, rows)
+
+
+def _delta(raw: dict) -> Delta:
+    sender, addr = _sender(raw, True)
+    updates = _entries(raw.get("u", []), MAX_ENTRIES)
+    wanted = tuple(check_name(n) for n in check_list(raw.get("w", []), MAX_ENTRIES))
+    return Delta(sender, addr, updates, wanted)
+
+
+def _push(raw: dict) -> PushState:
+    sender, addr = _sender(raw, True)
+    updates = _entries(raw.get("u"), MAX_ENTRIES)
+    if not isinstance(raw.get("r"), bool):
+        raise Invalid("reply flag")
+    return PushState(sender, addr, updates, raw["r"])
+
+
+def _status_query(raw: dict) -> StatusQuery:
+    return StatusQuery(check_int(raw.get("q")))
+
+
+def _status_reply(raw: dict) -> StatusReply:
+    query_id = check_int(raw.get("q"))
+    responder = check_name(raw.get("self"))
+    rows = tuple(_member_row(r) for r in check_list(raw.get("ms"), MAX_ENTRIES))
+    return StatusReply(query_id, responder, rows)
+
+
+_PARSERS = {
+    "ping": _ping,
+    "ack": _ack,
+    "preq": _ping_req,
+    "nack": _nack,
+    "gos": _gossip,
+    "syn": _sync,
+    "dig": _digest,
+    "dlt": _delta,
+    "push": _push,
+    "qry": _status_query,
+    "qres": _status_reply,
+}
+
+
+def _validate(raw) -> Message:
+    if not isinstance(raw, dict) or raw.get("v") != PROTOCOL_VERSION:
         raise Invalid("version")
-    kind = msg.get("t")
-    if kind not in ALL_TYPES:
+    kind = raw.get("t")
+    if kind not in _PARSERS:  # (an unhashable type is counted as malformed)
         raise Invalid("type")
-    out: dict = {"v": PROTOCOL_VERSION, "t": kind}
-    if kind in MEMBER_TYPES:
-        out["f"] = _name(msg.get("f"))
-        if kind in REPLY_TYPES or "fa" in msg:
-            out["fa"] = _addr(msg.get("fa"))
-    if kind in ("ping", "ack", "gos") or (kind in ("preq", "nack") and "u" in msg):
-        out["u"] = _entries(msg.get("u", []), MAX_PIGGYBACK_ENTRIES)
-    if kind in ("ping", "ack", "preq", "nack", "qry", "qres"):
-        out["q"] = _int(msg.get("q"))
-    if kind in ("ping", "preq"):
-        out["tg"] = _name(msg.get("tg"))
-    if kind == "preq":
-        out["ta"] = _addr(msg.get("ta"))
-    if kind in ("syn", "dig"):
-        out["h"] = _int(msg.get("h"), 0, MAX_HASH)
-    if kind == "dig":
-        out["d"] = [_digest_row(r) for r in _list(msg.get("d"), MAX_ENTRIES)]
-    if kind == "dlt":
-        out["u"] = _entries(msg.get("u", []), MAX_ENTRIES)
-        out["w"] = [_name(n) for n in _list(msg.get("w", []), MAX_ENTRIES)]
-    if kind == "push":
-        out["u"] = _entries(msg.get("u"), MAX_ENTRIES)
-        if not isinstance(msg.get("r"), bool):
-            raise Invalid("reply flag")
-        out["r"] = msg["r"]
-    if kind == "qres":
-        out["self"] = _name(msg.get("self"))
-        out["ms"] = [_member_row(r) for r in _list(msg.get("ms"), MAX_ENTRIES)]
-    return out
+    return _PARSERS[kind](raw)
 
 
 class Decoder:
@@ -238,7 +324,7 @@ class Decoder:
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
 
-    def decode(self, data) -> dict | None:
+    def decode(self, data) -> Message | None:
         try:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise Invalid("not bytes")

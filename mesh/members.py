@@ -16,7 +16,6 @@ import orjson
 
 ALIVE, SUSPECT, DEAD, LEFT = 0, 1, 2, 3
 STATE_NAMES = ("alive", "suspect", "dead", "left")
-STATE_BY_NAME = {n: i for i, n in enumerate(STATE_NAMES)}
 
 MAX_META_BYTES = 512
 MAX_NAME_CHARS = 128
@@ -29,12 +28,15 @@ def meta_blob(meta: dict) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """Equal entries agree on every field, meta and accuser included; which of two
+    entries wins is `supersedes`, not equality."""
+
     name: str
     addr: str
     incarnation: int
     state: int
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
-    accuser: str | None = field(default=None, compare=False, hash=False)
+    meta: dict = field(default_factory=dict, hash=False)
+    accuser: str | None = None
 
     def precedence(self) -> tuple:
         return (self.incarnation, self.state, self.addr, meta_blob(self.meta))
@@ -49,28 +51,6 @@ class Entry:
         if self.meta == other.meta:
             return False
         return meta_blob(self.meta) > meta_blob(other.meta)
-
-    def same_version(self, other: Entry) -> bool:
-        return self.precedence() == other.precedence()
-
-    def to_wire(self) -> dict:
-        wire = {"n": self.name, "a": self.addr, "i": self.incarnation, "s": self.state}
-        if self.state == ALIVE and self.meta:
-            wire["m"] = self.meta
-        if self.accuser is not None:
-            wire["f"] = self.accuser
-        return wire
-
-    @staticmethod
-    def from_wire(wire: dict) -> Entry:
-        return Entry(
-            name=wire["n"],
-            addr=wire["a"],
-            incarnation=wire["i"],
-            state=wire["s"],
-            meta=wire.get("m", {}) if wire["s"] == ALIVE else {},
-            accuser=wire.get("f"),
-        )
 
 
 def entry_digest(name: str, incarnation: int, state: int) -> int:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .codec import Decoder, encode
-from .core import MeshCore, ProtocolConfig
+from .config import ProtocolConfig
+from .core import MeshCore
 from .members import STATE_NAMES
 
 EventHook = Callable[[float, str, str, int | None, int | None, int], None]
@@ -40,16 +41,14 @@ class Simulator:
         self,
         seed: int = 0,
         loss: float = 0.0,
-        delay: tuple[float, float] = (0.0005, 0.005),
+        delay_s: tuple[float, float] = (0.0005, 0.005),
         config: ProtocolConfig | None = None,
-        decode: bool = True,
         on_event: EventHook | None = None,
     ) -> None:
         self.seed = seed
         self.loss = loss
-        self.delay = delay
+        self.delay_s = delay_s
         self.config = config or ProtocolConfig()
-        self.decode = decode
         self.on_event = on_event
         self.now = 0.0
         self.rng = random.Random(seed)
@@ -63,9 +62,6 @@ class Simulator:
         self.dropped = 0
 
     # ------------------------------------------------------------ membership
-
-    def addr_of(self, name: str) -> str:
-        return self.nodes[name].addr if name in self.nodes else _addr_for(len(self.nodes))
 
     def add_node(
         self, name: str, seeds: list[str] = (), meta: dict | None = None, new_addr: bool = False
@@ -111,13 +107,13 @@ class Simulator:
         self._emit(node)
         self._reschedule(node)
 
-    def inject(self, name: str, msg: dict) -> None:
-        """Deliver `msg` to `name` now, as if sent from outside the mesh (e.g. forged)."""
-        self._push(self.now, "msg", self.nodes[name].addr, encode(msg))
+    def inject(self, name: str, data: bytes) -> None:
+        """Deliver `data` to `name` now, as if sent from outside the mesh (e.g. forged)."""
+        self._push(self.now, "msg", self.nodes[name].addr, data)
 
-    def stall(self, name: str, duration: float) -> None:
+    def stall(self, name: str, duration_s: float) -> None:
         node = self.nodes[name]
-        node.stalled_until = max(node.stalled_until, self.now + duration)
+        node.stalled_until = max(node.stalled_until, self.now + duration_s)
 
     def partition(self, *groups) -> None:
         """Only members of the same group can talk; names not listed form their own group."""
@@ -154,7 +150,7 @@ class Simulator:
                 node.wake_at = math.inf
                 self._dispatch(node, node.core.tick(when))
             else:
-                msg = node.decoder.decode(payload) if self.decode else _loads(payload)
+                msg = node.decoder.decode(payload)
                 if msg is None:
                     continue
                 self.delivered += 1
@@ -163,8 +159,8 @@ class Simulator:
             self._reschedule(node)
         self.now = max(self.now, t)
 
-    def run_for(self, duration: float) -> None:
-        self.run_until(self.now + duration)
+    def run_for(self, duration_s: float) -> None:
+        self.run_until(self.now + duration_s)
 
     # --------------------------------------------------------------- queries
 
@@ -201,7 +197,7 @@ class Simulator:
             ):
                 self.dropped += 1
                 continue
-            self._push(self.now + self.rng.uniform(*self.delay), "msg", addr, data)
+            self._push(self.now + self.rng.uniform(*self.delay_s), "msg", addr, data)
 
     def _reschedule(self, node: SimNode) -> None:
         if not node.up:
@@ -224,9 +220,3 @@ class Simulator:
 
 def _addr_for(index: int) -> str:
     return f"10.{index // 65536 % 256}.{index // 256 % 256}.{index % 256}:7946"
-
-
-def _loads(data: bytes) -> dict:
-    import orjson
-
-    return orjson.loads(data)

@@ -9,7 +9,8 @@ import time
 import zmq
 
 from .addresses import resolve_seeds, zmq_endpoint
-from .codec import MAX_STATUS_BYTES, PROTOCOL_VERSION, Decoder, encode
+from .codec import MAX_STATUS_BYTES, Decoder, encode
+from .messages import StatusQuery, StatusReply
 from .security import ClusterKeys, release_context, secure_client
 
 
@@ -17,13 +18,15 @@ class StatusError(Exception):
     """The mesh could not be reached; the message is the one-line reason."""
 
 
-def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: float = 3.0) -> tuple[str, list[dict]]:
-    """(name of the answering agent, its member rows); StatusError after `timeout` seconds."""
+def query_members(
+    seed_specs: list[str], keys: ClusterKeys | None, timeout_s: float = 3.0
+) -> tuple[str, list[dict]]:
+    """(name of the answering agent, its member rows); StatusError after `timeout_s`."""
     addrs = resolve_seeds(seed_specs)
     if not addrs:
         raise StatusError(f"no seed address could be resolved from {','.join(seed_specs) or '(none)'}")
     query_id = random.randrange(1 << 52)
-    request = encode({"v": PROTOCOL_VERSION, "t": "qry", "q": query_id})
+    request = encode(StatusQuery(query_id))
     decoder = Decoder(max_bytes=MAX_STATUS_BYTES)
     context = zmq.Context()
     sockets = []
@@ -40,19 +43,19 @@ def query_members(seed_specs: list[str], keys: ClusterKeys | None, timeout: floa
             sock.send(request, zmq.NOBLOCK)
             poller.register(sock, zmq.POLLIN)
             sockets.append(sock)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
             for sock, _ in poller.poll(int(remaining * 1000) + 1):
                 msg = decoder.decode(sock.recv())
-                if msg is not None and msg["t"] == "qres" and msg["q"] == query_id:
-                    return msg["self"], msg["ms"]
+                if isinstance(msg, StatusReply) and msg.query_id == query_id:
+                    return msg.responder, list(msg.members)
     finally:
         for sock in sockets:
             sock.close(0)
         release_context(context)
         context.term()
     hint = " (is --secret-file the cluster's?)" if keys is not None else " (does the mesh require --secret-file?)"
-    raise StatusError(f"no agent answered at {', '.join(addrs)} within {timeout:g}s{hint}")
+    raise StatusError(f"no agent answered at {', '.join(addrs)} within {timeout_s:g}s{hint}")
 
 
 # an escape or control sequence: ESC or CSI (0x9b), parameters, intermediates, final byte

@@ -87,10 +87,10 @@ class ZmqTransport:
             self._close_all(0)
             raise
 
-    def receive(self, timeout_ms: int, limit: int = 256) -> list[tuple[bytes, bytes]]:
+    def receive(self, timeout_s: float, limit: int = 256) -> list[tuple[bytes, bytes]]:
         """Up to `limit` (sender identity, payload) pairs, oldest first; waits at most
-        timeout_ms, and only when nothing is queued."""
-        if len(self.received) or self.inbox.poll(timeout_ms):
+        timeout_s, and only when nothing is queued."""
+        if len(self.received) or self.inbox.poll(int(timeout_s * 1000)):
             self._drain()
         return self.received.take(limit)
 
@@ -144,12 +144,12 @@ class ZmqTransport:
         self.outbox[addr] = sock
         return sock
 
-    def close(self, linger_ms: int = 0) -> None:
-        self._close_all(linger_ms)
+    def close(self, linger_s: float = 0.0) -> None:
+        self._close_all(linger_s)
 
-    def _close_all(self, linger_ms: int) -> None:
+    def _close_all(self, linger_s: float) -> None:
         for sock in self.outbox.values():
-            sock.close(linger_ms)
+            sock.close(int(linger_s * 1000))
         self.outbox.clear()
         inbox = getattr(self, "inbox", None)
         if inbox is not None:

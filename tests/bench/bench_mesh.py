@@ -22,7 +22,7 @@ import time
 
 import orjson
 
-from mesh.core import ProtocolConfig
+from mesh.config import ProtocolConfig
 from mesh.members import ALIVE, DEAD
 from mesh.sim import Simulator
 

@@ -4,12 +4,14 @@ import logging
 import random
 from collections import Counter
 
+import orjson
 import pytest
 
 from mesh.claims import INCARNATION_CEILING, INCARNATION_STEP
 from mesh.codec import MAX_INCARNATION, MAX_MESSAGE_BYTES, Decoder, encode
 from mesh.core import MeshCore
 from mesh.members import ALIVE, DEAD, LEFT, SUSPECT, Entry
+from mesh.messages import Delta, Digest, Gossip, PushState, Sync
 from tests.mesh.test_protocol_sim import cluster, everyone_sees, run_until
 
 
@@ -24,7 +26,7 @@ def test_forged_huge_incarnation_neither_evicts_nor_inflates_a_live_member(state
     if state == SUSPECT:
         entry["f"] = "evil"
     for name in list(sim.nodes):  # the victim too: it must not refute to the forged number
-        sim.inject(name, {"v": 1, "t": "gos", "f": "evil", "u": [entry]})
+        sim.inject(name, orjson.dumps({"v": 1, "t": "gos", "f": "evil", "u": [entry]}))
     sim.run_for(30.0)
     assert everyone_sees(sim, "n3", "alive")
     for node in sim.up_nodes():
@@ -61,14 +63,14 @@ def test_own_refutation_is_always_encodable():
     # later claims must be credible: no way to push us on towards the codec's limit
     core._apply(0.0, Entry("me", "10.9.9.9:1", INCARNATION_CEILING + 2, DEAD), gossip=True)
     assert core.incarnation == INCARNATION_CEILING + 1 and core.dropped["incarnation"] == 1
-    refutation = {"v": 1, "t": "gos", "f": "me", "u": [core.view["me"].to_wire()]}
-    assert Decoder().decode(encode(refutation)) is not None
+    refutation = Gossip("me", (core.view["me"],))
+    assert Decoder().decode(encode(refutation)) == refutation
     core.incarnation = MAX_INCARNATION - 1  # unreachable in practice: 2**36 forged claims away
     core.advertise(0.0, {"k": 1})
     core.advertise(0.0, {"k": 2})
     assert core.incarnation == MAX_INCARNATION  # never past what receivers accept
-    refutation = {"v": 1, "t": "gos", "f": "me", "u": [core.view["me"].to_wire()]}
-    assert Decoder().decode(encode(refutation)) is not None
+    refutation = Gossip("me", (core.view["me"],))
+    assert Decoder().decode(encode(refutation)) == refutation
 
 
 def test_later_self_claims_far_ahead_are_not_refuted():
@@ -149,16 +151,16 @@ def test_state_replies_fit_in_one_message():
     for i in range(3000):
         addr = f"10.1.{i // 256}.{i % 256}:7946"
         core._apply(0.0, Entry(f"member-{i}", addr, 0, ALIVE, meta), gossip=False)
-    replies = core.handle(0.0, {"v": 1, "t": "push", "f": "peer", "fa": "10.2.0.1:1", "u": [], "r": True})
-    replies += core.handle(0.0, {"v": 1, "t": "syn", "f": "peer", "fa": "10.2.0.1:1", "h": 1})
-    replies += core.handle(0.0, {"v": 1, "t": "dig", "f": "peer", "fa": "10.2.0.1:1", "h": 1, "d": []})
-    wanted = [f"member-{i}" for i in range(3000)]
-    replies += core.handle(0.0, {"v": 1, "t": "dlt", "f": "peer", "fa": "10.2.0.1:1", "u": [], "w": wanted})
-    assert sorted(msg["t"] for _, msg in replies) == ["dig", "dlt", "dlt", "push"]
+    replies = core.handle(0.0, PushState("peer", "10.2.0.1:1", (), True))
+    replies += core.handle(0.0, Sync("peer", "10.2.0.1:1", 1))
+    replies += core.handle(0.0, Digest("peer", "10.2.0.1:1", 1, ()))
+    wanted = tuple(f"member-{i}" for i in range(3000))
+    replies += core.handle(0.0, Delta("peer", "10.2.0.1:1", (), wanted))
+    assert sorted(type(msg).__name__ for _, msg in replies) == ["Delta", "Delta", "Digest", "PushState"]
     decoder = Decoder()
     for _, msg in replies:
         data = encode(msg)
         assert len(data) <= MAX_MESSAGE_BYTES
-        assert decoder.decode(data) is not None
-    push = next(msg for _, msg in replies if msg["t"] == "push")
-    assert len(push["u"]) > 1000  # cut to fit, not emptied
+        assert decoder.decode(data) == msg
+    push = next(msg for _, msg in replies if isinstance(msg, PushState))
+    assert len(push.updates) > 1000  # cut to fit, not emptied

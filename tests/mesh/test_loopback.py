@@ -83,7 +83,7 @@ def wait_for(predicate, timeout, interval=0.1):
 
 def states(addr, keys):
     try:
-        _, rows = query_members([addr], keys, timeout=1.0)
+        _, rows = query_members([addr], keys, timeout_s=1.0)
     except StatusError:
         return {}
     return {r["name"]: r["state"] for r in rows}
@@ -157,7 +157,7 @@ def test_restart_under_same_name_is_accepted(agents):
     def a2_seen_at_new_address():
         for addr in addrs.values():
             try:
-                _, rows = query_members([addr], agents.keys, timeout=1.0)
+                _, rows = query_members([addr], agents.keys, timeout_s=1.0)
             except StatusError:
                 return False
             row = next((r for r in rows if r["name"] == "a2"), None)

@@ -2,9 +2,11 @@
 
 import pytest
 
-from mesh.core import ProtocolConfig
+from mesh.config import ProtocolConfig
 from mesh.members import DEAD, SUSPECT
+from mesh.messages import Ack, Gossip
 from mesh.sim import Simulator
+from mesh.suspicion import suspicion_bounds
 
 
 def cluster(n, seed=1, loss=0.0, config=None, on_event=None, settle=10.0):
@@ -106,7 +108,7 @@ def test_restart_before_detection_is_accepted():
 
 
 def test_tombstones_expire():
-    config = ProtocolConfig(tombstone_ttl=10.0)
+    config = ProtocolConfig(tombstone_ttl_s=10.0)
     sim = cluster(8, config=config)
     sim.crash("n2")
     assert run_until(sim, lambda: everyone_sees(sim, "n2", "dead"), 30.0) is not None
@@ -170,7 +172,7 @@ def test_lifeguard_suspicion_timeout_shrinks_with_independent_confirmations():
 
     core = _core()
     core._apply(10.0, Entry("m1", "10.0.1.1:7946", 0, SUSPECT, accuser="a"), gossip=True)
-    low, high, k = core._suspicion_bounds()
+    low, high, k = suspicion_bounds(core.config, core.alive_count)
     assert k == 2 and high == pytest.approx(6 * low)
     assert core.suspicions["m1"].deadline == pytest.approx(10.0 + high)
     core._apply(11.0, Entry("m1", "10.0.1.1:7946", 0, SUSPECT, accuser="a"), gossip=True)
@@ -189,28 +191,28 @@ def test_without_lifeguard_suspicion_uses_the_minimum_timeout():
 
     core = _core(lifeguard=False)
     core._apply(10.0, Entry("m1", "10.0.1.1:7946", 0, SUSPECT, accuser="a"), gossip=True)
-    low, high, _ = core._suspicion_bounds()
+    low, high, _ = suspicion_bounds(core.config, core.alive_count)
     assert core.suspicions["m1"].deadline == pytest.approx(10.0 + low)
 
 
 def test_local_health_slows_probing_after_unanswered_probes_and_recovers():
     core = _core(n_members=50)
-    interval = core.config.probe_interval
+    interval = core.config.probe_interval_s
     # nobody answers (our own network is broken): awareness rises, probes space out
     for _ in range(4):
-        core.tick(core.next_probe_at)
-        core.tick(core.probe.timeout_at)
-        core.tick(core.probe.end_at)
-    assert core.awareness >= 3
-    core.tick(core.next_probe_at)
-    probe = core.probe
-    assert probe.end_at - probe.start == pytest.approx(interval * (core.awareness + 1))
+        core.tick(core.prober.next_probe_at)
+        core.tick(core.prober.probe.timeout_at)
+        core.tick(core.prober.probe.end_at)
+    assert core.awareness.score >= 3
+    core.tick(core.prober.next_probe_at)
+    probe = core.prober.probe
+    assert probe.end_at - probe.start == pytest.approx(interval * (core.awareness.score + 1))
     # answers come back: awareness decays to zero
     for _ in range(core.config.awareness_max):
-        core.handle(probe.start, {"v": 1, "t": "ack", "f": probe.target, "q": probe.seq})
-        core.tick(core.next_probe_at)
-        probe = core.probe
-    assert core.awareness == 0
+        core.handle(probe.start, Ack(probe.target, probe.seq))
+        core.tick(core.prober.next_probe_at)
+        probe = core.prober.probe
+    assert core.awareness.score == 0
 
 
 def test_same_seed_same_run():
@@ -240,6 +242,6 @@ def test_metadata_update_is_pushed_at_once_but_at_most_once_per_gossip_interval(
     core = sim.nodes["n3"].core
     first = core.advertise(sim.now, {"state": "receiving"})
     assert 0 < len(first) <= core.config.gossip_fanout
-    assert all(msg["t"] == "gos" for _, msg in first)
+    assert all(isinstance(msg, Gossip) for _, msg in first)
     assert core.advertise(sim.now, {"state": "complete"}) == []  # the next tick carries it
-    assert core.advertise(sim.now + 1.01 * core.config.gossip_interval, {"state": "x"}) != []
+    assert core.advertise(sim.now + 1.01 * core.config.gossip_interval_s, {"state": "x"}) != []

@@ -38,7 +38,7 @@ def test_table_has_no_terminal_control_characters():
 
 @pytest.mark.parametrize("watch", [False, True])
 def test_status_output_has_no_control_characters_but_its_own_screen_refresh(watch, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "query_members", lambda seeds, keys, timeout: ("resp\x1b[2J", HOSTILE_ROWS))
+    monkeypatch.setattr(cli, "query_members", lambda seeds, keys, timeout_s: ("resp\x1b[2J", HOSTILE_ROWS))
 
     def stop(_):
         raise KeyboardInterrupt
@@ -55,7 +55,7 @@ def test_status_output_has_no_control_characters_but_its_own_screen_refresh(watc
 
 
 def test_status_json_stays_valid_json_with_values_unchanged(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "query_members", lambda seeds, keys, timeout: ("resp", HOSTILE_ROWS))
+    monkeypatch.setattr(cli, "query_members", lambda seeds, keys, timeout_s: ("resp", HOSTILE_ROWS))
     assert cli.main(["status", "--insecure", "--seeds", "10.0.0.1:7946", "--json"]) == 0
     assert orjson.loads(capsys.readouterr().out) == HOSTILE_ROWS
 
