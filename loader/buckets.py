@@ -79,10 +79,6 @@ def max_bucket_bytes(buckets: list[Bucket]) -> int:
     return max((b.nbytes for b in buckets), default=0)
 
 
-def max_packed_bytes(buckets: list[Bucket]) -> int:
-    return max((b.nbytes for b in buckets if not b.direct), default=0)
-
-
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """1-D uint8 view of a contiguous tensor's bytes (shares storage)."""
     return t.detach().reshape(-1).view(torch.uint8)
@@ -103,8 +99,10 @@ class BucketReader:
     def needs_buffer(self, bucket: Bucket) -> bool:
         if not bucket.direct:
             return True
+        if self.device is None:
+            return False
         held_on = self.tensors[bucket.items[0].name].device
-        return self.device is not None and held_on.type != torch.device(self.device).type
+        return held_on.type != torch.device(self.device).type
 
     def tensor_bytes(self, name: str) -> torch.Tensor:
         t = self.tensors[name]
@@ -113,6 +111,10 @@ class BucketReader:
         if self._contiguous is None or self._contiguous[0] != name:
             self._contiguous = (name, byte_view(t.contiguous()))
         return self._contiguous[1]
+
+    def staging_bytes(self, buckets: list[Bucket]) -> int:
+        """How large a buffer `read` needs for these buckets (0 when none needs one)."""
+        return max((b.nbytes for b in buckets if self.needs_buffer(b)), default=0)
 
     def read(self, bucket: Bucket, buffer: torch.Tensor | None) -> torch.Tensor:
         out = buffer[: bucket.nbytes] if self.needs_buffer(bucket) else None

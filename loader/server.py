@@ -460,8 +460,7 @@ class WeightServer:
         send that used it completed."""
         timeout_s = self.settings.bucket_timeout_s
         reader = BucketReader(self._tensors, device.copy, device.device)
-        size = max((b.nbytes for b in plan if reader.needs_buffer(b)), default=0)
-        buffers = [device.empty(size) for _ in range(2)]
+        buffers = [device.empty(reader.staging_bytes(plan)) for _ in range(2)]
         buffer_work: list = [None, None]
         in_flight: deque[_Send] = deque()
         staged_count = 0
@@ -512,7 +511,7 @@ class WeightServer:
                 return cached
             plan = plan_buckets(self._manifest.specs, bucket_bytes)
             reader = BucketReader(self._tensors, device.copy, device.device)
-            scratch = device.empty(max((b.nbytes for b in plan if reader.needs_buffer(b)), default=0))
+            scratch = device.empty(reader.staging_bytes(plan))
             checksums = []
             for bucket in plan:
                 data = reader.read(bucket, scratch)

@@ -6,7 +6,6 @@ from loader.buckets import (
     BucketReader,
     direct_min_bytes,
     max_bucket_bytes,
-    max_packed_bytes,
     plan_buckets,
     unpack_bucket,
 )
@@ -33,7 +32,7 @@ def test_small_tensors_are_coalesced_and_large_ones_sent_directly_in_pieces():
     ]
     assert [b.items[0].tensor_offset for b in plan[4:8]] == [0, 1600, 3200, 4800]
     assert [b.index for b in plan] == list(range(9))
-    assert max_packed_bytes(plan) == 139 and max_bucket_bytes(plan) == 1600
+    assert BucketReader({}).staging_bytes(plan) == 139 and max_bucket_bytes(plan) == 1600
     assert direct_min_bytes(64 << 20) == 4 << 20
 
 
@@ -91,7 +90,7 @@ def test_pack_and_unpack_round_trip_mixed_dtypes():
     plan = plan_buckets(manifest.specs, bucket_bytes=1024)
     assert sum(1 for b in plan if b.items[0].name == "nc") > 1
     reader = BucketReader(src)
-    buffer = torch.empty(max_packed_bytes(plan), dtype=torch.uint8)
+    buffer = torch.empty(reader.staging_bytes(plan), dtype=torch.uint8)
     for bucket in plan:
         unpack_bucket(bucket, reader.read(bucket, buffer).clone(), dest)
     for k in src:
