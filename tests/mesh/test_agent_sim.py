@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mesh.agent import LEAVE_GRACE_S, SEED_RERESOLVE_S, AgentLoop
+from mesh.agent import LEAVE_GRACE_S, SEED_RERESOLVE_S, SNAPSHOT_REFRESH_S, AgentLoop
 from mesh.codec import encode
 from mesh.core import MeshCore
 from mesh.messages import Gossip, StatusQuery, StatusReply
@@ -149,3 +149,19 @@ def test_a_stalled_agent_handles_what_queued_up_in_one_step():
     assert all(now >= resume for now, _ in steps)
     assert steps[0][0] == resume and steps[0][1] >= 3  # pings, syncs... waited for it
     assert sim.converged()
+
+
+def test_the_loop_ticks_the_core_only_when_a_deadline_is_due():
+    core = MeshCore("me", "10.0.0.1:1", 0.0, random.Random(1), seeds=["10.0.0.2:1"])
+    loop = AgentLoop(core, _Recorder(), 0.0)
+    ticks = []
+    original = core.tick
+    core.tick = lambda now: (ticks.append(now), original(now))[1]
+    loop.step(0.0, [])  # joining: the first push to the seed is due now
+    assert ticks == [0.0] and loop.transport.sent
+    due = core.next_deadline()
+    assert due > 0.0 and loop.wakeup_at() == min(due, SNAPSHOT_REFRESH_S)
+    loop.step(due / 2, [])  # nothing due yet
+    assert ticks == [0.0]
+    loop.step(due, [])
+    assert ticks == [0.0, due]
