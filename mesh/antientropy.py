@@ -10,13 +10,33 @@ message.
 
 from __future__ import annotations
 
-from .codec import MAX_MESSAGE_BYTES, entry_wire, fit
+import orjson
+
+from .codec import MAX_MESSAGE_BYTES, entry_wire
 from .members import ALIVE, DEAD, Entry
 from .messages import DigestRow
 from .view import View
 
 # budget for the entries or digest rows of one message; the rest of it fits in the remainder
 STATE_BUDGET = MAX_MESSAGE_BYTES - 16 * 1024
+
+
+def fit(rng, items: list, budget: int, wire=None) -> list:
+    """`items`, or as many of them (a random choice) as encode within `budget` bytes as
+    a list; `wire(item)` is an item's wire form (default: the item itself)."""
+    wires = items if wire is None else [wire(item) for item in items]
+    if len(orjson.dumps(wires)) <= budget:
+        return items
+    pairs = list(zip(items, wires, strict=True))
+    rng.shuffle(pairs)
+    fitted: list = []
+    used = 2
+    for item, item_wire in pairs:
+        used += len(orjson.dumps(item_wire)) + 1
+        if used > budget:
+            break
+        fitted.append(item)
+    return fitted
 
 
 def sync_target(view: View, rng, reconnect_probability: float) -> str | None:

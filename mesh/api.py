@@ -1,18 +1,17 @@
-"""MeshAgent: the protocol core driven by real time and ZeroMQ in one background thread.
+"""MeshAgent: one gossip member, its agent loop (mesh/agent.py) run in real time over
+ZeroMQ by one background thread.
 
 Other threads call find()/members()/advertise(): queries read an immutable snapshot
-(refreshed by the agent thread) and never block on the network.
+(published by the agent thread) and never block on the network.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import socket
 import threading
 import time
-from types import MappingProxyType
 
 from .addresses import (
     advertise_host,
@@ -21,20 +20,17 @@ from .addresses import (
     resolve_seeds,
     split_host_port,
 )
-from .codec import Decoder, encode, validate_meta
+from .agent import AgentLoop
+from .codec import Decoder, validate_meta
 from .config import ProtocolConfig
 from .core import MeshCore
-from .members import STATE_NAMES
-from .messages import StatusQuery, StatusReply
 from .security import ClusterKeys, load_cluster_keys
 from .selection import Member, select_sources
 from .transport import ZmqTransport
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_REFRESH_S = 0.2
-SEED_RERESOLVE_S = 10.0
-LEAVE_GRACE_S = 1.0
+POLL_S = 0.05  # the longest the thread waits before it looks at stop() again
 
 
 class MeshAgent:
@@ -70,18 +66,14 @@ class MeshAgent:
         self._requested_name = name
         self._advertise = advertise
         self._config = config or ProtocolConfig()
-        self._commands: queue.Queue = queue.Queue(maxsize=1024)
-        self._snapshot: tuple[Member, ...] = ()
-        self._self_member: Member | None = None
+        self._loop: AgentLoop | None = None
+        self._advertised_before_start = False
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._joined = threading.Event()
         self._meta_lock = threading.Lock()
         self._leave_on_stop = True
-        self._transport: ZmqTransport | None = None
-        self._core: MeshCore | None = None
         self.decoder = Decoder()
-        self.handler_errors = 0  # valid messages the core failed on (dropped)
         self.addr: str | None = None
         self.name: str | None = None
 
@@ -100,12 +92,15 @@ class MeshAgent:
             self.addr = join_host_port(host, transport.port)
         self.name = self._requested_name or f"{socket.gethostname()}:{transport.port}"
         seeds = resolve_seeds(self._seed_specs)
-        now = time.monotonic()
-        self._core = MeshCore(
-            self.name, self.addr, now, random.Random(), meta=self._meta, seeds=seeds, config=self._config
-        )
-        self._transport = transport
-        self._refresh_snapshot(now)
+        specs = self._seed_specs
+        with self._meta_lock:
+            now = time.monotonic()
+            core = MeshCore(self.name, self.addr, now, random.Random(), meta=self._meta, seeds=seeds,
+                            config=self._config)
+            self._loop = AgentLoop(core, transport, now, decoder=self.decoder, joined=self._joined,
+                                   resolve_seeds=(lambda: resolve_seeds(specs)) if specs else None)
+            if self._advertised_before_start:
+                self._loop.advertise(dict(self._meta))
         self._thread = threading.Thread(target=self._run, name=f"mesh-agent-{self.name}", daemon=True)
         self._thread.start()
         log.info("mesh agent %s listening on %s, seeds %s", self.name, self.addr, seeds or "none")
@@ -148,6 +143,11 @@ class MeshAgent:
         return self._joined.is_set()
 
     @property
+    def handler_errors(self) -> int:
+        """Valid messages the core failed on (dropped)."""
+        return 0 if self._loop is None else self._loop.handler_errors
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -155,23 +155,19 @@ class MeshAgent:
 
     def members(self) -> list[Member]:
         """Every member in the local view, ourselves included (is_self=True)."""
-        return list(self._snapshot)
+        return list(self._snapshot()[0])
+
+    def _snapshot(self):
+        return ((), None) if self._loop is None else self._loop.snapshot()
 
     def find(
         self, fingerprint: str, tp: int, pp: int, rank: int, receiving: bool = False
     ) -> list[Member]:
         """Alive, ready members advertising this key; same host, same zone, lower RTT, lower load first.
         With `receiving`, members advertising state "receiving" (relaying what they verified) too."""
-        return select_sources(
-            self._snapshot,
-            fingerprint,
-            tp,
-            pp,
-            rank,
-            own=self._self_member,
-            zone=self.zone,
-            receiving=receiving,
-        )
+        members, own = self._snapshot()
+        return select_sources(members, fingerprint, tp, pp, rank, own=own, zone=self.zone,
+                              receiving=receiving)
 
     @property
     def meta(self) -> dict:
@@ -189,119 +185,26 @@ class MeshAgent:
             if self.zone is not None:
                 merged.setdefault("zone", self.zone)
             self._meta = validate_meta(merged)
-            try:
-                self._commands.put_nowait(("advertise", dict(self._meta)))
-            except queue.Full:
-                raise RuntimeError("mesh agent command queue is full") from None
+            if self._loop is None:
+                self._advertised_before_start = True
+            else:
+                self._loop.advertise(dict(self._meta))  # bursts are spread as one update
 
     # ------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        core, transport = self._core, self._transport
-        last_resolve = time.monotonic()
-        last_snapshot = 0.0
-        leave_deadline = None
+        loop = self._loop
+        receive = loop.transport.receive
         try:
-            while True:
-                now = time.monotonic()
-                if self._stopping.is_set() and leave_deadline is None:
-                    if not self._leave_on_stop:
+            while not loop.finished:
+                if self._stopping.is_set() and not loop.stopping:
+                    loop.stop(time.monotonic(), leave=self._leave_on_stop)
+                    if loop.finished:
                         break
-                    self._send_all(core.leave(now))
-                    leave_deadline = now + LEAVE_GRACE_S
-                if leave_deadline is not None and (now >= leave_deadline or not core.rumors):
-                    break
-                wait_s = min(max(core.next_deadline() - now, 0.0), 0.05)
-                for identity, data in transport.receive(wait_s):
-                    self._on_datagram(identity, data)
-                self._run_commands()
-                now = time.monotonic()
-                if now >= core.next_deadline():
-                    self._send_all(core.tick(now))
-                self._log_events(core.drain_events())
-                if now - last_snapshot >= SNAPSHOT_REFRESH_S or self._snapshot_version != core.version:
-                    self._refresh_snapshot(now)
-                    last_snapshot = now
-                    if core.joined and core.alive_count > 1:
-                        self._joined.set()
-                if (
-                    self._seed_specs
-                    and core.alive_count <= 1
-                    and now - last_resolve >= SEED_RERESOLVE_S
-                ):
-                    last_resolve = now
-                    core.set_seeds(resolve_seeds(self._seed_specs))
+                wait_s = min(max(loop.wakeup_at() - time.monotonic(), 0.0), POLL_S)
+                inbound = receive(wait_s)
+                loop.step(time.monotonic(), inbound)
         except Exception:
             log.exception("mesh agent thread failed")
         finally:
-            self._refresh_snapshot(time.monotonic())
-            transport.close(linger_s=0.2 if leave_deadline is not None else 0.0)
-
-    def _on_datagram(self, identity: bytes, data: bytes) -> None:
-        msg = self.decoder.decode(data)
-        if msg is None:
-            return
-        if isinstance(msg, StatusQuery):
-            rows = tuple(m.as_dict() for m in self._snapshot)
-            self._transport.reply(identity, encode(StatusReply(msg.query_id, self.name, rows)))
-        elif not isinstance(msg, StatusReply):
-            try:
-                out = self._core.handle(time.monotonic(), msg)
-            except Exception:  # a message must never stop the agent: drop it, count it
-                self.handler_errors += 1
-                if self.handler_errors == 1:
-                    log.exception("mesh agent %s: dropped a %s message that failed", self.name,
-                                  type(msg).__name__)
-                return
-            self._send_all(out)
-
-    def _run_commands(self) -> None:
-        latest_meta = None
-        while True:
-            try:
-                command, arg = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if command == "advertise":
-                latest_meta = arg  # bursts of updates are spread as one new incarnation
-        if latest_meta is not None:
-            self._send_all(self._core.advertise(time.monotonic(), latest_meta))
-
-    def _send_all(self, out) -> None:
-        for addr, msg in out:
-            self._transport.send(addr, encode(msg))
-
-    def _log_events(self, events) -> None:
-        for _, name, _old, new, inc in events:
-            if name == self.name:
-                continue
-            if new is None:
-                log.debug("member %s forgotten (tombstone expired)", name)
-            else:
-                log.info("member %s is %s (incarnation %d)", name, STATE_NAMES[new], inc)
-
-    _snapshot_version = -1
-
-    def _refresh_snapshot(self, now: float) -> None:
-        core = self._core
-        members = []
-        own = None
-        for entry, info in core.members():
-            is_self = entry.name == core.name
-            member = Member(
-                name=entry.name,
-                addr=entry.addr,
-                state=STATE_NAMES[entry.state],
-                incarnation=entry.incarnation,
-                meta=MappingProxyType(dict(entry.meta)),
-                rtt=info.rtt_s,
-                last_heard=0.0 if is_self else (None if info.last_heard is None else max(0.0, now - info.last_heard)),
-                is_self=is_self,
-            )
-            members.append(member)
-            if is_self:
-                own = member
-        members.sort(key=lambda m: m.name)
-        self._snapshot = tuple(members)
-        self._self_member = own
-        self._snapshot_version = core.version
+            loop.close(time.monotonic())

@@ -86,34 +86,92 @@ def entry_size(entry: Entry) -> int:
     return len(orjson.dumps(entry_wire(entry)))
 
 
-def _member(kind: str, msg, **fields) -> dict:
-    wire = {"v": PROTOCOL_VERSION, "t": kind, "f": msg.sender}
-    if msg.sender_addr is not None:
-        wire["fa"] = msg.sender_addr
-    wire.update(fields)
+def _updates(entries: tuple[Entry, ...]) -> list[dict]:
+    return [entry_wire(e) for e in entries]
+
+
+# One function per type (rather than a generic builder: this runs for every message sent).
+# Optional fields ("fa" where the receiver does not answer, "u" when empty) are left out.
+
+
+def _ping_wire(m: Ping) -> dict:
+    wire = {"v": PROTOCOL_VERSION, "t": "ping", "f": m.sender, "fa": m.sender_addr, "q": m.seq,
+            "tg": m.target}
+    if m.updates:
+        wire["u"] = _updates(m.updates)
     return wire
 
 
-def _piggybacked(kind: str, msg, **fields) -> dict:
-    wire = _member(kind, msg, **fields)
-    if msg.updates:
-        wire["u"] = [entry_wire(e) for e in msg.updates]
+def _ack_wire(m: Ack) -> dict:
+    wire = {"v": PROTOCOL_VERSION, "t": "ack", "f": m.sender, "q": m.seq}
+    if m.sender_addr is not None:
+        wire["fa"] = m.sender_addr
+    if m.updates:
+        wire["u"] = _updates(m.updates)
     return wire
+
+
+def _ping_req_wire(m: PingReq) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": "preq", "f": m.sender, "fa": m.sender_addr, "q": m.seq,
+            "tg": m.target, "ta": m.target_addr}
+
+
+def _nack_wire(m: Nack) -> dict:
+    wire = {"v": PROTOCOL_VERSION, "t": "nack", "f": m.sender, "q": m.seq}
+    if m.sender_addr is not None:
+        wire["fa"] = m.sender_addr
+    return wire
+
+
+def _gossip_wire(m: Gossip) -> dict:
+    wire = {"v": PROTOCOL_VERSION, "t": "gos", "f": m.sender}
+    if m.sender_addr is not None:
+        wire["fa"] = m.sender_addr
+    if m.updates:
+        wire["u"] = _updates(m.updates)
+    return wire
+
+
+def _sync_wire(m: Sync) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": "syn", "f": m.sender, "fa": m.sender_addr, "h": m.view_hash}
+
+
+def _digest_wire(m: Digest) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": "dig", "f": m.sender, "fa": m.sender_addr, "h": m.view_hash,
+            "d": m.rows}  # orjson writes tuples as arrays
+
+
+def _delta_wire(m: Delta) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": "dlt", "f": m.sender, "fa": m.sender_addr,
+            "u": _updates(m.updates), "w": list(m.wanted)}
+
+
+def _push_wire(m: PushState) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": "push", "f": m.sender, "fa": m.sender_addr,
+            "u": _updates(m.updates), "r": m.reply}
+
+
+def _status_query_wire(m: StatusQuery) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": "qry", "q": m.query_id}
+
+
+def _status_reply_wire(m: StatusReply) -> dict:
+    return {"v": PROTOCOL_VERSION, "t": "qres", "q": m.query_id, "self": m.responder,
+            "ms": list(m.members)}
 
 
 _WIRE_FORMS = {
-    Ping: lambda m: _piggybacked("ping", m, q=m.seq, tg=m.target),
-    Ack: lambda m: _piggybacked("ack", m, q=m.seq),
-    PingReq: lambda m: _member("preq", m, q=m.seq, tg=m.target, ta=m.target_addr),
-    Nack: lambda m: _member("nack", m, q=m.seq),
-    Gossip: lambda m: _piggybacked("gos", m),
-    Sync: lambda m: _member("syn", m, h=m.view_hash),
-    Digest: lambda m: _member("dig", m, h=m.view_hash, d=[list(r) for r in m.rows]),
-    Delta: lambda m: _member("dlt", m, u=[entry_wire(e) for e in m.updates], w=list(m.wanted)),
-    PushState: lambda m: _member("push", m, u=[entry_wire(e) for e in m.updates], r=m.reply),
-    StatusQuery: lambda m: {"v": PROTOCOL_VERSION, "t": "qry", "q": m.query_id},
-    StatusReply: lambda m: {"v": PROTOCOL_VERSION, "t": "qres", "q": m.query_id, "self": m.responder,
-                            "ms": list(m.members)},
+    Ping: _ping_wire,
+    Ack: _ack_wire,
+    PingReq: _ping_req_wire,
+    Nack: _nack_wire,
+    Gossip: _gossip_wire,
+    Sync: _sync_wire,
+    Digest: _digest_wire,
+    Delta: _delta_wire,
+    PushState: _push_wire,
+    StatusQuery: _status_query_wire,
+    StatusReply: _status_reply_wire,
 }
 
 
@@ -126,25 +184,10 @@ def to_wire(msg: Message) -> dict:
 
 
 def encode(msg: Message) -> bytes:
-    return orjson.dumps(to_wire(msg))
-
-
-def fit(rng, items: list, budget: int, wire=None) -> list:
-    """`items`, or as many of them (a random choice) as encode within `budget` bytes as
-    a list; `wire(item)` is an item's wire form (default: the item itself)."""
-    wires = items if wire is None else [wire(item) for item in items]
-    if len(orjson.dumps(wires)) <= budget:
-        return items
-    pairs = list(zip(items, wires, strict=True))
-    rng.shuffle(pairs)
-    fitted: list = []
-    used = 2
-    for item, item_wire in pairs:
-        used += len(orjson.dumps(item_wire)) + 1
-        if used > budget:
-            break
-        fitted.append(item)
-    return fitted
+    form = _WIRE_FORMS.get(type(msg))
+    if form is None:
+        raise TypeError(f"not a message: {msg!r}")
+    return orjson.dumps(form(msg))
 
 
 # -------------------------------------------------------------- validation
@@ -170,7 +213,8 @@ def _entry(value) -> Entry:
 
 
 def _entries(value, limit: int) -> tuple[Entry, ...]:
-    return tuple(_entry(e) for e in check_list(value, limit))
+    check_list(value, limit)
+    return tuple([_entry(e) for e in value]) if value else ()
 
 
 def _digest_row(value) -> tuple[str, int, int]:
@@ -204,76 +248,73 @@ def _member_row(value) -> dict:
 
 # One parser per type. Fields are checked in a fixed order (sender, sender address,
 # updates, then the type's own fields), which decides the reason a message with several
-# bad fields is counted under.
-
-
-def _sender(raw: dict, reply_expected: bool) -> tuple[str, str | None]:
-    """The sender's name and address; the address is required when the receiver may answer."""
-    sender = check_name(raw.get("f"))
-    addr = check_addr(raw.get("fa")) if reply_expected or "fa" in raw else None
-    return sender, addr
+# bad fields is counted under. The sender's address is required where the receiver answers.
 
 
 def _piggyback(raw: dict) -> tuple[Entry, ...]:
-    return _entries(raw.get("u", []), MAX_PIGGYBACK_ENTRIES)
+    return _entries(raw["u"], MAX_PIGGYBACK_ENTRIES) if "u" in raw else ()
 
 
 def _ignored_piggyback(raw: dict) -> None:
-    if "u" in raw:
-        _piggyback(raw)  # validated, then ignored
+    _piggyback(raw)  # validated, then ignored
+
+
+def _optional_addr(raw: dict) -> str | None:
+    """The sender's address on a message nobody answers: it may be left out."""
+    return check_addr(raw["fa"]) if "fa" in raw else None
 
 
 def _ping(raw: dict) -> Ping:
-    sender, addr = _sender(raw, True)
+    sender, addr = check_name(raw.get("f")), check_addr(raw.get("fa"))
     updates = _piggyback(raw)
     return Ping(sender, addr, check_int(raw.get("q")), check_name(raw.get("tg")), updates)
 
 
 def _ack(raw: dict) -> Ack:
-    sender, addr = _sender(raw, False)
+    sender, addr = check_name(raw.get("f")), _optional_addr(raw)
     updates = _piggyback(raw)
     return Ack(sender, check_int(raw.get("q")), updates, addr)
 
 
 def _ping_req(raw: dict) -> PingReq:
-    sender, addr = _sender(raw, True)
+    sender, addr = check_name(raw.get("f")), check_addr(raw.get("fa"))
     _ignored_piggyback(raw)
     seq, target = check_int(raw.get("q")), check_name(raw.get("tg"))
     return PingReq(sender, addr, seq, target, check_addr(raw.get("ta")))
 
 
 def _nack(raw: dict) -> Nack:
-    sender, addr = _sender(raw, False)
+    sender, addr = check_name(raw.get("f")), _optional_addr(raw)
     _ignored_piggyback(raw)
     return Nack(sender, check_int(raw.get("q")), addr)
 
 
 def _gossip(raw: dict) -> Gossip:
-    sender, addr = _sender(raw, False)
+    sender, addr = check_name(raw.get("f")), _optional_addr(raw)
     return Gossip(sender, _piggyback(raw), addr)
 
 
 def _sync(raw: dict) -> Sync:
-    sender, addr = _sender(raw, True)
+    sender, addr = check_name(raw.get("f")), check_addr(raw.get("fa"))
     return Sync(sender, addr, check_int(raw.get("h"), 0, MAX_HASH))
 
 
 def _digest(raw: dict) -> Digest:
-    sender, addr = _sender(raw, True)
+    sender, addr = check_name(raw.get("f")), check_addr(raw.get("fa"))
     view_hash = check_int(raw.get("h"), 0, MAX_HASH)
     rows = tuple(_digest_row(r) for r in check_list(raw.get("d"), MAX_ENTRIES))
     return Digest(sender, addr, view_hash, rows)
 
 
 def _delta(raw: dict) -> Delta:
-    sender, addr = _sender(raw, True)
+    sender, addr = check_name(raw.get("f")), check_addr(raw.get("fa"))
     updates = _entries(raw.get("u", []), MAX_ENTRIES)
     wanted = tuple(check_name(n) for n in check_list(raw.get("w", []), MAX_ENTRIES))
     return Delta(sender, addr, updates, wanted)
 
 
 def _push(raw: dict) -> PushState:
-    sender, addr = _sender(raw, True)
+    sender, addr = check_name(raw.get("f")), check_addr(raw.get("fa"))
     updates = _entries(raw.get("u"), MAX_ENTRIES)
     if not isinstance(raw.get("r"), bool):
         raise Invalid("reply flag")

@@ -124,14 +124,19 @@ class MeshCore:
         return out
 
     def next_deadline(self) -> float:
+        # (comparisons rather than min(): this runs once or twice per message)
         deadline = self.next_gossip_at if self.rumors else math.inf
         if self.leaving:
             return deadline
-        deadline = min(deadline, self.next_sync_at, self.prober.next_deadline())
+        if self.next_sync_at < deadline:
+            deadline = self.next_sync_at
+        probe_deadline = self.prober.next_deadline()
+        if probe_deadline < deadline:
+            deadline = probe_deadline
         if self.suspicions:
             deadline = min(deadline, self.suspicions.next_deadline())
-        if self.seeds and (not self.joined or self.view.alive_count <= 1):
-            deadline = min(deadline, self.next_join_at)
+        if self.seeds and self.next_join_at < deadline and (not self.joined or self.view.alive_count <= 1):
+            deadline = self.next_join_at
         return deadline
 
     def handle(self, now: float, msg: MemberMessage) -> list[Out]:

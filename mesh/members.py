@@ -62,7 +62,7 @@ def entry_digest(name: str, incarnation: int, state: int) -> int:
 
 
 def merge_views(entries: list[Entry]) -> dict[str, Entry]:
-    """The view obtained by merging `entries` in any order (used by tests and sync)."""
+    """The view obtained by merging `entries` in any order (what the core converges to; used by tests)."""
     view: dict[str, Entry] = {}
     for e in entries:
         if e.supersedes(view.get(e.name)):

@@ -93,9 +93,10 @@ class Prober:
         deadline = self.next_probe_at
         probe = self.probe
         if probe is not None:
-            deadline = min(deadline, probe.end_at)
-            if not probe.indirect_sent:
-                deadline = min(deadline, probe.timeout_at)
+            if probe.end_at < deadline:
+                deadline = probe.end_at
+            if not probe.indirect_sent and probe.timeout_at < deadline:
+                deadline = probe.timeout_at
         if self.helping:
             deadline = min(deadline, *[h.nack_at for h in self.helping.values()])
         return deadline

@@ -1,9 +1,14 @@
-"""Deterministic virtual-time simulator running many MeshCore instances.
+"""Deterministic virtual-time simulator: many agents, each the real agent loop
+(mesh/agent.py, the one MeshAgent runs) over the real protocol core, on a simulated
+network.
 
-Only the clock and the network are fake: every message is encoded with the real
-codec, subject to loss, delay and partitions, decoded and validated at the receiver
-and handed to the real protocol core. Crashes, restarts and CPU stalls (a paused
-process: messages and timers wait until it resumes) are injected by the caller.
+Only the clock and the network are fake. Every message is encoded with the real codec,
+subject to loss, delay and partitions, then decoded and validated by the receiving
+agent loop, which drives its core exactly as a real agent does: leave grace, join
+detection, seed re-resolution (seeds are node names, resolved to their current
+address), advertise coalescing, status queries. Crashes, restarts and CPU stalls (a
+paused process: messages and timers wait until it resumes, then the messages are
+handled in one batch as a real agent does) are injected by the caller.
 The same seed gives the same run.
 """
 
@@ -13,27 +18,87 @@ import heapq
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .codec import Decoder, encode
+from .agent import AgentLoop
+from .codec import MAX_STATUS_BYTES, Decoder, encode
 from .config import ProtocolConfig
-from .core import MeshCore
+from .core import MeshCore, Out
 from .members import STATE_NAMES
+from .messages import StatusQuery, StatusReply
+from .transport import Transport
 
+# (time, observer, member, old state, new state, incarnation)
 EventHook = Callable[[float, str, str, int | None, int | None, int], None]
+SendHook = Callable[[str, str, bytes], None]  # (sender name, destination addr, datagram)
+
+_MSG, _WAKE = 0, 1
+_CLIENT = object()  # the reply handle of a status query from outside the mesh
 
 
-@dataclass
+@dataclass(eq=False)
 class SimNode:
     name: str
     addr: str
-    core: MeshCore
-    up: bool = True
+    loop: AgentLoop | None = None
+    transport: SimTransport | None = None
+    up: bool = True  # False once crashed, replaced by a restart, or finished leaving
     stalled_until: float = 0.0
     wake_at: float = math.inf
     sent_bytes: int = 0
     sent_messages: int = 0
-    decoder: Decoder = field(default_factory=Decoder)
+
+    @property
+    def core(self) -> MeshCore:
+        return self.loop.core
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.loop.decoder
+
+
+class SimTransport(Transport):
+    """One node's end of the simulated network. A datagram's reply handle is the
+    sender's address (or the client of a status query)."""
+
+    def __init__(self, sim: Simulator, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+        self.inbox: list[tuple[object, bytes]] = []
+
+    def send(self, addr: str, data: bytes) -> None:
+        node, sim = self.node, self.sim
+        node.sent_bytes += len(data)
+        node.sent_messages += 1
+        if sim.on_send is not None:
+            sim.on_send(node.name, addr, data)
+        if sim.loss and sim.rng.random() < sim.loss:
+            sim.dropped += 1
+            return
+        if sim.group_of is not None and sim.group_of.get(addr, -1) != sim.group_of.get(node.addr, -1):
+            sim.dropped += 1
+            return
+        sim._push(sim.now + sim.rng.uniform(*sim.delay_s), _MSG, addr, (node.addr, data))
+
+    def reply(self, handle: object, data: bytes) -> None:
+        if handle is _CLIENT:
+            self.sim._replies.append(data)
+        elif isinstance(handle, str):
+            self.send(handle, data)
+
+    def receive(self, timeout_s: float, limit: int = 256) -> list[tuple[object, bytes]]:
+        """What was delivered (virtual time does not pass here: the simulator delivers a
+        datagram and steps the node at its arrival time)."""
+        batch = self.inbox
+        if len(batch) <= limit:
+            self.inbox = []
+            return batch
+        self.inbox = batch[limit:]
+        return batch[:limit]
+
+    def close(self, linger_s: float = 0.0) -> None:
+        self.node.up = False
+        self.node.wake_at = math.inf
 
 
 class Simulator:
@@ -44,12 +109,14 @@ class Simulator:
         delay_s: tuple[float, float] = (0.0005, 0.005),
         config: ProtocolConfig | None = None,
         on_event: EventHook | None = None,
+        on_send: SendHook | None = None,
     ) -> None:
         self.seed = seed
         self.loss = loss
         self.delay_s = delay_s
         self.config = config or ProtocolConfig()
         self.on_event = on_event
+        self.on_send = on_send
         self.now = 0.0
         self.rng = random.Random(seed)
         self.nodes: dict[str, SimNode] = {}
@@ -58,6 +125,7 @@ class Simulator:
         self._heap: list = []
         self._seq = 0
         self._generation: dict[str, int] = {}
+        self._replies: list[bytes] = []
         self.delivered = 0
         self.dropped = 0
 
@@ -66,22 +134,35 @@ class Simulator:
     def add_node(
         self, name: str, seeds: list[str] = (), meta: dict | None = None, new_addr: bool = False
     ) -> SimNode:
-        """Start a member now; `seeds` are names of existing nodes (or addrs). A name
-        already used restarts at its old address, unless `new_addr`: then the old node
-        keeps running too (reachable at its address, no longer by name here)."""
+        """Start a member now; `seeds` are names of nodes (or addrs). A name already used
+        restarts at its old address, unless `new_addr`: then the old node keeps running
+        too (reachable at its address, no longer by name here)."""
         if name in self.nodes and not new_addr:
             addr = self.nodes[name].addr
+            self.nodes[name].up = False  # the old process at this address is gone
         else:
             addr = _addr_for(len(self.by_addr))
         generation = self._generation.get(name, -1) + 1
         self._generation[name] = generation
         rng = random.Random(f"{self.seed}/{name}/{generation}")
-        seed_addrs = [self.nodes[s].addr if s in self.nodes else s for s in seeds]
-        core = MeshCore(name, addr, self.now, rng, meta=meta, seeds=seed_addrs, config=self.config)
-        node = SimNode(name, addr, core)
+        specs = list(seeds)
+        core = MeshCore(name, addr, self.now, rng, meta=meta, seeds=self._resolve(specs),
+                        config=self.config)
+        node = SimNode(name, addr)
+        node.transport = SimTransport(self, node)
+        node.loop = AgentLoop(
+            core,
+            node.transport,
+            self.now,
+            resolve_seeds=(lambda: self._resolve(specs)) if specs else None,
+            # built when read: nothing reads it from another thread here, and publishing
+            # it on every view change would cost O(N) per message
+            snapshot_refresh_s=None,
+            on_events=lambda events: self._emit(name, events),
+        )
         self.nodes[name] = node
         self.by_addr[addr] = node
-        self._emit(node)
+        node.loop.report_events()  # our own entry, from now
         self._reschedule(node)
         return node
 
@@ -96,20 +177,39 @@ class Simulator:
         node.wake_at = math.inf
 
     def leave(self, name: str) -> None:
+        """Stop the agent gracefully, as MeshAgent.stop(leave=True) does."""
         node = self.nodes[name]
-        self._dispatch(node, node.core.leave(self.now))
-        self._emit(node)
-        self._reschedule(node)
+        node.loop.stop(self.now, leave=True)
+        self._after_step(node)
 
     def advertise(self, name: str, meta: dict) -> None:
+        """Replace the member's metadata, as MeshAgent.advertise(meta, replace=True) does:
+        its loop spreads it at its next step, now (unless the node is stalled)."""
         node = self.nodes[name]
-        self._dispatch(node, node.core.advertise(self.now, meta))
-        self._emit(node)
+        node.loop.advertise(meta)
+        self._reschedule(node, self.now)
+
+    def send(self, node: SimNode, out: list[Out]) -> None:
+        """Send messages a test made `node`'s core produce outside a step."""
+        node.loop.send_all(out)
+        node.loop.report_events()
         self._reschedule(node)
 
     def inject(self, name: str, data: bytes) -> None:
         """Deliver `data` to `name` now, as if sent from outside the mesh (e.g. forged)."""
-        self._push(self.now, "msg", self.nodes[name].addr, data)
+        self._push(self.now, _MSG, self.nodes[name].addr, (None, data))
+
+    def status(self, name: str, query_id: int = 1) -> StatusReply | None:
+        """What `mesh status` gets from `name` now (None if it does not answer)."""
+        node = self.nodes[name]
+        if not node.up or node.stalled_until > self.now:
+            return None
+        node.transport.inbox.append((_CLIENT, encode(StatusQuery(query_id))))
+        self._step(node)
+        replies, self._replies = self._replies, []
+        decoded = [Decoder(MAX_STATUS_BYTES).decode(data) for data in replies]
+        return next((r for r in decoded if isinstance(r, StatusReply) and r.query_id == query_id),
+                    None)
 
     def stall(self, name: str, duration_s: float) -> None:
         node = self.nodes[name]
@@ -130,33 +230,24 @@ class Simulator:
     def run_until(self, t: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= t:
-            when, _, kind, addr, payload = heapq.heappop(heap)
+            when, _, kind, target, payload = heapq.heappop(heap)
             self.now = when
-            node = self.by_addr.get(addr)
+            node = self.by_addr.get(target) if kind == _MSG else target
             if node is None or not node.up:
-                if kind == "msg":
+                if kind == _MSG:
                     self.dropped += 1
                 continue
-            if node.stalled_until > when:
-                if kind == "wake":
-                    if payload is not node.core or when != node.wake_at:
-                        continue
-                    node.wake_at = node.stalled_until
-                self._push(node.stalled_until, kind, addr, payload)
-                continue
-            if kind == "wake":
-                if payload is not node.core or when != node.wake_at:
-                    continue
+            if kind == _WAKE:
+                if when != node.wake_at:
+                    continue  # superseded by an earlier wake-up
                 node.wake_at = math.inf
-                self._dispatch(node, node.core.tick(when))
             else:
-                msg = node.decoder.decode(payload)
-                if msg is None:
-                    continue
                 self.delivered += 1
-                self._dispatch(node, node.core.handle(when, msg))
-            self._emit(node)
-            self._reschedule(node)
+                node.transport.inbox.append(payload)
+            if node.stalled_until > when:  # a paused process: what arrives queues up
+                self._reschedule(node, node.stalled_until)
+                continue
+            self._step(node)
         self.now = max(self.now, t)
 
     def run_for(self, duration_s: float) -> None:
@@ -165,7 +256,7 @@ class Simulator:
     # --------------------------------------------------------------- queries
 
     def view(self, name: str) -> dict[str, str]:
-        return {n: STATE_NAMES[e.state] for n, e in self.nodes[name].core.view.items()}
+        return {n: STATE_NAMES[e.state] for n, e in self.nodes[name].core.view.entries.items()}
 
     def up_nodes(self) -> list[SimNode]:
         return [n for n in self.nodes.values() if n.up and not n.core.leaving]
@@ -184,38 +275,53 @@ class Simulator:
 
     # -------------------------------------------------------------- plumbing
 
-    def _dispatch(self, node: SimNode, out) -> None:
-        for addr, msg in out:
-            data = encode(msg)
-            node.sent_bytes += len(data)
-            node.sent_messages += 1
-            if self.loss and self.rng.random() < self.loss:
-                self.dropped += 1
-                continue
-            if self.group_of is not None and (
-                self.group_of.get(addr, -1) != self.group_of.get(node.addr, -1)
-            ):
-                self.dropped += 1
-                continue
-            self._push(self.now + self.rng.uniform(*self.delay_s), "msg", addr, data)
+    def _resolve(self, specs: list[str]) -> list[str]:
+        """Seed names to the current address of the node with that name (others as given)."""
+        return [self.nodes[s].addr if s in self.nodes else s for s in specs]
 
-    def _reschedule(self, node: SimNode) -> None:
+    def _step(self, node: SimNode) -> None:
+        """Step `node` now with what it received, then schedule its next wake-up (inlined
+        from _reschedule: this runs for every message and timer)."""
+        loop, transport, now = node.loop, node.transport, self.now
+        loop.step(now, transport.receive(0.0))
+        if loop.handler_errors:  # the real loop drops and counts these; here they are bugs
+            raise RuntimeError(f"{node.name}: the core failed on a message") from loop.first_handler_error
+        if loop.finished:
+            loop.close(now)
+            return
+        # more queued than one step takes: step again at once
+        wakeup = now if transport.inbox else loop.wakeup_at()
+        if wakeup < now:
+            wakeup = now
+        if wakeup < node.wake_at:
+            node.wake_at = wakeup
+            self._seq += 1
+            heapq.heappush(self._heap, (wakeup, self._seq, _WAKE, node, None))
+
+    def _after_step(self, node: SimNode) -> None:
+        if node.loop.finished:
+            node.loop.close(self.now)
+        else:
+            self._reschedule(node)
+
+    def _reschedule(self, node: SimNode, at: float | None = None) -> None:
         if not node.up:
             return
-        deadline = max(node.core.next_deadline(), self.now)
-        if deadline < node.wake_at:
-            node.wake_at = deadline
-            self._push(deadline, "wake", node.addr, node.core)
+        if at is None:
+            at = self.now if node.transport.inbox else node.loop.wakeup_at()
+        wakeup = max(at, self.now, node.stalled_until)
+        if wakeup < node.wake_at:
+            node.wake_at = wakeup
+            self._push(wakeup, _WAKE, node, None)
 
-    def _push(self, when: float, kind: str, addr: str, payload) -> None:
+    def _push(self, when: float, kind: int, target, payload) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, (when, self._seq, kind, addr, payload))
+        heapq.heappush(self._heap, (when, self._seq, kind, target, payload))
 
-    def _emit(self, node: SimNode) -> None:
-        events = node.core.drain_events()
+    def _emit(self, observer: str, events) -> None:
         if self.on_event is not None:
             for when, subject, old, new, inc in events:
-                self.on_event(when, node.name, subject, old, new, inc)
+                self.on_event(when, observer, subject, old, new, inc)
 
 
 def _addr_for(index: int) -> str:

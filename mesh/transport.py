@@ -1,6 +1,7 @@
-"""ZeroMQ sockets for one agent: a ROUTER inbox and a bounded LRU of DEALERs out.
+"""What the agent loop needs from a network (Transport), and its ZeroMQ implementation:
+a ROUTER inbox and a bounded LRU of DEALERs out (the simulator has its own, mesh/sim.py).
 
-Used only from the agent's background thread (ZeroMQ sockets are not thread-safe).
+ZmqTransport is used only from the agent's thread (ZeroMQ sockets are not thread-safe).
 Sends never block: a full queue or an unreachable peer drops the message, which
 the protocol tolerates like packet loss. Receiving never blocks either: what arrives
 moves from the socket to a queue bounded in messages and bytes, which hands the core
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict, deque
+from typing import Protocol
 
 import zmq
 
@@ -20,6 +22,21 @@ from .codec import MAX_MESSAGE_BYTES
 from .security import ClusterKeys, release_context, secure_client, secure_server
 
 log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    """Unreliable datagrams between members, "host:port" addressed. Nothing blocks but
+    `receive`, for at most its timeout; what cannot be sent is dropped (the protocol
+    treats it as loss). Each datagram received comes with a handle to reply through
+    (a status query comes from a client that is no member, with no address of its own)."""
+
+    def send(self, addr: str, data: bytes) -> None: ...
+
+    def reply(self, handle: object, data: bytes) -> None: ...
+
+    def receive(self, timeout_s: float, limit: int = 256) -> list[tuple[object, bytes]]: ...
+
+    def close(self, linger_s: float = 0.0) -> None: ...
 
 
 class ReceiveQueue:
@@ -52,7 +69,7 @@ class ReceiveQueue:
         return len(self.items)
 
 
-class ZmqTransport:
+class ZmqTransport(Transport):
     def __init__(
         self,
         bind_host: str,

@@ -1,4 +1,4 @@
-"""Gossip mesh benchmark in the deterministic simulator (real protocol core and codec).
+"""Gossip mesh benchmark in the deterministic simulator (real agent loop, core and codec).
 
 Scenario per cluster size N, every message subject to `loss`:
   1. N members join through 3 seeds, then a warm-up;

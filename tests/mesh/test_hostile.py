@@ -104,8 +104,7 @@ def test_same_name_twice_keeps_the_first_address_without_a_refutation_war(caplog
     assert second.addr != first.addr
     sim.run_for(1.0)
     for node, meta in ((first, {"who": "first"}), (second, {"who": "second"})):
-        sim._dispatch(node, node.core.advertise(sim.now, meta))  # both publish, as loaders do
-        sim._reschedule(node)
+        sim.send(node, node.core.advertise(sim.now, meta))  # both publish, as loaders do
         sim.run_for(1.0)
     sim.run_for(60.0)  # without the fix: ~60 incarnations a minute, the address flipping
     others = [n for n in sim.nodes.values() if n.name != "n3"]

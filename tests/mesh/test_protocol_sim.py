@@ -64,8 +64,7 @@ def test_suspected_member_refutes_and_stays_alive():
     # another member accuses n3 through gossip; n3 must refute with a higher incarnation
     accuser = sim.nodes["n5"].core
     accuser._accuse(sim.now, "n3")
-    sim._dispatch(sim.nodes["n5"], accuser.tick(sim.now))
-    sim._reschedule(sim.nodes["n5"])
+    sim.send(sim.nodes["n5"], accuser.tick(sim.now))
     assert sim.view("n5")["n3"] == "suspect"
     assert run_until(sim, lambda: everyone_sees(sim, "n3", "alive") and sim.converged(), 10.0) is not None
     assert sim.nodes["n3"].core.incarnation > before
