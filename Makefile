@@ -39,7 +39,7 @@ test-e2e: setup
 	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m loader.demo
+	$(PY) -m tests.support.demo
 
 # The smoke tests (marker `compat`: A from disk, B from A by SOURCE and through the mesh,
 # identical logprobs) against every release in COMPAT_VLLM, one environment each; then the

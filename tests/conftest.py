@@ -1,6 +1,6 @@
 import pytest
 
-from loader.tiny_checkpoint import CheckpointSpec, build_checkpoint
+from tests.support.tiny_checkpoint import CheckpointSpec, build_checkpoint
 
 
 @pytest.fixture(scope="session")

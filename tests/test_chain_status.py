@@ -5,13 +5,13 @@ import socket
 import time
 from types import MappingProxyType, SimpleNamespace
 
-from loader import discovery
-from loader.client import FetchRequest
 from loader.config import MeshConfig, TransferSettings
-from loader.discovery import MeshPresence
-from loader.identity import RankIdentity
-from loader.reattach import Attempt, GiveUp, Reattach, ReattachPolicy, Wait
-from loader.upstream_choice import fetch_with_reattach
+from loader.distribution import discovery
+from loader.distribution.discovery import MeshPresence
+from loader.distribution.reattach import Attempt, GiveUp, Reattach, ReattachPolicy, Wait
+from loader.distribution.upstream_choice import fetch_with_reattach
+from loader.integration.identity import RankIdentity
+from loader.transfer.client import FetchRequest
 
 IDENTITY = RankIdentity(rank=0, tp=1, pp=1, device="cpu", fingerprint="f" * 64)
 
@@ -138,7 +138,7 @@ class FakeClock:
 
 
 def reattach_delays(monkeypatch, reason):
-    import loader.upstream_choice as choice
+    import loader.distribution.upstream_choice as choice
 
     clock = FakeClock()
     refused = SimpleNamespace(ok=False, failures=[("a:1", reason)])
@@ -154,7 +154,7 @@ def reattach_delays(monkeypatch, reason):
 
 def test_busy_refusals_back_off_exponentially_with_jitter(monkeypatch):
     delays = reattach_delays(monkeypatch, "busy: source busy (4 transfers running)")
-    from loader.reattach import BUSY_BACKOFF_CAP_S
+    from loader.distribution.reattach import BUSY_BACKOFF_CAP_S
 
     assert delays[0] <= 0.1 and max(delays) <= BUSY_BACKOFF_CAP_S
     assert delays[5] > 8 * delays[0]  # grows (0.05 * 2**6 before jitter)
@@ -164,7 +164,7 @@ def test_busy_refusals_back_off_exponentially_with_jitter(monkeypatch):
 
 
 def test_a_relay_about_to_receive_is_retried_soon(monkeypatch):
-    from loader.protocol import NOT_RECEIVING
+    from loader.transfer.protocol import NOT_RECEIVING
 
     delays = reattach_delays(monkeypatch, f"refused: {NOT_RECEIVING}")
     assert max(delays) <= 0.05

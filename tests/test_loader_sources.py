@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from loader import discovery
 from loader.config import MeshConfig, parse_extra_config
-from loader.discovery import MeshPresence, _bind_for_rank
-from loader.identity import RankIdentity
-from loader.model_loader import servable_tensors
-from loader.sources import plan_sources
+from loader.distribution import discovery
+from loader.distribution.discovery import MeshPresence, _bind_for_rank
+from loader.distribution.sources import plan_sources
+from loader.integration.identity import RankIdentity
+from loader.integration.model_loader import servable_tensors
 
 IDENTITY = RankIdentity(rank=1, tp=2, pp=1, device="cpu", fingerprint="f" * 64)
 

@@ -1,12 +1,12 @@
 import json
 
-from loader.result import RESULT_PREFIX, LoadResult, log_result
-from loader.vllm_compat import VLLM_VERSION
-from loader.vllm_process import RESULT_LINE
+from loader.integration.result import RESULT_PREFIX, LoadResult, log_result
+from loader.integration.vllm_compat import VLLM_VERSION
+from tests.support.vllm_process import RESULT_LINE
 
 
 def test_result_line_is_one_parseable_json_object_with_contract_fields(caplog):
-    caplog.set_level("INFO", logger="loader.result")
+    caplog.set_level("INFO", logger="loader.integration.result")
     log_result(LoadResult(3, "peer", "10.0.0.5:47003", 1234, 1.23456, None,
                           {"lookup": 0.1, "transfer": 0.9}))
     [record] = caplog.records

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from loader import serving
-from loader.client import fetch_from_sources
-from loader.device import session_device_bytes
-from loader.protocol import is_retryable
+from loader.integration import serving
+from loader.transfer.client import fetch_from_sources
+from loader.transfer.device import session_device_bytes
+from loader.transfer.protocol import is_retryable
 from tests.transfer.helpers import (
     FAST,
     FINGERPRINT,
@@ -79,7 +79,7 @@ def test_a_source_without_device_memory_for_a_session_answers_busy():
 def test_the_plugin_sees_vllm_warm_up_end(monkeypatch):
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    from loader import plugin
+    from loader.integration import plugin
 
     monkeypatch.delattr(WorkerWrapperBase, "_netloader_watches_warm_up", raising=False)
     monkeypatch.setattr(WorkerWrapperBase, "compile_or_warm_up_model", None, raising=False)

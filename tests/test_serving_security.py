@@ -9,14 +9,14 @@ import torch
 from torch import nn
 from vllm.config.load import LoadConfig
 
-from loader import serving
-from loader.client import FetchOutcome
 from loader.config import MeshConfig, parse_extra_config
-from loader.discovery import MeshPresence
-from loader.identity import RankIdentity
-from loader.model_loader import NetloaderModelLoader
-from loader.vllm_process import free_port
+from loader.distribution.discovery import MeshPresence
+from loader.integration import serving
+from loader.integration.identity import RankIdentity
+from loader.integration.model_loader import NetloaderModelLoader
+from loader.transfer.client import FetchOutcome
 from mesh.security import write_secret_file
+from tests.support.vllm_process import free_port
 
 IDENTITY = RankIdentity(rank=0, tp=1, pp=1, device="cpu", fingerprint="f" * 64)
 DEAD_SOURCE = "127.0.0.1:9"
@@ -98,7 +98,7 @@ def test_static_client_without_a_secret_fetches_and_warns_of_impersonation(monke
         {"SOURCE": [{"device_id": 0, "sources": [DEAD_SOURCE]}], "listen_host": "127.0.0.1"}
     )
     tried: list = []
-    monkeypatch.setattr("loader.client.fetch_from_sources", failing_fetch(tried))
+    monkeypatch.setattr("loader.transfer.client.fetch_from_sources", failing_fetch(tried))
     caplog.set_level(logging.WARNING, logger="loader")
     result, server = fill(loader)
     assert tried == [([DEAD_SOURCE], None)] and result.source == "disk"
@@ -115,7 +115,7 @@ def test_with_a_secret_transfers_are_keyed_and_nothing_warns(tmp_path, monkeypat
     loader = loader_for({"SOURCE": [{"device_id": 0, "sources": [DEAD_SOURCE]}],
                          "listen_host": "127.0.0.1", "secret_file": str(secret)})
     tried: list = []
-    monkeypatch.setattr("loader.client.fetch_from_sources", failing_fetch(tried))
+    monkeypatch.setattr("loader.transfer.client.fetch_from_sources", failing_fetch(tried))
     caplog.set_level(logging.WARNING, logger="loader")
     result, server = fill(loader)
     [(_, keys)] = tried

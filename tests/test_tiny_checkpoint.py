@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from loader.tiny_checkpoint import CheckpointSpec, build_checkpoint
+from tests.support.tiny_checkpoint import CheckpointSpec, build_checkpoint
 
 
 def _digest(path):

@@ -1,4 +1,4 @@
-"""loader.vllm_compat: every vLLM API the loader uses is found once, at import, and a vLLM
+"""loader.integration.vllm_compat: every vLLM API the loader uses is found once, at import, and a vLLM
 that lacks one (or changed its shape) is named, with its version, at engine start."""
 
 import abc
@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from loader import vllm_compat
-from loader.vllm_compat import TESTED, VllmCompatError, probe
+from loader.integration import vllm_compat
+from loader.integration.vllm_compat import TESTED, VllmCompatError, probe
 from tests.compat import wheel_api
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_require_raises_and_registration_is_refused_with_a_logged_reason(monkeyp
     monkeypatch.setattr(vllm_compat, "SURFACE", probe(importer(modules)))
     with pytest.raises(VllmCompatError, match=r"vLLM 0\.29\.0 .*register_model_loader"):
         vllm_compat.require()
-    caplog.set_level(logging.ERROR, logger="loader.vllm_compat")
+    caplog.set_level(logging.ERROR, logger="loader.integration.vllm_compat")
     assert vllm_compat.register_loader("netloader", object) is False  # never raises
     [record] = caplog.records
     assert "--load-format netloader is unavailable" in record.getMessage()
@@ -236,7 +236,7 @@ ENGINE_START = textwrap.dedent("""
     MUTATION
     out = {}
     try:
-        from loader.plugin import register
+        from loader.integration.plugin import register
         register()
         out["registered"] = True
     except Exception as exc:

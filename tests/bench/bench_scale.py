@@ -10,7 +10,7 @@ in one run with the same processes:
     concurrent  N clients, source serves all at once
     chained     N clients, every instance serves one downstream; newcomers attach to
                 the least-loaded instance that has or is receiving the weights, as
-                the wave's gossip mesh shows it (loader.discovery.MeshPresence, the
+                the wave's gossip mesh shows it (loader.distribution.discovery.MeshPresence, the
                 vLLM loader's code path), and forward buckets as soon as they
                 verified them (pipelined chain)
 

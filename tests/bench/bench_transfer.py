@@ -76,7 +76,7 @@ def _random_block(seed: int) -> torch.Tensor:
 
 
 def _byte_views(tensors):
-    from loader.buckets import byte_view
+    from loader.transfer.buckets import byte_view
 
     return [memoryview(byte_view(t).numpy()) for t in tensors.values()]
 
@@ -98,7 +98,7 @@ def source_main(args, to_parent, from_parent) -> None:
     import vllm.distributed.utils  # noqa: F401  (import cost is not part of a transfer)
 
     from loader.config import TransferSettings
-    from loader.server import WeightServer
+    from loader.transfer.server import WeightServer
 
     tensors = make_tensors(args.mib)
     settings = TransferSettings(bucket_mb=args.bucket_mb, bucket_timeout_s=args.bucket_timeout)
@@ -163,9 +163,9 @@ def client_main(args, info, to_parent) -> None:
     torch.set_num_threads(1)
     import vllm.distributed.utils  # noqa: F401
 
-    from loader.client import fetch_from_sources
     from loader.config import TransferSettings
-    from loader.manifest import build_manifest
+    from loader.transfer.client import fetch_from_sources
+    from loader.transfer.manifest import build_manifest
 
     rss_before = _peak_rss()
     dest = make_tensors(args.mib, empty=True)  # zeros: pages touched, as in a built model

@@ -3,7 +3,7 @@
     python -m tests.compat.wheel_api vllm-0.33.0-....whl   # or a directory holding vllm/
 
 Nothing is installed or imported from the release: each module the loader needs is parsed
-(ast) from the wheel, the functions and classes in loader.vllm_compat.NEEDS are turned into
+(ast) from the wheel, the functions and classes in loader.integration.vllm_compat.NEEDS are turned into
 stand-ins that carry the parsed signatures, fields and abstract methods, and the adapter's
 own probe runs on them, so the check applies exactly the rules the adapter applies at
 import. Prints one line per piece; exits 1 when a required piece is missing or changed.
@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from loader.vllm_compat import NEEDS, REQUIRED, Surface, probe
+from loader.integration.vllm_compat import NEEDS, REQUIRED, Surface, probe
 
 P = inspect.Parameter
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from loader.tiny_checkpoint import CheckpointSpec, build_checkpoint
-from loader.vllm_compat import VLLM_VERSION
-from loader.vllm_process import VllmServer, free_port
+from loader.integration.vllm_compat import VLLM_VERSION
 from mesh.security import write_secret_file
+from tests.support.tiny_checkpoint import CheckpointSpec, build_checkpoint
+from tests.support.vllm_process import VllmServer, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from loader.vllm_compat import VLLM_VERSION
-from loader.vllm_process import VllmServer, free_port
+from loader.integration.vllm_compat import VLLM_VERSION
+from tests.support.vllm_process import VllmServer, free_port
 
 pytestmark = pytest.mark.e2e
 

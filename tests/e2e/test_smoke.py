@@ -3,7 +3,7 @@ completion, and opens no weight server (nothing asked it to serve)."""
 
 import pytest
 
-from loader.vllm_process import VllmServer
+from tests.support.vllm_process import VllmServer
 
 pytestmark = pytest.mark.e2e
 

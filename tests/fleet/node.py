@@ -4,7 +4,7 @@
 
 A process lives through several waves (so the bench pays process start-up once).
 Which client attaches where comes from the real gossip mesh, through the code path a
-vLLM rank uses (loader.discovery.MeshPresence, loader.upstream_choice): every wave is
+vLLM rank uses (loader.distribution.discovery.MeshPresence, loader.distribution.upstream_choice): every wave is
 a mesh of its own, seeded by the root's agent for that wave, and a model of its own
 (`wave_fingerprint`). The root joins every wave's mesh at start; a client joins a
 wave's mesh when it reaches that wave and leaves once the wave is over.
@@ -34,18 +34,19 @@ import time
 import traceback
 from pathlib import Path
 
-from loader.buckets import byte_view
-from loader.client import FetchOutcome, FetchRequest, fetch_from_sources
 from loader.config import MeshConfig, TransferSettings
-from loader.discovery import MeshPresence
-from loader.identity import RankIdentity
-from loader.protocol import is_retryable
-from loader.reattach import ReattachPolicy
-from loader.relay import ObserverFanout, ProgressRecorder, RelayServer
-from loader.server import WeightServer
-from loader.upstream_choice import fetch_with_reattach
+from loader.distribution.discovery import MeshPresence
+from loader.distribution.reattach import ReattachPolicy
+from loader.distribution.relay import RelayServer
+from loader.distribution.upstream_choice import fetch_with_reattach
+from loader.integration.identity import RankIdentity
+from loader.transfer.buckets import byte_view
+from loader.transfer.client import FetchOutcome, FetchRequest, fetch_from_sources
+from loader.transfer.protocol import is_retryable
+from loader.transfer.server import WeightServer
 from mesh.security import load_cluster_keys
 from tests.fleet.checkpoint import content_digest, make_empty, make_reference
+from tests.support.observers import ObserverFanout, ProgressRecorder
 
 FINGERPRINT = "f1ee7" * 12 + "0000"
 ROOT = "source"
@@ -183,7 +184,7 @@ def node_name(member: str | None) -> str | None:
 
 
 def join_mesh(cfg: dict, wave: dict) -> MeshPresence:
-    """Join the wave's mesh the way a vLLM rank does (loader.discovery.MeshPresence)."""
+    """Join the wave's mesh the way a vLLM rank does (loader.distribution.discovery.MeshPresence)."""
     gossip = cfg["gossip"][wave["id"]]
     mesh = MeshConfig(
         seeds=tuple(gossip["seeds"]),
@@ -269,7 +270,7 @@ def root_endpoint(presence: MeshPresence) -> str:
 
 
 def fetch_chained(cfg: dict, presence: MeshPresence, relay: RelayServer, dest, settings, observer):
-    """What loader.model_loader does for a rank with a mesh: candidates, then re-attach."""
+    """What loader.integration.model_loader does for a rank with a mesh: candidates, then re-attach."""
     found = presence.candidates()
     if not found.endpoints:
         return FetchOutcome(False, None, 0, 0.0, [("mesh", found.reason or "no candidates")])

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from loader.client import fetch_from_sources
+from loader.transfer.client import fetch_from_sources
 from mesh.security import load_cluster_keys
 from tests.fleet.checkpoint import content_digest, make_empty, make_reference
 from tests.fleet.harness import Fleet

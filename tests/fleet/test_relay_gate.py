@@ -6,11 +6,11 @@ import threading
 import pytest
 import torch
 
-from loader.buckets import plan_buckets
 from loader.config import TransferSettings
-from loader.manifest import build_manifest
-from loader.protocol import Ack
-from loader.relay import NOT_RECEIVING, RelayServer
+from loader.distribution.relay import NOT_RECEIVING, RelayServer
+from loader.transfer.buckets import plan_buckets
+from loader.transfer.manifest import build_manifest
+from loader.transfer.protocol import Ack
 
 SETTINGS = TransferSettings(bucket_mb=1, bucket_timeout_s=0.3)
 FP = "cd" * 32

@@ -1,8 +1,8 @@
 """The coordinator-free attach rule: pure ordering over (untrusted) gossip rows."""
 
-from loader.protocol import is_retryable
-from loader.ranking import rank_upstreams
-from loader.relay import NOT_RECEIVING
+from loader.distribution.ranking import rank_upstreams
+from loader.distribution.relay import NOT_RECEIVING
+from loader.transfer.protocol import is_retryable
 
 
 def row(name, state="receiving", load=0, capacity=1, progress=0.0, upstream=None, **extra):

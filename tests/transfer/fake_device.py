@@ -22,8 +22,8 @@ from collections import defaultdict
 
 import torch
 
-from loader.buckets import copy_bytes
-from loader.device import TransferDevice
+from loader.transfer.buckets import copy_bytes
+from loader.transfer.device import TransferDevice
 
 LATE_S = 0.03  # how long after the real operation its effect becomes visible
 GARBAGE = 0xA5
@@ -169,8 +169,8 @@ class FakeAsyncGroup:
 
 def install(monkeypatch) -> type[FakeAsyncDevice]:
     """Make the client and server in this process use the fake device and group."""
-    import loader.client as client_module
-    import loader.server as server_module
+    import loader.transfer.client as client_module
+    import loader.transfer.server as server_module
 
     FakeAsyncDevice.log.clear()
     for module in (client_module, server_module):

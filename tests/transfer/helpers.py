@@ -64,7 +64,7 @@ def in_process_server(
 ) -> Iterator:
     """A started WeightServer (or `server_cls`) on loopback in this process, stopped on exit;
     `attrs` are set on it before it starts (test knobs)."""
-    from loader.server import WeightServer
+    from loader.transfer.server import WeightServer
 
     server = (server_cls or WeightServer)(tensors, fingerprint, 0, FAST, host="127.0.0.1")
     for key, value in attrs.items():
@@ -87,7 +87,7 @@ class SourceSpec:
 
 
 def _source_main(spec: SourceSpec, endpoint_queue, stop_conn) -> None:
-    import loader.server as server_mod
+    import loader.transfer.server as server_mod
 
     tensors = make_tensors(spec.seed, **spec.tensor_kwargs)
     keys = None

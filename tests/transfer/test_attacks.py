@@ -13,13 +13,13 @@ import pytest
 import torch
 import zmq
 
-from loader import protocol
-from loader import server as server_module
-from loader.client import fetch_from_sources
 from loader.config import TransferSettings
-from loader.manifest import build_manifest
-from loader.process_group import CLIENT_RANK
-from loader.server import BUCKET_SIZES, choose_bucket_bytes, max_pending_per_peer
+from loader.transfer import protocol
+from loader.transfer import server as server_module
+from loader.transfer.client import fetch_from_sources
+from loader.transfer.manifest import build_manifest
+from loader.transfer.process_group import CLIENT_RANK
+from loader.transfer.server import BUCKET_SIZES, choose_bucket_bytes, max_pending_per_peer
 from tests.transfer.helpers import (
     FAST,
     FINGERPRINT,
@@ -53,8 +53,8 @@ def test_a_peer_without_the_session_id_cannot_join_the_transfer_group(monkeypatc
 
     from torch.distributed import PrefixStore, TCPStore
 
-    import loader.client as client_module
-    from loader.process_group import _gloo_group
+    import loader.transfer.client as client_module
+    from loader.transfer.process_group import _gloo_group
 
     attacker: dict = {}
     real_wait = client_module.wait_for_store
@@ -88,7 +88,7 @@ def test_a_hello_that_never_connects_holds_its_slot_only_for_the_setup_timeout(c
            "bucket_timeout_s": 60.0}
     )
     source = make_tensors(8, small=3, big_numel=1000)
-    from loader.server import WeightServer
+    from loader.transfer.server import WeightServer
 
     server = WeightServer(source, FINGERPRINT, 0, settings, host="127.0.0.1")
     server.start()
@@ -123,7 +123,7 @@ def test_sessions_still_setting_up_are_capped_per_peer_address(monkeypatch):
     settings = TransferSettings(**{**FAST.__dict__, "max_concurrent_clients": 4})
     cap = max_pending_per_peer(4)
     assert cap == 3 and max_pending_per_peer(2) == 2 and max_pending_per_peer(16) == 15
-    from loader.server import WeightServer
+    from loader.transfer.server import WeightServer
 
     server = WeightServer(source, FINGERPRINT, 0, settings, host="127.0.0.1")
     server.start()
@@ -151,7 +151,7 @@ def test_bucket_sizes_come_from_a_fixed_set():
 def test_arbitrary_client_bucket_sizes_do_not_make_the_source_hash_again_and_again():
     source = make_tensors(10, small=3, big_numel=1000)
     settings = TransferSettings(**{**FAST.__dict__, "bucket_mb": 64})
-    from loader.server import WeightServer
+    from loader.transfer.server import WeightServer
 
     server = WeightServer(source, FINGERPRINT, 0, settings, host="127.0.0.1")
     hashed: list[int] = []

@@ -2,14 +2,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loader.buckets import (
+from loader.transfer.buckets import (
     BucketReader,
     direct_min_bytes,
     max_bucket_bytes,
     plan_buckets,
     unpack_bucket,
 )
-from loader.manifest import TensorSpec, build_manifest
+from loader.transfer.manifest import TensorSpec, build_manifest
 
 
 def specs(sizes):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from loader.checksum import BLAKE3_KEYED, MLH31, algorithm_for_device, digest, new_key
+from loader.transfer.checksum import BLAKE3_KEYED, MLH31, algorithm_for_device, digest, new_key
 
 KEY = bytes(range(32))
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from loader.client import FetchOutcome, fetch_from_sources
+from loader.transfer.client import FetchOutcome, fetch_from_sources
 from tests.transfer.helpers import FAST, FINGERPRINT
 
 

@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from loader.client import ResumeState, fetch_from_sources
 from loader.config import TransferSettings
-from loader.process_group import destroy_group
-from loader.relay import RelayServer
-from loader.server import WeightServer
+from loader.distribution.relay import RelayServer
+from loader.transfer.client import ResumeState, fetch_from_sources
+from loader.transfer.process_group import destroy_group
+from loader.transfer.server import WeightServer
 from tests.transfer import fake_device
 from tests.transfer.helpers import (
     FAST,

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from loader.fingerprint import compute_fingerprint
+from loader.integration.fingerprint import compute_fingerprint
 
 BASE = dict(dtype="float32", quantization=None, tp=1, pp=1, rank=0, vllm_version="0.32.0")
 

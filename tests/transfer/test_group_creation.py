@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-import loader.process_group as pg_module
-from loader.process_group import (
+import loader.transfer.process_group as pg_module
+from loader.transfer.process_group import (
     ABORT_ONLY_ENV,
     CLIENT_RANK,
     SOURCE_RANK,
@@ -56,7 +56,7 @@ def test_accelerator_groups_are_constructed_abort_only_and_the_env_is_restored(
     import types
 
     monkeypatch.setitem(
-        sys.modules, "loader.process_group_npu", types.SimpleNamespace(hccl_group=fake_backend)
+        sys.modules, "loader.transfer.process_group_npu", types.SimpleNamespace(hccl_group=fake_backend)
     )
     for key in ABORT_ONLY_ENV[backend]:
         monkeypatch.setenv(key, "3")  # what vLLM's process would have

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from loader.checksum import BLAKE3_KEYED, MLH31
-from loader.client import fetch_from_sources
+from loader.transfer.checksum import BLAKE3_KEYED, MLH31
+from loader.transfer.client import fetch_from_sources
 from tests.transfer.helpers import (
     FAST,
     FINGERPRINT,
@@ -57,7 +57,7 @@ def test_server_control_loop_goes_idle_after_a_transfer():
 
 
 def test_a_refusal_is_answered_at_once_not_on_the_next_poll_timeout(monkeypatch):
-    from loader import server as server_module
+    from loader.transfer import server as server_module
 
     # a reply queued by the control thread itself used to wait for the poll timeout: with
     # a timeout far beyond the client's handshake timeout, the client would see a timeout

@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 
-from loader.buckets import bucket_tag
-from loader.client import ResumeState, fetch_from_sources
-from loader.process_group import CLIENT_RANK
-from loader.relay import RelayServer
-from loader.server import WeightServer
+from loader.distribution.relay import RelayServer
+from loader.transfer.buckets import bucket_tag
+from loader.transfer.client import ResumeState, fetch_from_sources
+from loader.transfer.process_group import CLIENT_RANK
+from loader.transfer.server import WeightServer
 from tests.transfer.helpers import FAST, FINGERPRINT, empty_like_all, in_process_server
 
 pytestmark = pytest.mark.timeout(180)

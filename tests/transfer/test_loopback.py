@@ -13,8 +13,8 @@ import pytest
 import torch
 import zmq
 
-from loader.client import fetch_from_sources
 from loader.config import TransferSettings
+from loader.transfer.client import fetch_from_sources
 from tests.transfer.helpers import FAST, FINGERPRINT, SourceProcess, empty_like_all, make_tensors
 
 pytestmark = [pytest.mark.loopback, pytest.mark.timeout(180)]

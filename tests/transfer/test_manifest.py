@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from loader.manifest import Manifest, build_manifest, unique_tensors
+from loader.transfer.manifest import Manifest, build_manifest, unique_tensors
 
 
 def tensors():

@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent(
         raise NotImplementedError("vllm-ascend HEAD has no stateless_init_device_torch_dist_pg")
     vllm_utils.stateless_init_torch_distributed_process_group = no_hook
 
-    from loader.process_group import bind_store_socket, create_transfer_group
+    from loader.transfer.process_group import bind_store_socket, create_transfer_group
     os.environ["HCCL_ASYNC_ERROR_HANDLING"] = "1"  # what a vLLM process runs with
     groups = []
     for session in ("aa" * 16, "bb" * 16):

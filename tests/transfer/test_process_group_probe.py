@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from loader.process_group import wait_for_store
+from loader.transfer.process_group import wait_for_store
 
 
 def test_returns_once_the_store_listens():

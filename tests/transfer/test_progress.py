@@ -1,6 +1,6 @@
 import logging
 
-from loader.progress import ProgressReporter
+from loader.transfer.progress import ProgressReporter
 
 
 def test_logs_bytes_rate_and_eta_every_interval(caplog):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from loader import protocol
-from loader.manifest import build_manifest
+from loader.transfer import protocol
+from loader.transfer.manifest import build_manifest
 
 SESSION = "0123456789abcdef" * 2
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from loader import protocol
-from loader.buckets import byte_view
-from loader.client import ResumeState, SourceFailure, fetch_from_sources
-from loader.device import device_for
-from loader.server import WeightServer
+from loader.transfer import protocol
+from loader.transfer.buckets import byte_view
+from loader.transfer.client import ResumeState, SourceFailure, fetch_from_sources
+from loader.transfer.device import device_for
+from loader.transfer.server import WeightServer
 from tests.transfer.helpers import (
     FAST,
     FINGERPRINT,

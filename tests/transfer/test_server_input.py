@@ -5,9 +5,9 @@ import pytest
 import torch
 import zmq
 
-from loader import protocol
-from loader.manifest import build_manifest
-from loader.server import WeightServer
+from loader.transfer import protocol
+from loader.transfer.manifest import build_manifest
+from loader.transfer.server import WeightServer
 from tests.transfer.helpers import FAST, FINGERPRINT
 
 pytestmark = pytest.mark.timeout(120)

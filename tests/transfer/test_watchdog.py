@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from loader.watchdog import PhaseTimeout, Watchdog
+from loader.transfer.watchdog import PhaseTimeout, Watchdog
 
 
 def test_result_and_exceptions_pass_through():

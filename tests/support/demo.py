@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from loader.tiny_checkpoint import build_checkpoint
-from loader.vllm_process import VllmServer, free_port
 from mesh.security import write_secret_file
+from tests.support.tiny_checkpoint import build_checkpoint
+from tests.support.vllm_process import VllmServer, free_port
 
 PROMPT = "Once upon a time"
 GRACEFUL = ["--shutdown-timeout", "5"]  # lets workers leave the mesh on shutdown

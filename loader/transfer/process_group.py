@@ -87,7 +87,7 @@ def create_transfer_group(
     with _abort_only_env(backend):
         if backend == "nccl":
             return _nccl_group(prefix_store, rank, op_timeout)
-        from loader.process_group_npu import hccl_group  # needs torch_npu
+        from loader.transfer.process_group_npu import hccl_group  # needs torch_npu
 
         return hccl_group(prefix_store, rank, op_timeout, session_id)
 

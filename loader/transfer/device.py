@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from loader.buckets import copy_bytes
+from loader.transfer.buckets import copy_bytes
 
 
 class WorkTimeout(TimeoutError):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from loader.checksum import ALGORITHMS
-from loader.manifest import Manifest
-from loader.process_group import BACKEND_BY_DEVICE
+from loader.transfer.checksum import ALGORITHMS
+from loader.transfer.manifest import Manifest
+from loader.transfer.process_group import BACKEND_BY_DEVICE
 
 PROTOCOL_VERSION = 2
 MAX_REASON_LEN = 500
@@ -323,7 +323,7 @@ def _choice(name: str, value, allowed) -> str:
     return value
 
 
-# A relay (loader.relay) refuses with this until its own upstream transfer has started.
+# A relay (loader.distribution.relay) refuses with this until its own upstream transfer has started.
 NOT_RECEIVING = "relay not receiving yet"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loader.config import NetloaderConfig
-from loader.identity import RankIdentity
+from loader.integration.identity import RankIdentity
 
 
 @dataclass

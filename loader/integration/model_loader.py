@@ -3,7 +3,7 @@
 Per worker rank: build the empty model, compute the fingerprint, try the sources
 (mesh candidates, then the static SOURCE list), fall back to vLLM's DefaultModelLoader,
 log one `netloader result:` line, then serve this rank's weights to the next instance
-(when the config asks for serving: see loader.serving).
+(when the config asks for serving: see loader.integration.serving).
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import time
 import torch
 from torch import nn
 
-from loader import serving, vllm_compat
-from loader.client import FetchOutcome, FetchRequest, describe_failures
 from loader.config import NetloaderConfig, parse_extra_config
-from loader.discovery import MeshPresence
-from loader.identity import RankIdentity, rank_identity
-from loader.reattach import ReattachPolicy
-from loader.result import LoadResult, log_result
-from loader.sources import SourcePlan, plan_sources
-from loader.upstream_choice import fetch_with_reattach
-from loader.vllm_compat import (  # every vLLM API goes through the adapter
+from loader.distribution.discovery import MeshPresence
+from loader.distribution.reattach import ReattachPolicy
+from loader.distribution.sources import SourcePlan, plan_sources
+from loader.distribution.upstream_choice import fetch_with_reattach
+from loader.integration import serving, vllm_compat
+from loader.integration.identity import RankIdentity, rank_identity
+from loader.integration.result import LoadResult, log_result
+from loader.integration.vllm_compat import (  # every vLLM API goes through the adapter
     BaseModelLoader,
     DefaultModelLoader,
     LoadConfig,
@@ -36,6 +35,7 @@ from loader.vllm_compat import (  # every vLLM API goes through the adapter
     process_weights_after_loading,
     set_default_torch_dtype,
 )
+from loader.transfer.client import FetchOutcome, FetchRequest, describe_failures
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ class LoadResult:
 
 
 def _vllm_version() -> str:
-    from loader.vllm_compat import VLLM_VERSION
+    from loader.integration.vllm_compat import VLLM_VERSION
 
     return VLLM_VERSION
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from loader.config import NetloaderConfig
-from loader.fingerprint import compute_fingerprint
-from loader.vllm_compat import VLLM_VERSION, ModelConfig, VllmConfig
+from loader.integration.fingerprint import compute_fingerprint
+from loader.integration.vllm_compat import VLLM_VERSION, ModelConfig, VllmConfig
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import threading
 import torch
 
 from loader.config import NetloaderConfig
-from loader.identity import RankIdentity
-from loader.process_exit import on_process_exit
+from loader.integration.identity import RankIdentity
+from loader.integration.process_exit import on_process_exit
 from mesh.addresses import join_host_port
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def start_serving(
 ):
     """Start this rank's weight server. Never raises: a rank that cannot serve still runs.
     `device`: the transfer device when some tensors are kept in host memory."""
-    from loader.server import WeightServer
+    from loader.transfer.server import WeightServer
 
     return _start(WeightServer, tensors, identity, config, "serving weights", device)
 
@@ -106,8 +106,8 @@ def start_relay(
     tensors: dict[str, torch.Tensor] | None, identity: RankIdentity, config: NetloaderConfig
 ):
     """Start this rank's server before its weights arrive: a RelayServer over the tensors
-    about to be fetched, forwarding each bucket once verified (see loader.relay)."""
-    from loader.relay import RelayServer
+    about to be fetched, forwarding each bucket once verified (see loader.distribution.relay)."""
+    from loader.distribution.relay import RelayServer
 
     return _start(RelayServer, tensors, identity, config, "serving (verified buckets while still loading)")
 

@@ -3,7 +3,7 @@
 Used by the tests, the demo and the benchmarks: a transformers config, a seeded random
 init saved as safetensors, and a byte-level BPE tokenizer trained on a few lines.
 
-    python -m loader.tiny_checkpoint OUT_DIR [--hidden 256 --layers 2 --seed 0]
+    python -m tests.support.tiny_checkpoint OUT_DIR [--hidden 256 --layers 2 --seed 0]
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 
 from loader.config import MeshConfig
-from loader.identity import RankIdentity
-from loader.process_exit import on_process_exit
-from loader.vllm_compat import VLLM_VERSION
+from loader.integration.identity import RankIdentity
+from loader.integration.process_exit import on_process_exit
+from loader.integration.vllm_compat import VLLM_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class MeshPresence:
             time.sleep(POLL_S)
 
     def upstream_rows(self) -> list[dict]:
-        """The gossip table as `loader.upstream_choice` reads it: compatible members that
+        """The gossip table as `loader.distribution.upstream_choice` reads it: compatible members that
         hold or are receiving this rank's weights, with their transfer status."""
         agent = self._agent
         if agent is None:

@@ -1,5 +1,5 @@
 """A starting rank's mesh stage: attach to the best upstream the gossip table offers and
-re-attach until the weights are in (decisions: loader.reattach; ranking: loader.ranking).
+re-attach until the weights are in (decisions: loader.distribution.reattach; ranking: loader.distribution.ranking).
 Every attempt continues from the buckets verified so far."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import random
 import time
 from collections.abc import Callable
 
-from loader.client import FetchOutcome, FetchRequest
-from loader.reattach import Attempt, GiveUp, Reattach, ReattachPolicy
+from loader.distribution.reattach import Attempt, GiveUp, Reattach, ReattachPolicy
+from loader.transfer.client import FetchOutcome, FetchRequest
 
 log = logging.getLogger(__name__)
 

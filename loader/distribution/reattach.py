@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from loader.protocol import is_retryable
-from loader.ranking import rank_upstreams
+from loader.distribution.ranking import rank_upstreams
+from loader.transfer.protocol import is_retryable
 
 BUSY_BACKOFF_CAP_S = 2.0
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from loader import protocol
-from loader.buckets import Bucket, BucketReader, bucket_tag, plan_buckets
-from loader.checksum import algorithm_for_device, checksum_key, digest
 from loader.config import TransferSettings
-from loader.device import TransferDevice, await_work, device_for, session_device_bytes
-from loader.manifest import build_manifest, unique_tensors
-from loader.process_group import (
+from loader.transfer import protocol
+from loader.transfer.buckets import Bucket, BucketReader, bucket_tag, plan_buckets
+from loader.transfer.checksum import algorithm_for_device, checksum_key, digest
+from loader.transfer.device import TransferDevice, await_work, device_for, session_device_bytes
+from loader.transfer.manifest import build_manifest, unique_tensors
+from loader.transfer.process_group import (
     CLIENT_RANK,
     SOURCE_RANK,
     backend_for_device,
@@ -486,7 +486,7 @@ class WeightServer:
             send.complete(device, timeout_s)
 
     def _before_bucket(self, session: _Session, bucket: Bucket) -> None:
-        """Hook run before each bucket is read for sending (loader.relay waits here until
+        """Hook run before each bucket is read for sending (loader.distribution.relay waits here until
         the bucket is verified locally); raise to abort the session."""
 
     # ---- checksums (cached: the served tensors do not change) ------------------------

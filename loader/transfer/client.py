@@ -26,13 +26,19 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from loader import protocol
-from loader.buckets import Bucket, bucket_tag, max_bucket_bytes, plan_buckets, unpack_bucket
-from loader.checksum import checksum_key, digest
 from loader.config import TransferSettings, parse_host_port
-from loader.device import TransferDevice, WorkTimeout, await_work, device_for
-from loader.manifest import Manifest, build_manifest, unique_tensors
-from loader.process_group import (
+from loader.transfer import protocol
+from loader.transfer.buckets import (
+    Bucket,
+    bucket_tag,
+    max_bucket_bytes,
+    plan_buckets,
+    unpack_bucket,
+)
+from loader.transfer.checksum import checksum_key, digest
+from loader.transfer.device import TransferDevice, WorkTimeout, await_work, device_for
+from loader.transfer.manifest import Manifest, build_manifest, unique_tensors
+from loader.transfer.process_group import (
     CLIENT_RANK,
     SOURCE_RANK,
     backend_for_device,
@@ -40,9 +46,9 @@ from loader.process_group import (
     destroy_group,
     wait_for_store,
 )
-from loader.progress import ProgressReporter
-from loader.watchdog import Interrupted, PhaseTimeout, Watchdog
-from loader.write_gate import GateClosed, WriteGate
+from loader.transfer.progress import ProgressReporter
+from loader.transfer.watchdog import Interrupted, PhaseTimeout, Watchdog
+from loader.transfer.write_gate import GateClosed, WriteGate
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +171,7 @@ def fetch_from_sources(
     must reload them (e.g. from disk); once this returns, no failed source can write into
     them any more. Never raises for a source's misbehaviour.
 
-    `observer` (optional, see loader.relay.TransferObserver) is told when a source's
+    `observer` (optional, see loader.distribution.relay.TransferObserver) is told when a source's
     transfer starts, each bucket once it is verified and written, and each failure.
     `resume` carries verified buckets across calls (one is made per call if not given):
     a later attempt only receives what is missing.

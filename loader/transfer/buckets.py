@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loader.manifest import TensorSpec
+from loader.transfer.manifest import TensorSpec
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from loader.model_loader import NetloaderModelLoader
-    from loader.vllm_compat import register_loader
+    from loader.integration.model_loader import NetloaderModelLoader
+    from loader.integration.vllm_compat import register_loader
 
     register_loader(LOAD_FORMAT, NetloaderModelLoader)  # never raises; logs why it could not
     _route_logs_through_vllm()
@@ -37,7 +37,7 @@ def _watch_warm_up() -> None:
     inner = WorkerWrapperBase.__dict__.get("compile_or_warm_up_model")
 
     def compile_or_warm_up_model(self, *args, **kwargs):
-        from loader.serving import warm_up
+        from loader.integration.serving import warm_up
 
         try:
             if inner is not None:
@@ -48,7 +48,7 @@ def _watch_warm_up() -> None:
 
     WorkerWrapperBase.compile_or_warm_up_model = compile_or_warm_up_model
     WorkerWrapperBase._netloader_watches_warm_up = True
-    from loader.serving import warm_up
+    from loader.integration.serving import warm_up
 
     warm_up.watch()
 

@@ -1,0 +1,1 @@
+"""The transfer engine: control protocol, buckets, checksums, process groups, client and server."""
