@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh.addresses import split_host_port, valid_host
+
 ENV_MESH_SEEDS = "NETLOADER_MESH_SEEDS"
 ENV_MESH_SECRET_FILE = "NETLOADER_MESH_SECRET_FILE"
-
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-:]{1,253}$")
 
 
 @dataclass(frozen=True)
@@ -223,24 +222,17 @@ def _require_seconds(key: str, value: Any) -> float:
 
 
 def _require_host(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not _HOST_RE.match(value):
+    if not valid_host(value):
         raise ValueError(f"{key}: expected a host name or IP address, got {value!r}")
     return value
 
 
 def parse_host_port(key: str, value: Any, allow_port_zero: bool = False) -> tuple[str, int]:
     """Split "host:port" (IPv6 as "[::1]:port"); ValueError naming key on bad input."""
-    if not isinstance(value, str) or ":" not in value:
-        raise ValueError(f'{key}: expected "host:port", got {value!r}')
-    host, _, port_text = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or not _HOST_RE.match(host) or not port_text.isdigit():
-        raise ValueError(f'{key}: expected "host:port", got {value!r}')
-    port = int(port_text)
-    if not (0 if allow_port_zero else 1) <= port <= 65535:
-        raise ValueError(f"{key}: port {port} out of range in {value!r}")
-    return host, port
+    try:
+        return split_host_port(value, min_port=0 if allow_port_zero else 1)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
 
 
 def _parse_source(value: Any) -> tuple[SourceEntry, ...]:

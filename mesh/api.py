@@ -50,7 +50,7 @@ class MeshAgent:
         keys: ClusterKeys | None = None,
         insecure: bool = False,
     ) -> None:
-        self._bind_host, self._bind_port = split_host_port(bind)
+        self._bind_host, self._bind_port = split_host_port(bind, wildcard=True)
         self._seed_specs = parse_seed_list(seeds)
         self._keys = keys if keys is not None else load_cluster_keys(secret_file)
         if self._keys is None and not insecure:

@@ -8,6 +8,7 @@ import re
 
 import orjson
 
+from .addresses import split_host_port
 from .members import MAX_META_BYTES, MAX_META_KEY_CHARS, MAX_NAME_CHARS
 
 MAX_META_KEYS = 32
@@ -18,7 +19,6 @@ MAX_INT = 2**53
 MAX_INCARNATION = 2**52
 MAX_HASH = 2**64 - 1
 
-_ADDR_RE = re.compile(r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9_.-]{1,253}):([0-9]{1,5})$")
 _WHITESPACE_RE = re.compile(r"\s")
 
 
@@ -27,10 +27,12 @@ class Invalid(ValueError):
 
 
 def valid_addr(value) -> bool:
-    if not isinstance(value, str) or len(value) > 262:
+    """A member address as the mesh writes it (addresses.join_host_port): IPv6 in brackets."""
+    try:
+        host, _ = split_host_port(value, min_port=1)
+    except ValueError:
         return False
-    m = _ADDR_RE.match(value)
-    return bool(m) and 0 < int(m.group(2)) < 65536
+    return (":" in host) == value.startswith("[")
 
 
 def valid_name(value) -> bool:

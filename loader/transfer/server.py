@@ -36,6 +36,7 @@ from loader.transfer.process_group import (
     create_transfer_group,
     destroy_group,
 )
+from mesh.addresses import outbound_ip
 
 log = logging.getLogger(__name__)
 
@@ -587,15 +588,3 @@ def _peer_address(frame: zmq.Frame) -> str:
         return frame.get("Peer-Address") or ""
     except (zmq.ZMQError, AttributeError):
         return ""
-
-
-def outbound_ip() -> str:
-    """The local address used to reach other hosts (no packet is sent)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect(("10.255.255.255", 1))
-        return probe.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-    finally:
-        probe.close()
