@@ -59,12 +59,3 @@ def entry_digest(name: str, incarnation: int, state: int) -> int:
         f"{name}\x00{incarnation}\x00{state}".encode(), digest_size=8
     ).digest()
     return int.from_bytes(raw, "big")
-
-
-def merge_views(entries: list[Entry]) -> dict[str, Entry]:
-    """The view obtained by merging `entries` in any order (what the core converges to; used by tests)."""
-    view: dict[str, Entry] = {}
-    for e in entries:
-        if e.supersedes(view.get(e.name)):
-            view[e.name] = e
-    return view

@@ -22,8 +22,6 @@ and BLAKE3 still resists forgery, but the device hash does not.
 
 from __future__ import annotations
 
-import secrets
-
 import blake3
 import torch
 
@@ -48,11 +46,6 @@ def checksum_key(cluster_keys) -> bytes:
     if cluster_keys is None:
         return PUBLIC_KEY
     return blake3.blake3(cluster_keys.secret, derive_key_context=_KEY_CONTEXT).digest()
-
-
-def new_key() -> bytes:
-    """A random key (tests, and anything that must not share the cluster's)."""
-    return secrets.token_bytes(KEY_BYTES)
 
 
 def algorithm_for_device(device_type: str) -> str:

@@ -17,7 +17,6 @@ asynchronous fake (tests/transfer/fake_device.py) through `device_for`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -51,10 +50,6 @@ class TransferDevice:
         if self.device.index is not None:
             torch.accelerator.set_device_index(self.device.index)
         torch.accelerator.set_stream(self.stream)
-
-    def on_stream(self):
-        """Make the transfer stream current (a context manager)."""
-        return self.stream if self.stream is not None else contextlib.nullcontext()
 
     def empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)

@@ -29,8 +29,3 @@ class WriteGate:
     def close(self) -> None:
         with self._lock:
             self._open = False
-
-    @property
-    def is_open(self) -> bool:
-        with self._lock:
-            return self._open

@@ -6,7 +6,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.core import MeshCore
-from mesh.members import ALIVE, DEAD, LEFT, SUSPECT, Entry, merge_views
+from mesh.members import ALIVE, DEAD, LEFT, SUSPECT, Entry
+
+
+def merge_views(entries: list[Entry]) -> dict[str, Entry]:
+    """The view obtained by merging `entries` in any order (what the core converges to)."""
+    view: dict[str, Entry] = {}
+    for e in entries:
+        if e.supersedes(view.get(e.name)):
+            view[e.name] = e
+    return view
+
 
 entry_st = st.builds(
     lambda n, a, i, s, m: Entry(n, a, i, s, m if s == ALIVE else {}),

@@ -82,9 +82,6 @@ class FakeAsyncDevice(TransferDevice):
         self._record("set_device")
         FakeAsyncDevice._current.stream = self.stream
 
-    def on_stream(self):
-        raise AssertionError("threads enter the device instead")
-
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         stream = getattr(FakeAsyncDevice._current, "stream", DEFAULT_STREAM)
         self._record(f"copy@{stream.name}")

@@ -1,7 +1,15 @@
+import secrets
+
 import pytest
 import torch
 
-from loader.transfer.checksum import BLAKE3_KEYED, MLH31, algorithm_for_device, digest, new_key
+from loader.transfer.checksum import (
+    BLAKE3_KEYED,
+    KEY_BYTES,
+    MLH31,
+    algorithm_for_device,
+    digest,
+)
 
 KEY = bytes(range(32))
 
@@ -22,7 +30,7 @@ def test_any_single_byte_change_is_detected(algorithm, n):
 @pytest.mark.parametrize("algorithm", [BLAKE3_KEYED, MLH31])
 def test_the_checksum_depends_on_the_key(algorithm):
     data = torch.randint(0, 256, (10_000,), dtype=torch.uint8)
-    assert digest(data, algorithm, KEY) != digest(data, algorithm, new_key())
+    assert digest(data, algorithm, KEY) != digest(data, algorithm, secrets.token_bytes(KEY_BYTES))
 
 
 def test_changes_that_keep_the_old_linear_sum_are_detected():
