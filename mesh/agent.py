@@ -27,9 +27,8 @@ from .selection import Member
 from .transport import Transport
 from .view import ViewEvent
 
-# Member changes are logged under "mesh.api", the name operators (and tests/fleet, which
-# parses these lines) know them by.
-log = logging.getLogger("mesh.api")
+# tests/fleet parses the member changes logged here ("member X is suspect")
+log = logging.getLogger(__name__)
 
 SNAPSHOT_REFRESH_S = 0.2
 SEED_RERESOLVE_S = 10.0

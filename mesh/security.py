@@ -191,7 +191,7 @@ class _AllowedClientKeys:
 class _ContextAuth:
     def __init__(self, context: zmq.Context) -> None:
         self.allowed = _AllowedClientKeys()
-        self.authenticator = ThreadAuthenticator(context, log=logging.getLogger("zmq.auth"))
+        self.authenticator = ThreadAuthenticator(context)
         self.authenticator.start()
         self.authenticator.configure_curve_callback(domain="*", credentials_provider=self.allowed)
 

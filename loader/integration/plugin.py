@@ -6,6 +6,8 @@ server, engine core, workers), so installing this package is all it takes.
 
 import logging
 
+log = logging.getLogger(__name__)
+
 LOAD_FORMAT = "netloader"
 _registered = False
 
@@ -30,7 +32,7 @@ def _watch_warm_up() -> None:
     try:
         from vllm.v1.worker.worker_base import WorkerWrapperBase
     except ImportError:
-        logging.getLogger(__name__).info("netloader: vLLM warm-up not observable here")
+        log.info("netloader: vLLM warm-up not observable here")
         return
     if getattr(WorkerWrapperBase, "_netloader_watches_warm_up", False):
         return

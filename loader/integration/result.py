@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import orjson
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 RESULT_PREFIX = "netloader result: "
 
 
@@ -39,4 +39,4 @@ def _vllm_version() -> str:
 
 
 def log_result(result: LoadResult) -> None:
-    logger.info("%s%s", RESULT_PREFIX, result.to_json())
+    log.info("%s%s", RESULT_PREFIX, result.to_json())

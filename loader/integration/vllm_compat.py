@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TESTED = ("0.30.0", "0.31.0", "0.32.0")
 CHECKED = ("0.33.0",)
@@ -293,7 +293,7 @@ def require() -> None:
     if VLLM_VERSION not in TESTED and not _untested_warned:
         _untested_warned = True
         how = "checked (API read from its wheel), not run" if VLLM_VERSION in CHECKED else "untested"
-        logger.warning(
+        log.warning(
             "netloader on vLLM %s: %s; every vLLM API netloader uses was found (tested: %s)",
             VLLM_VERSION, how, ", ".join(TESTED),
         )
@@ -309,12 +309,12 @@ def register_loader(load_format: str, loader_cls) -> bool:
         if n in SURFACE.problems
     }
     if problems:
-        logger.error("--load-format %s is unavailable: %s", load_format, SURFACE.error(list(problems)))
+        log.error("--load-format %s is unavailable: %s", load_format, SURFACE.error(list(problems)))
         return False
     try:
         SURFACE.found["register_model_loader"](load_format)(loader_cls)
     except Exception as exc:
-        logger.error(
+        log.error(
             "--load-format %s is unavailable: vLLM %s refused the loader: %s",
             load_format, VLLM_VERSION, exc,
         )

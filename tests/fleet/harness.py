@@ -38,7 +38,7 @@ def _node_entry(network, host: int, cfg: dict, log_path: str) -> None:
 
 
 _MEMBER_EVENT = re.compile(
-    r"^(?P<t>\d+\.\d+) (?P<observer>\S+) INFO mesh\.api: member (?P<member>\S+) "
+    r"^(?P<t>\d+\.\d+) (?P<observer>\S+) INFO mesh\.agent: member (?P<member>\S+) "
     r"is (?P<state>suspect|dead)\b"
 )
 
@@ -168,7 +168,7 @@ class Fleet:
 
     def mesh_events(self, since: float, until: float) -> list[tuple[float, str, str, str]]:
         """(time, observer, member, state) for every member seen suspect or dead between
-        `since` and `until`, from the nodes' logs (mesh.api logs state changes)."""
+        `since` and `until`, from the nodes' logs (mesh.agent logs state changes)."""
         events = []
         for name in self.procs:
             path = self.dir / f"{name}.log"

@@ -389,7 +389,7 @@ def run(cfg: dict) -> None:
         format=f"%(created).3f {cfg['name']} %(levelname)s %(name)s: %(message)s",
     )
     # member state changes ("member c3-r0 is suspect"): the harness counts suspicions
-    logging.getLogger("mesh.api").setLevel(min(logging.INFO, logging.getLogger().level))
+    logging.getLogger("mesh.agent").setLevel(min(logging.INFO, logging.getLogger().level))
     d = Path(cfg["dir"])
     code = 0
     try:
