@@ -102,13 +102,18 @@ def _ping_wire(m: Ping) -> dict:
     return wire
 
 
-def _ack_wire(m: Ack) -> dict:
-    wire = {"v": PROTOCOL_VERSION, "t": "ack", "f": m.sender, "q": m.seq}
-    if m.sender_addr is not None:
-        wire["fa"] = m.sender_addr
-    if m.updates:
-        wire["u"] = _updates(m.updates)
+def _with_optional(wire: dict, sender_addr: str | None, updates=()) -> dict:
+    """`wire` plus the sender's address and the piggybacked updates, each when there is one."""
+    if sender_addr is not None:
+        wire["fa"] = sender_addr
+    if updates:
+        wire["u"] = _updates(updates)
     return wire
+
+
+def _ack_wire(m: Ack) -> dict:
+    return _with_optional({"v": PROTOCOL_VERSION, "t": "ack", "f": m.sender, "q": m.seq},
+                          m.sender_addr, m.updates)
 
 
 def _ping_req_wire(m: PingReq) -> dict:
@@ -117,19 +122,13 @@ def _ping_req_wire(m: PingReq) -> dict:
 
 
 def _nack_wire(m: Nack) -> dict:
-    wire = {"v": PROTOCOL_VERSION, "t": "nack", "f": m.sender, "q": m.seq}
-    if m.sender_addr is not None:
-        wire["fa"] = m.sender_addr
-    return wire
+    return _with_optional({"v": PROTOCOL_VERSION, "t": "nack", "f": m.sender, "q": m.seq},
+                          m.sender_addr)
 
 
 def _gossip_wire(m: Gossip) -> dict:
-    wire = {"v": PROTOCOL_VERSION, "t": "gos", "f": m.sender}
-    if m.sender_addr is not None:
-        wire["fa"] = m.sender_addr
-    if m.updates:
-        wire["u"] = _updates(m.updates)
-    return wire
+    return _with_optional({"v": PROTOCOL_VERSION, "t": "gos", "f": m.sender}, m.sender_addr,
+                          m.updates)
 
 
 def _sync_wire(m: Sync) -> dict:
