@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.addresses import split_host_port, valid_host
+from mesh.addresses import parse_seed_list, split_host_port, valid_host
 
 ENV_MESH_SEEDS = "NETLOADER_MESH_SEEDS"
 ENV_MESH_SECRET_FILE = "NETLOADER_MESH_SECRET_FILE"
@@ -263,7 +263,7 @@ def _parse_source(value: Any) -> tuple[SourceEntry, ...]:
 
 
 def _parse_mesh(value: Any, env) -> MeshConfig | None:
-    env_seeds = [s.strip() for s in env.get(ENV_MESH_SEEDS, "").split(",") if s.strip()]
+    env_seeds = parse_seed_list(env.get(ENV_MESH_SEEDS))
     env_secret = env.get(ENV_MESH_SECRET_FILE) or None
     if value is None:
         if not env_seeds:
@@ -286,23 +286,20 @@ def _parse_mesh(value: Any, env) -> MeshConfig | None:
     bind = value.get("bind")
     if bind is not None:
         parse_host_port("mesh.bind", bind, allow_port_zero=True)
+
+    def mesh_key(key: str, check):
+        return _optional(value, key, lambda k, v: check("mesh." + k, v))
+
     return MeshConfig(
         seeds=tuple(seeds),
         bind=bind,
-        secret_file=_optional(value, "secret_file", lambda k, v: _require_str("mesh." + k, v))
-        or env_secret,
-        zone=_optional(value, "zone", lambda k, v: _require_str("mesh." + k, v)),
-        wait_timeout_s=_optional(
-            value, "wait_timeout_s", lambda k, v: _require_seconds("mesh." + k, v)
-        )
-        or MeshConfig.wait_timeout_s,
-        attach_timeout_s=_optional(
-            value, "attach_timeout_s", lambda k, v: _require_seconds("mesh." + k, v)
-        )
+        secret_file=mesh_key("secret_file", _require_str) or env_secret,
+        zone=mesh_key("zone", _require_str),
+        wait_timeout_s=mesh_key("wait_timeout_s", _require_seconds) or MeshConfig.wait_timeout_s,
+        attach_timeout_s=mesh_key("attach_timeout_s", _require_seconds)
         or MeshConfig.attach_timeout_s,
-        name=_optional(value, "name", lambda k, v: _require_str("mesh." + k, v)),
-        insecure=_optional(value, "insecure", lambda k, v: _require_bool("mesh." + k, v))
-        or False,
+        name=mesh_key("name", _require_str),
+        insecure=mesh_key("insecure", _require_bool) or False,
     )
 
 
