@@ -3,8 +3,15 @@ import sys
 
 import pytest
 
-from mesh.addresses import advertise_host, parse_seed_list, resolve_seeds, split_host_port
+from mesh.addresses import (
+    advertise_host,
+    outbound_ip,
+    parse_seed_list,
+    resolve_seeds,
+    split_host_port,
+)
 from mesh.cli import main, parse_meta
+from mesh.fields import valid_addr
 
 
 def test_parse_meta_types():
@@ -21,6 +28,24 @@ def test_split_host_port():
     for bad in ("nohost", "h:port", "h:70000"):
         with pytest.raises(ValueError):
             split_host_port(bad)
+
+
+
+def test_one_parser_serves_bind_config_and_wire():
+    assert split_host_port("*:0", wildcard=True) == ("*", 0)
+    assert split_host_port("[::]:7946") == ("::", 7946)
+    for bad in ("*:1", "a b:1", "a:1\n", "a:+1"):
+        with pytest.raises(ValueError):
+            split_host_port(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        split_host_port("a:0", min_port=1)
+    assert valid_addr("h:1") and valid_addr("[::1]:1")
+    assert not valid_addr("::1:1") and not valid_addr("h:0") and not valid_addr(None)
+
+
+def test_outbound_ip_prefers_the_route_to_a_target():
+    assert outbound_ip(["127.0.0.1"]) == "127.0.0.1"
+    assert outbound_ip(["not an address"]) not in ("", "0.0.0.0")
 
 
 def test_seeds_resolve_to_all_addresses_and_bad_seeds_are_skipped():
