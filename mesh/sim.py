@@ -126,7 +126,6 @@ class Simulator:
         self._seq = 0
         self._generation: dict[str, int] = {}
         self._replies: list[bytes] = []
-        self.delivered = 0
         self.dropped = 0
 
     # ------------------------------------------------------------ membership
@@ -242,7 +241,6 @@ class Simulator:
                     continue  # superseded by an earlier wake-up
                 node.wake_at = math.inf
             else:
-                self.delivered += 1
                 node.transport.inbox.append(payload)
             if node.stalled_until > when:  # a paused process: what arrives queues up
                 self._reschedule(node, node.stalled_until)
