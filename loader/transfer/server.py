@@ -92,7 +92,6 @@ class WeightServer:
         self._manifest = manifest
         self._manifest_digest = manifest.digest()
         self._device = _transfer_device(self._tensors, device)
-        self._algorithm = algorithm_for_device(self._device.type)
         self.fingerprint = fingerprint
         self.rank = rank
         self.settings = settings
@@ -104,7 +103,12 @@ class WeightServer:
             rank, fingerprint, backend_for_device(self._device.type), manifest, settings, self._device
         )
         self.plans = ServedPlans(
-            self._tensors, manifest, self._device, self._algorithm, checksum_key(keys), rank
+            self._tensors,
+            manifest,
+            self._device,
+            algorithm_for_device(self._device.type),
+            checksum_key(keys),
+            rank,
         )
         self.sender = sender_cls(self._tensors, settings.bucket_timeout_s)
         self._sessions: dict[str, _Session] = {}
@@ -316,7 +320,7 @@ class WeightServer:
             session=session.session_id,
             store_port=store_port,
             bucket_bytes=session.bucket_bytes,
-            algorithm=self._algorithm,
+            algorithm=self.plans.algorithm,
             checksums=served.plan.checksums,
             manifest_digest=self._manifest_digest,
             skip=skip,

@@ -54,11 +54,11 @@ def test_a_peer_without_the_session_id_cannot_join_the_transfer_group(monkeypatc
 
     from torch.distributed import PrefixStore, TCPStore
 
-    import loader.transfer.client as client_module
+    import loader.transfer.receive_pipeline as receive_module
     from loader.transfer.process_group import _gloo_group
 
     attacker: dict = {}
-    real_wait = client_module.wait_for_store
+    real_wait = receive_module.wait_for_store
 
     def attack_first(host, port, timeout_s, cancelled=lambda: False):
         real_wait(host, port, timeout_s, cancelled)
@@ -72,7 +72,7 @@ def test_a_peer_without_the_session_id_cannot_join_the_transfer_group(monkeypatc
             except Exception as exc:  # the expected outcome: nobody answers that prefix
                 attacker[prefix] = f"failed: {type(exc).__name__}"
 
-    monkeypatch.setattr(client_module, "wait_for_store", attack_first)
+    monkeypatch.setattr(receive_module, "wait_for_store", attack_first)
     source = make_tensors(7, small=5, big_numel=50_000)
     with in_process_server(source) as server:
         dest = empty_like_all(source)
