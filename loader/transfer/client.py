@@ -174,20 +174,12 @@ def fetch_from_sources(
         return FetchOutcome(False, None, 0, time.monotonic() - started, failures)
     try:
         for source in sources:
-            try:
-                attempt = _SourceAttempt(
-                    source, fingerprint, manifest, unique, rank, settings, keys, context,
-                    observer, resume,
-                )
-                attempt.run()
-            except SourceFailure as exc:
-                reason = str(exc)
-            except Exception as exc:  # never let one source's failure escape
-                log.debug(
-                    "netloader rank %d: unexpected error from %s", rank, source, exc_info=True
-                )
-                reason = f"unexpected {type(exc).__name__}: {str(exc)[:300]}"
-            else:
+            attempt = _SourceAttempt(
+                source, fingerprint, manifest, unique, rank, settings, keys, context,
+                observer, resume,
+            )
+            reason = attempt.failure()
+            if reason is None:
                 return FetchOutcome(
                     True,
                     source,
@@ -225,12 +217,26 @@ class _SourceAttempt:
         self.resumed_bytes = 0
         self.observer = observer
         self.resume: ResumeState = resume
-        devices = {t.device for t in tensors.values()} or {torch.device("cpu")}
+        self.device = torch.device("cpu")  # the destination's, once the attempt runs
+
+    def failure(self) -> str | None:
+        """Run the attempt; the reason it failed, or None. Never raises."""
+        try:
+            self.run()
+        except SourceFailure as exc:
+            return str(exc)
+        except Exception as exc:  # never let one source's failure escape
+            log.debug(
+                "netloader rank %d: unexpected error from %s", self.rank, self.source, exc_info=True
+            )
+            return f"unexpected {type(exc).__name__}: {str(exc)[:300]}"
+        return None
+
+    def run(self) -> None:
+        devices = {t.device for t in self.tensors.values()} or {torch.device("cpu")}
         if len({d.type for d in devices}) != 1:
             raise SourceFailure(f"destination tensors span several device types: {devices}")
         self.device = next(iter(devices))
-
-    def run(self) -> None:
         try:
             host, port = parse_host_port("source", self.source)
         except ValueError as exc:
@@ -260,13 +266,13 @@ class _SourceAttempt:
 
     def _probe(self, host: str, port: int) -> None:
         """A plain TCP connect, to tell 'refused' and 'unreachable' apart from a silent peer."""
-        timeout = self.settings.connect_timeout_s
+        timeout_s = self.settings.connect_timeout_s
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            socket.create_connection((host, port), timeout=timeout_s).close()
         except ConnectionRefusedError:
             raise SourceFailure("connection refused") from None
         except TimeoutError:
-            raise SourceFailure(f"connect timed out after {timeout:g}s") from None
+            raise SourceFailure(f"connect timed out after {timeout_s:g}s") from None
         except OSError as exc:
             raise SourceFailure(f"connect failed: {exc.strerror or exc}") from None
 
@@ -291,8 +297,8 @@ class _SourceAttempt:
         return len(plan_buckets(self.manifest.specs, bucket_bytes))
 
     def _handshake(self, sock: zmq.Socket) -> protocol.Ack:
-        timeout = self.settings.handshake_timeout_s
-        deadline = time.monotonic() + timeout
+        timeout_s = self.settings.handshake_timeout_s
+        deadline = time.monotonic() + timeout_s
         hello = protocol.hello_message(
             self.fingerprint,
             self.rank,
@@ -305,12 +311,12 @@ class _SourceAttempt:
             sock.send(protocol.encode(hello))
         except zmq.Again:
             raise SourceFailure(
-                f"handshake timed out after {timeout:g}s (no ZeroMQ session: the peer is "
+                f"handshake timed out after {timeout_s:g}s (no ZeroMQ session: the peer is "
                 "not a netloader source, is hung, or rejected our cluster key)"
             ) from None
         remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
         if not sock.poll(remaining_ms, zmq.POLLIN):
-            raise SourceFailure(f"handshake timed out after {timeout:g}s (no answer)")
+            raise SourceFailure(f"handshake timed out after {timeout_s:g}s (no answer)")
         try:
             reply = protocol.parse_reply(
                 protocol.decode(sock.recv(zmq.NOBLOCK), self.settings.max_message_bytes),

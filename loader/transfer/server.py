@@ -16,7 +16,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import zmq
@@ -39,24 +38,11 @@ from loader.transfer.process_group import (
 )
 from loader.transfer.served_plans import ServedPlans, choose_bucket_bytes
 from loader.transfer.serving_strategy import FixedTensors, ServedSession, ServingStrategy
+from loader.transfer.sessions import Session, Sessions, join_sessions
 
 log = logging.getLogger(__name__)
 
 _BAD_MESSAGE_LOG_FIRST = 10
-
-
-@dataclass
-class _Session:
-    session_id: str
-    identity: bytes
-    hello: protocol.Hello
-    bucket_bytes: int
-    peer_address: str = ""
-    group_up: bool = False  # process group set up: no longer counts as pending
-    done: threading.Event = field(default_factory=threading.Event)
-    done_message: protocol.Done | None = None
-    pg: object | None = None
-    thread: threading.Thread | None = None
 
 
 class WeightServer:
@@ -111,8 +97,7 @@ class WeightServer:
             rank,
         )
         self.sender = sender_cls(self._tensors, settings.bucket_timeout_s)
-        self._sessions: dict[str, _Session] = {}
-        self._sessions_lock = threading.Lock()
+        self._sessions = Sessions()
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._channel = ControlChannel(
@@ -154,33 +139,30 @@ class WeightServer:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
         """True once the strategy prepared (by default: checksums for the default bucket
         size are cached)."""
-        return self._ready.wait(timeout)
+        return self._ready.wait(timeout_s)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
         self._stopping.set()
         self._channel.stop()
-        sessions = self._abort_all()
-        for s in sessions:
-            if s.thread is not None:
-                s.thread.join(timeout)
-        self._channel.close(timeout)
+        join_sessions(self._sessions.abort_all(), timeout_s, each=True)
+        self._channel.close(timeout_s)
 
     def abort_sessions(self, why: str, drain_s: float) -> None:
         """End every running session (their clients see the transfer fail) and wait up to
         `drain_s` for them to stop reading the tensors."""
-        sessions = self._abort_all(why)
-        deadline = time.monotonic() + drain_s
-        for s in sessions:
-            if s.thread is not None and s.thread is not threading.current_thread():
-                s.thread.join(max(0.0, deadline - time.monotonic()))
+        sessions = self._sessions.abort_all()
+        if sessions:
+            log.info(
+                "netloader server rank %d: aborted %d session(s): %s", self.rank, len(sessions), why[:200]
+            )
+        join_sessions(sessions, drain_s)
 
     @property
     def active_clients(self) -> int:
-        with self._sessions_lock:
-            return len(self._sessions)
+        return len(self._sessions)
 
     # ---- status, from the strategy ---------------------------------------------------
 
@@ -224,21 +206,14 @@ class WeightServer:
             log.info("netloader server rank %d: refused a client: %s", self.rank, reason)
             self._channel.reply(identity, protocol.nack_message(reason))
             return
-        with self._sessions_lock:
-            busy = self._admission.busy(
-                self._sessions.values(), peer_address, bucket_bytes, self.admission
-            )
-            if busy:
-                self._channel.reply(identity, protocol.nack_message(busy, busy=True))
-                return
-            session = _Session(
-                session_id=secrets.token_hex(16),
-                identity=identity,
-                hello=hello,
-                bucket_bytes=bucket_bytes,
-                peer_address=peer_address,
-            )
-            self._sessions[session.session_id] = session
+        session = Session(secrets.token_hex(16), identity, hello, bucket_bytes, peer_address)
+        busy = self._sessions.admit(
+            session,
+            lambda running: self._admission.busy(running, peer_address, bucket_bytes, self.admission),
+        )
+        if busy:
+            self._channel.reply(identity, protocol.nack_message(busy, busy=True))
+            return
         session.thread = threading.Thread(
             target=self._serve_session,
             args=(session,),
@@ -248,8 +223,7 @@ class WeightServer:
         session.thread.start()
 
     def _on_done(self, identity: bytes, done: protocol.Done) -> None:
-        with self._sessions_lock:
-            session = self._sessions.get(done.session)
+        session = self._sessions.get(done.session)
         if session is None:
             if not self._stopping.is_set():
                 self._bad_message("done for an unknown session")
@@ -265,7 +239,7 @@ class WeightServer:
 
     # ---- one client's transfer -------------------------------------------------------
 
-    def _serve_session(self, session: _Session) -> None:
+    def _serve_session(self, session: Session) -> None:
         store_socket = None
         started = time.monotonic()
         device = device_for(self._device)
@@ -291,8 +265,7 @@ class WeightServer:
                 listen_socket=store_socket,
             )
             store_socket = None  # owned by the TCPStore now
-            with self._sessions_lock:
-                session.group_up = True
+            self._sessions.mark_group_up(session)
             to_send = [b for b in plan if b.index not in skip]
             self._send_buckets(session, served, to_send, device)
             self._await_done(session)
@@ -310,11 +283,10 @@ class WeightServer:
                 store_socket.close()
             destroy_group(session.pg)
             device.synchronize()  # after an abort too: nothing of the session still queued
-            with self._sessions_lock:
-                self._sessions.pop(session.session_id, None)
+            self._sessions.remove(session)
 
     def _acknowledge(
-        self, session: _Session, served: ServedSession, store_port: int, skip: frozenset[int]
+        self, session: Session, served: ServedSession, store_port: int, skip: frozenset[int]
     ) -> None:
         ack = protocol.Ack(
             session=session.session_id,
@@ -328,7 +300,7 @@ class WeightServer:
         self._channel.reply(session.identity, protocol.ack_message(ack))
 
     def _send_buckets(
-        self, session: _Session, served: ServedSession, buckets: list[Bucket], device: TransferDevice
+        self, session: Session, served: ServedSession, buckets: list[Bucket], device: TransferDevice
     ) -> None:
         def before_bucket(bucket: Bucket) -> None:
             if self._stopping.is_set():
@@ -337,14 +309,14 @@ class WeightServer:
 
         self.sender.send(session.pg, buckets, device, before_bucket)
 
-    def _await_done(self, session: _Session) -> None:
+    def _await_done(self, session: Session) -> None:
         if not session.done.wait(self.settings.bucket_timeout_s):
             raise TimeoutError("client did not confirm the transfer")
         done = session.done_message
         if done is None or not done.ok:
             raise RuntimeError(f"client reported failure: {done.reason if done else 'stopped'}")
 
-    def _session_failed(self, session: _Session, exc: Exception) -> None:
+    def _session_failed(self, session: Session, exc: Exception) -> None:
         if self._stopping.is_set():
             return
         why = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -354,16 +326,6 @@ class WeightServer:
         log.warning(
             "netloader server rank %d: transfer %s failed: %s", self.rank, session.session_id, why
         )
-
-    def _abort_all(self, why: str | None = None) -> list[_Session]:
-        with self._sessions_lock:
-            sessions = list(self._sessions.values())
-        if sessions and why:
-            log.info("netloader server rank %d: aborting %d session(s): %s", self.rank, len(sessions), why[:200])
-        for s in sessions:
-            s.done.set()
-            destroy_group(s.pg)
-        return sessions
 
     # ---- helpers ---------------------------------------------------------------------
 
