@@ -94,6 +94,10 @@ class _StagingRing:
             self.posted.append((bucket, work, target, slot))
             self.next_post += 1
 
+    def take_oldest(self) -> tuple[Bucket, object, torch.Tensor, int]:
+        """The oldest posted receive: (bucket, work, staging target, slot)."""
+        return self.posted.popleft()
+
     def wait_verified(self) -> None:
         for future in self.verifying:
             if future is not None:
@@ -167,7 +171,7 @@ class ReceivePipeline:
         try:
             while ring.pending():
                 ring.post_ahead(self.pg)
-                bucket, work, target, slot = ring.posted.popleft()
+                bucket, work, target, slot = ring.take_oldest()
                 self._await_bucket(bucket, work, watchdog)
                 ring.verifying[slot] = verifier.submit(self._verify_and_write, bucket, target)
                 progress.advance(bucket.nbytes)
