@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from loader.integration import serving
+from loader.transfer import admission
 from loader.transfer.client import fetch_from_sources
 from loader.transfer.device import session_device_bytes
 from loader.transfer.protocol import is_retryable
@@ -67,10 +68,11 @@ def test_a_source_takes_no_new_client_while_vllm_warms_up():
     assert served.ok, served.failures
 
 
-def test_a_source_without_device_memory_for_a_session_answers_busy():
+def test_a_source_without_device_memory_for_a_session_answers_busy(monkeypatch):
     source = make_tensors(32, small=3, big_numel=1000)
+    # as on a nearly full accelerator
+    monkeypatch.setattr(admission, "free_device_bytes", lambda device: 1 << 20)
     with in_process_server(source) as server:
-        server._free_device_bytes = lambda: 1 << 20  # as on a nearly full accelerator
         outcome = fetch_from_sources([server.endpoint], FINGERPRINT, empty_like_all(source), 0, FAST)
     [(_, reason)] = outcome.failures
     assert "device memory: 1 MiB free, a session needs 2 MiB" in reason and is_retryable(reason)

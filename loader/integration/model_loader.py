@@ -147,7 +147,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 serving.stop_server(relay)
             raise
         if relay is not None:
-            relay.fetch_succeeded()
+            relay.strategy.fetch_succeeded()
         return result, relay
 
     def _fetch_or_read(
@@ -212,8 +212,9 @@ class NetloaderModelLoader(BaseModelLoader):
                 "with `mesh keygen PATH`, the same on every instance) to authenticate sources",
                 identity.rank,
             )
+        observer = relay.strategy if relay is not None else None
         request = FetchRequest(
-            identity.fingerprint, tensors, identity.rank, self.config.settings, keys, relay
+            identity.fingerprint, tensors, identity.rank, self.config.settings, keys, observer
         )
         failures: list[tuple[str, str]] = []
         if plan.mesh and presence is not None:

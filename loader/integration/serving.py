@@ -105,14 +105,15 @@ def start_serving(
 def start_relay(
     tensors: dict[str, torch.Tensor] | None, identity: RankIdentity, config: NetloaderConfig
 ):
-    """Start this rank's server before its weights arrive: a RelayServer over the tensors
-    about to be fetched, forwarding each bucket once verified (see loader.distribution.relay)."""
-    from loader.distribution.relay import RelayServer
+    """Start this rank's server before its weights arrive: a WeightServer over the tensors
+    about to be fetched whose strategy, a relay (`server.strategy`, the fetch's observer),
+    forwards each bucket once verified (see loader.distribution.relay)."""
+    from loader.distribution.relay import relay_server
 
-    return _start(RelayServer, tensors, identity, config, "serving (verified buckets while still loading)")
+    return _start(relay_server, tensors, identity, config, "serving (verified buckets while still loading)")
 
 
-def _start(server_cls, tensors, identity: RankIdentity, config: NetloaderConfig, what: str, device=None):
+def _start(make_server, tensors, identity: RankIdentity, config: NetloaderConfig, what: str, device=None):
     if not config.serves:
         return None
     if tensors is None or identity.fingerprint is None:
@@ -122,7 +123,7 @@ def _start(server_cls, tensors, identity: RankIdentity, config: NetloaderConfig,
         return None
     try:
         keys = cluster_keys(config)
-        server = server_cls(
+        server = make_server(
             tensors,
             identity.fingerprint,
             identity.rank,

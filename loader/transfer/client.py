@@ -8,9 +8,7 @@ source is tried.
 
 No unverified byte ever reaches the destination tensors: every bucket is received into
 a staging slot private to the attempt, verified there, and only then copied into place,
-through a WriteGate that the attempt closes before it returns. A failed source may go
-on sending (a backend cannot cancel a posted receive), but its bytes land in staging
-memory nobody reads again.
+through a WriteGate that the attempt closes before it returns (see receive_pipeline).
 """
 
 from __future__ import annotations
@@ -19,8 +17,6 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -28,31 +24,16 @@ import zmq
 
 from loader.config import TransferSettings, parse_host_port
 from loader.transfer import protocol
-from loader.transfer.buckets import (
-    Bucket,
-    bucket_tag,
-    max_bucket_bytes,
-    plan_buckets,
-    unpack_bucket,
-)
-from loader.transfer.checksum import checksum_key, digest
-from loader.transfer.device import TransferDevice, WorkTimeout, await_work, device_for
+from loader.transfer.buckets import plan_buckets
+from loader.transfer.checksum import checksum_key
+from loader.transfer.device import WorkTimeout
 from loader.transfer.manifest import Manifest, build_manifest, unique_tensors
-from loader.transfer.process_group import (
-    CLIENT_RANK,
-    SOURCE_RANK,
-    backend_for_device,
-    create_transfer_group,
-    destroy_group,
-    wait_for_store,
-)
-from loader.transfer.progress import ProgressReporter
+from loader.transfer.process_group import backend_for_device, destroy_group
+from loader.transfer.receive_pipeline import ChecksumMismatch, Destination, ReceivePipeline
 from loader.transfer.watchdog import Interrupted, PhaseTimeout, Watchdog
-from loader.transfer.write_gate import GateClosed, WriteGate
+from loader.transfer.write_gate import GateClosed
 
 log = logging.getLogger(__name__)
-
-RECV_DEPTH = 4  # staging slots: receives posted ahead of the one being verified
 
 
 @dataclass
@@ -193,20 +174,12 @@ def fetch_from_sources(
         return FetchOutcome(False, None, 0, time.monotonic() - started, failures)
     try:
         for source in sources:
-            try:
-                attempt = _SourceAttempt(
-                    source, fingerprint, manifest, unique, rank, settings, keys, context,
-                    observer, resume,
-                )
-                attempt.run()
-            except SourceFailure as exc:
-                reason = str(exc)
-            except Exception as exc:  # never let one source's failure escape
-                log.debug(
-                    "netloader rank %d: unexpected error from %s", rank, source, exc_info=True
-                )
-                reason = f"unexpected {type(exc).__name__}: {str(exc)[:300]}"
-            else:
+            attempt = _SourceAttempt(
+                source, fingerprint, manifest, unique, rank, settings, keys, context,
+                observer, resume,
+            )
+            reason = attempt.failure()
+            if reason is None:
                 return FetchOutcome(
                     True,
                     source,
@@ -244,12 +217,26 @@ class _SourceAttempt:
         self.resumed_bytes = 0
         self.observer = observer
         self.resume: ResumeState = resume
-        devices = {t.device for t in tensors.values()} or {torch.device("cpu")}
+        self.device = torch.device("cpu")  # the destination's, once the attempt runs
+
+    def failure(self) -> str | None:
+        """Run the attempt; the reason it failed, or None. Never raises."""
+        try:
+            self.run()
+        except SourceFailure as exc:
+            return str(exc)
+        except Exception as exc:  # never let one source's failure escape
+            log.debug(
+                "netloader rank %d: unexpected error from %s", self.rank, self.source, exc_info=True
+            )
+            return f"unexpected {type(exc).__name__}: {str(exc)[:300]}"
+        return None
+
+    def run(self) -> None:
+        devices = {t.device for t in self.tensors.values()} or {torch.device("cpu")}
         if len({d.type for d in devices}) != 1:
             raise SourceFailure(f"destination tensors span several device types: {devices}")
         self.device = next(iter(devices))
-
-    def run(self) -> None:
         try:
             host, port = parse_host_port("source", self.source)
         except ValueError as exc:
@@ -279,13 +266,13 @@ class _SourceAttempt:
 
     def _probe(self, host: str, port: int) -> None:
         """A plain TCP connect, to tell 'refused' and 'unreachable' apart from a silent peer."""
-        timeout = self.settings.connect_timeout_s
+        timeout_s = self.settings.connect_timeout_s
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            socket.create_connection((host, port), timeout=timeout_s).close()
         except ConnectionRefusedError:
             raise SourceFailure("connection refused") from None
         except TimeoutError:
-            raise SourceFailure(f"connect timed out after {timeout:g}s") from None
+            raise SourceFailure(f"connect timed out after {timeout_s:g}s") from None
         except OSError as exc:
             raise SourceFailure(f"connect failed: {exc.strerror or exc}") from None
 
@@ -310,8 +297,8 @@ class _SourceAttempt:
         return len(plan_buckets(self.manifest.specs, bucket_bytes))
 
     def _handshake(self, sock: zmq.Socket) -> protocol.Ack:
-        timeout = self.settings.handshake_timeout_s
-        deadline = time.monotonic() + timeout
+        timeout_s = self.settings.handshake_timeout_s
+        deadline = time.monotonic() + timeout_s
         hello = protocol.hello_message(
             self.fingerprint,
             self.rank,
@@ -324,12 +311,12 @@ class _SourceAttempt:
             sock.send(protocol.encode(hello))
         except zmq.Again:
             raise SourceFailure(
-                f"handshake timed out after {timeout:g}s (no ZeroMQ session: the peer is "
+                f"handshake timed out after {timeout_s:g}s (no ZeroMQ session: the peer is "
                 "not a netloader source, is hung, or rejected our cluster key)"
             ) from None
         remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
         if not sock.poll(remaining_ms, zmq.POLLIN):
-            raise SourceFailure(f"handshake timed out after {timeout:g}s (no answer)")
+            raise SourceFailure(f"handshake timed out after {timeout_s:g}s (no answer)")
         try:
             reply = protocol.parse_reply(
                 protocol.decode(sock.recv(zmq.NOBLOCK), self.settings.max_message_bytes),
@@ -361,23 +348,24 @@ class _SourceAttempt:
             self.observer.transfer_started(self.source, ack, plan)
             for index in sorted(skip):
                 self.observer.bucket_verified(self.source, index)
-        receiver = _BucketReceiver(self, host, ack, [b for b in plan if b.index not in skip])
+        destination = Destination(self.tensors, self.device, self.resume, self.source, self.observer)
+        receiver = ReceivePipeline(
+            host,
+            ack,
+            [b for b in plan if b.index not in skip],
+            destination,
+            self.settings,
+            checksum_key(self.keys),
+            f"netloader rank {self.rank} from {self.source}",
+        )
         try:
             Watchdog().run(
                 receiver.run, on_timeout=receiver.abort, interrupt=lambda: _source_abort(sock, ack)
             )
-        except Interrupted as exc:
-            raise SourceFailure(f"source failed to set up the transfer: {exc}") from None
-        except GateClosed:
-            raise SourceFailure("attempt abandoned") from None
-        except WorkTimeout as exc:
-            raise SourceFailure(str(exc)) from None
-        except PhaseTimeout as exc:
-            raise SourceFailure(str(exc)) from None
-        except SourceFailure:
-            raise
-        except RuntimeError as exc:  # torch.distributed errors: peer died, reset, timeout
-            raise SourceFailure(f"transfer failed: {_first_line(exc)}") from None
+        except (
+            ChecksumMismatch, Interrupted, GateClosed, WorkTimeout, PhaseTimeout, RuntimeError
+        ) as exc:
+            raise SourceFailure(_failure_reason(exc)) from None
         finally:
             # before anything else: from here on this attempt writes nothing, whatever
             # its abandoned threads or the backend still deliver into staging
@@ -385,128 +373,6 @@ class _SourceAttempt:
             self.setup_s = receiver.setup_s
             destroy_group(receiver.pg)
             receiver.device.synchronize()  # nothing of this attempt still queued on it
-
-
-class _BucketReceiver:
-    """The data path: group setup, then each bucket received into a staging slot,
-    verified there (in a helper thread, while the next ones arrive) and copied into the
-    destination through the attempt's gate. `plan` holds only the buckets to receive (a
-    resumed attempt skips verified ones)."""
-
-    def __init__(self, attempt: _SourceAttempt, host: str, ack: protocol.Ack, plan: list[Bucket]):
-        self.attempt = attempt
-        self.settings = attempt.settings
-        self.host = host
-        self.ack = ack
-        self.plan = plan
-        self.pg = None
-        self.setup_s = 0.0
-        self.gate = WriteGate()
-        self.checksum_key = checksum_key(attempt.keys)
-        self.device: TransferDevice = device_for(attempt.device)
-
-    def abort(self) -> None:
-        self.gate.close()
-        destroy_group(self.pg)
-
-    def run(self, watchdog: Watchdog) -> None:
-        self.device.enter_thread()
-        attempt, settings = self.attempt, self.settings
-        watchdog.phase("process-group setup", settings.pg_setup_timeout_s)
-        t0 = time.monotonic()
-        wait_for_store(
-            self.host, self.ack.store_port, settings.pg_setup_timeout_s, watchdog.cancelled.is_set
-        )
-        watchdog.check()
-        self.pg = create_transfer_group(
-            attempt.device.type,
-            self.host,
-            self.ack.store_port,
-            CLIENT_RANK,
-            self.ack.session,
-            settings.pg_setup_timeout_s,
-            settings.bucket_timeout_s,
-        )
-        watchdog.check()
-        self.setup_s = time.monotonic() - t0
-        size = max_bucket_bytes(self.plan)
-        depth = min(RECV_DEPTH, len(self.plan))
-        slots = [self.device.empty(size) for _ in range(depth)]
-        progress = ProgressReporter(
-            sum(b.nbytes for b in self.plan),
-            f"netloader rank {attempt.rank} from {attempt.source}",
-            log,
-            settings.progress_interval_s,
-        )
-        verifier = ThreadPoolExecutor(
-            1, thread_name_prefix="netloader-verify", initializer=self.device.enter_thread
-        )
-        # bucket i uses slot i % depth; a slot is posted again only once the bucket that
-        # used it last was verified and copied out
-        verifying: list[Future | None] = [None] * depth
-        posted: deque[tuple[Bucket, object, torch.Tensor, int]] = deque()
-        next_post = 0
-        try:
-            while next_post < len(self.plan) or posted:
-                while next_post < len(self.plan) and len(posted) < depth:
-                    slot = next_post % depth
-                    previous = verifying[slot]
-                    if previous is not None and not previous.done() and posted:
-                        break  # wait for a receive first; the slot frees up meanwhile
-                    if previous is not None:
-                        previous.result()  # raises the verification failure, if any
-                    bucket = self.plan[next_post]
-                    target = slots[slot][: bucket.nbytes]
-                    work = self.pg.recv([target], SOURCE_RANK, bucket_tag(bucket))
-                    posted.append((bucket, work, target, slot))
-                    next_post += 1
-                bucket, work, target, slot = posted.popleft()
-                # the backend's own timeout (bucket_timeout_s) should fire first; the
-                # watchdog is the backstop for a backend that does not honour it
-                watchdog.phase(
-                    f"bucket {bucket.index}/{len(self.plan)}", _backstop(settings.bucket_timeout_s)
-                )
-                await_work(
-                    work, self.device, settings.bucket_timeout_s,
-                    f"bucket {bucket.index}", watchdog.cancelled.is_set,
-                )
-                watchdog.check()
-                verifying[slot] = verifier.submit(self._verify_and_write, bucket, target)
-                progress.advance(bucket.nbytes)
-            watchdog.phase("checksum verification", settings.bucket_timeout_s)
-            for future in verifying:
-                if future is not None:
-                    future.result()
-        finally:
-            # buckets that arrived whole are still verified (and kept for a resume) when a
-            # later one fails; each verification is bounded, and the gate decides whether
-            # it may still write
-            verifier.shutdown(wait=True)
-
-    def _verify_and_write(self, bucket: Bucket, data: torch.Tensor) -> None:
-        """Check a staged bucket; only then copy it into the destination tensors."""
-        attempt = self.attempt
-        self._check(bucket, data)
-
-        def write() -> None:
-            attempt.resume.forget(bucket.index)
-            unpack_bucket(bucket, data, attempt.tensors, self.device.copy)
-            self.device.synchronize()  # the bytes are in place before anyone is told
-            attempt.resume.record(bucket.index, self.ack.checksums[bucket.index])
-            if attempt.observer is not None:
-                attempt.observer.bucket_verified(attempt.source, bucket.index)
-
-        self.gate.write(write)
-
-    def _check(self, bucket: Bucket, data: torch.Tensor) -> None:
-        expected = self.ack.checksums[bucket.index]
-        t = time.perf_counter()
-        actual = digest(data, self.ack.algorithm, self.checksum_key)
-        log.debug("bucket %d: checksum %.1f ms", bucket.index, 1e3 * (time.perf_counter() - t))
-        if actual != expected:
-            first, last = bucket.items[0].name, bucket.items[-1].name
-            names = first if first == last else f"{first} .. {last}"
-            raise SourceFailure(f"checksum mismatch in bucket {bucket.index} ({names})")
 
 
 def _source_abort(sock: zmq.Socket, ack: protocol.Ack) -> str | None:
@@ -525,8 +391,15 @@ def _source_abort(sock: zmq.Socket, ack: protocol.Ack) -> str | None:
             return reason
 
 
-def _backstop(timeout_s: float) -> float:
-    return timeout_s * 1.2 + 1.0
+def _failure_reason(exc: Exception) -> str:
+    if isinstance(exc, Interrupted):
+        return f"source failed to set up the transfer: {exc}"
+    if isinstance(exc, GateClosed):
+        return "attempt abandoned"
+    if isinstance(exc, (ChecksumMismatch, WorkTimeout, PhaseTimeout)):
+        return str(exc)
+    # torch.distributed errors: peer died, reset, timeout
+    return f"transfer failed: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:

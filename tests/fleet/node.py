@@ -37,13 +37,14 @@ from pathlib import Path
 from loader.config import MeshConfig, TransferSettings
 from loader.distribution.discovery import MeshPresence
 from loader.distribution.reattach import ReattachPolicy
-from loader.distribution.relay import RelayServer
+from loader.distribution.relay import Relay, relay_server
 from loader.distribution.upstream_choice import fetch_with_reattach
 from loader.integration.identity import RankIdentity
 from loader.transfer.buckets import byte_view
 from loader.transfer.client import FetchOutcome, FetchRequest, fetch_from_sources
 from loader.transfer.protocol import is_retryable
 from loader.transfer.server import WeightServer
+from loader.transfer.serving_strategy import FixedTensors
 from mesh.security import load_cluster_keys
 from tests.fleet.checkpoint import content_digest, make_empty, make_reference
 from tests.support.observers import ObserverFanout, ProgressRecorder
@@ -68,19 +69,24 @@ def settings_for(cfg: dict, capacity: int) -> TransferSettings:
     )
 
 
-class FaultySource(WeightServer):
-    """Root source with test faults: a delay per bucket (a slow link on loopback) and
-    bytes changed in one bucket after its checksum was computed (corruption in flight)."""
+class FaultySource(FixedTensors):
+    """Root source's strategy with test faults: a delay per bucket (a slow link on
+    loopback) and bytes changed in one bucket after its checksum was computed
+    (corruption in flight)."""
 
     bucket_delay_s = 0.0
     corrupt_bucket: int | None = None
     _corrupted: tuple[str, int] | None = None  # (tensor, byte) changed; restored later
     _corrupted_by = None  # the session that saw the corruption
 
+    def attach(self, server: WeightServer) -> None:
+        super().attach(server)
+        self._tensors = server.tensors
+
     def _flip(self, where: tuple[str, int]) -> None:
         byte_view(self._tensors[where[0]])[where[1]] ^= 0x40
 
-    def _before_bucket(self, session, bucket) -> None:
+    def before_bucket(self, session, bucket) -> None:
         if self.bucket_delay_s:
             time.sleep(self.bucket_delay_s)
         # a transient fault: once only. The next session may resume past bucket 0 (it
@@ -94,25 +100,25 @@ class FaultySource(WeightServer):
             self._flip(self._corrupted)
 
 
-class CrashingRelay(RelayServer):
+class CrashingRelay(Relay):
     """A relay that records what it forwards and, as a test fault, dies (SIGKILL, like a
     crashed host) when about to forward bucket number `die_after_forwarded + 1`."""
 
     die_after_forwarded: int | None = None
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self) -> None:
+        super().__init__()
         self.forwarded_indices: list[int] = []
 
-    def _before_bucket(self, session, bucket) -> None:
-        super()._before_bucket(session, bucket)
+    def before_bucket(self, session, bucket) -> None:
+        super().before_bucket(session, bucket)
         if (
             self.die_after_forwarded is not None
             and self.buckets_forwarded > self.die_after_forwarded
         ):
             os.kill(os.getpid(), signal.SIGKILL)
         # (upstream attempt number, bucket index): what was forwarded while receiving from whom
-        self.forwarded_indices.append([self._session_generation.value, bucket.index])
+        self.forwarded_indices.append([session.generation, bucket.index])
 
 
 def wait_for(path: Path, deadline_s: float) -> bool:
@@ -140,19 +146,21 @@ def run_source(cfg: dict, d: Path) -> None:
     tensors, each advertised as complete in that wave's mesh, which starts here (seed)."""
     tensors = make_reference(cfg["size_mib"], cfg.get("seed", 0))
     write_json(d / "reference.json", {"digest": content_digest(tensors)})
-    servers: list[FaultySource] = []
+    servers: list[WeightServer] = []
     presences: list[MeshPresence] = []
     for wave in cfg["waves"]:
-        server = FaultySource(
+        faults = FaultySource()
+        faults.bucket_delay_s = cfg.get("bucket_delay_s", 0.0)
+        faults.corrupt_bucket = cfg.get("corrupt_bucket")
+        server = WeightServer(
             tensors,
             wave_fingerprint(wave),
             0,
             settings_for(cfg, wave["capacity"]),
             keys=cluster_keys(cfg),
             host=cfg["host"],
+            strategy=faults,
         )
-        server.bucket_delay_s = cfg.get("bucket_delay_s", 0.0)
-        server.corrupt_bucket = cfg.get("corrupt_bucket")
         server.start()
         server.wait_ready(300)
         servers.append(server)
@@ -269,7 +277,7 @@ def root_endpoint(presence: MeshPresence) -> str:
     return next(r["endpoint"] for r in presence.upstream_rows() if r["name"] == member_name(ROOT))
 
 
-def fetch_chained(cfg: dict, presence: MeshPresence, relay: RelayServer, dest, settings, observer):
+def fetch_chained(cfg: dict, presence: MeshPresence, relay: WeightServer, dest, settings, observer):
     """What loader.integration.model_loader does for a rank with a mesh: candidates, then re-attach."""
     found = presence.candidates()
     if not found.endpoints:
@@ -310,8 +318,11 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
     relay = None
     presence = join_mesh(cfg, wave)
     if mode == "chained":  # every instance relays from the start, like a vLLM rank
-        relay = CrashingRelay(dest, fingerprint, 0, settings, keys=cluster_keys(cfg), host=cfg["host"])
-        relay.die_after_forwarded = cfg.get("die_after_forwarded")
+        crashing = CrashingRelay()
+        crashing.die_after_forwarded = cfg.get("die_after_forwarded")
+        relay = relay_server(
+            dest, fingerprint, 0, settings, crashing, keys=cluster_keys(cfg), host=cfg["host"]
+        )
         relay.start()
         presence.publish(relay)  # state "attaching": not a source until receiving
     wait_converged(presence, [ROOT, *wave["clients"]], deadline)
@@ -324,7 +335,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
         wait_receiving(presence, cfg["after_receiving"], deadline)
     started = time.time()
     if mode == "chained":
-        observer = ObserverFanout(relay, recorder)
+        observer = ObserverFanout(relay.strategy, recorder)
         outcome = fetch_chained(cfg, presence, relay, dest, settings, observer)
         upstream = relay.upstream  # the endpoint that served the successful attempt
         rows = presence.upstream_rows()
@@ -335,7 +346,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
         upstream = ROOT
     ended = time.time()
     if relay is not None and outcome.ok:
-        relay.fetch_succeeded()
+        relay.strategy.fetch_succeeded()
         presence.announce(relay)
     watcher.stop()
     reference = json.loads((d / "reference.json").read_text())["digest"]
@@ -356,7 +367,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
             "resumed_bytes": outcome.resumed_bytes,
             "samples": recorder.samples,
             "events": recorder.events,
-            "forwarded": relay.forwarded_indices if relay is not None else [],
+            "forwarded": relay.strategy.forwarded_indices if relay is not None else [],
             "upstream": upstream,
             "first_seen_receiving": watcher.first_receiving,
             "advertised_receiving": watcher.advertised_receiving,

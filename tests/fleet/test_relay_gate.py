@@ -1,4 +1,4 @@
-"""RelayServer gating, in-process: a bucket is served only once verified, and an
+"""Relay gating, in-process: a bucket is served only once verified, and an
 upstream failure stops every downstream session (no network, no processes)."""
 
 import threading
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loader.config import TransferSettings
-from loader.distribution.relay import NOT_RECEIVING, RelayServer
+from loader.distribution.relay import NOT_RECEIVING, relay_server
 from loader.transfer.buckets import plan_buckets
 from loader.transfer.manifest import build_manifest
 from loader.transfer.protocol import Ack
@@ -18,30 +18,31 @@ FP = "cd" * 32
 
 def make_relay():
     tensors = {f"t{i}": torch.zeros(300_000) for i in range(3)}  # 1.2 MB each: direct
-    relay = RelayServer(tensors, FP, 0, SETTINGS, host="127.0.0.1")
+    server = relay_server(tensors, FP, 0, SETTINGS, host="127.0.0.1")
+    relay = server.strategy
     plan = plan_buckets(build_manifest(tensors).specs, SETTINGS.bucket_bytes)
     ack = Ack(
-        "ab" * 16, 1234, SETTINGS.bucket_bytes, relay._algorithm, ("00",) * len(plan), "ef"
+        "ab" * 16, 1234, SETTINGS.bucket_bytes, server.plans.algorithm, ("00",) * len(plan), "ef"
     )
     return relay, plan, ack
 
 
 def before_bucket(relay, plan, index):
-    relay._plan_for(SETTINGS.bucket_bytes, None)  # what a session does first (records generation)
-    relay._before_bucket(None, plan[index])
+    session = relay.open_session(SETTINGS.bucket_bytes, None)  # what a session does first
+    relay.before_bucket(session, plan[index])
 
 
 def test_not_receiving_refuses_and_has_no_checksums():
     relay, plan, ack = make_relay()
     assert relay.state == "attaching"
     with pytest.raises(RuntimeError):
-        relay._plan_for(SETTINGS.bucket_bytes, None)
+        relay.open_session(SETTINGS.bucket_bytes, None)
     hello = type("H", (), {"rank": 0, "fingerprint": FP, "backend": "gloo"})
-    hello.manifest, hello.max_bucket_bytes = relay._manifest, SETTINGS.bucket_bytes
-    assert relay._refusal_reason(hello) == NOT_RECEIVING
+    hello.max_bucket_bytes = SETTINGS.bucket_bytes
+    assert relay.refusal(hello, SETTINGS.bucket_bytes) == NOT_RECEIVING
     relay.transfer_started("up:1", ack, plan)
-    assert relay._refusal_reason(hello) is None
-    served = relay._plan_for(SETTINGS.bucket_bytes, None)  # the root's checksums
+    assert relay.refusal(hello, SETTINGS.bucket_bytes) is None
+    served = relay.open_session(SETTINGS.bucket_bytes, None).plan  # the root's checksums
     assert (served.buckets, served.checksums) == (plan, ack.checksums)
 
 
@@ -78,11 +79,11 @@ def test_upstream_failure_aborts_waiting_sessions():
     relay, plan, ack = make_relay()
     relay.transfer_started("up:1", ack, plan)
     relay.bucket_verified("up:1", 0)
-    relay._plan_for(SETTINGS.bucket_bytes, None)
+    session = relay.open_session(SETTINGS.bucket_bytes, None)
     relay.attempt_failed("up:1", "checksum mismatch in bucket 1")
     assert relay.state == "attaching"
     with pytest.raises(RuntimeError, match="upstream failed"):
-        relay._before_bucket(None, plan[0])  # even the bucket verified before the failure
+        relay.before_bucket(session, plan[0])  # even the bucket verified before the failure
 
 
 def test_complete_relay_serves_everything():

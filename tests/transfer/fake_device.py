@@ -166,12 +166,14 @@ class FakeAsyncGroup:
 
 def install(monkeypatch) -> type[FakeAsyncDevice]:
     """Make the client and server in this process use the fake device and group."""
-    import loader.transfer.client as client_module
+    import loader.transfer.receive_pipeline as receive_module
+    import loader.transfer.served_plans as plans_module
     import loader.transfer.server as server_module
 
     FakeAsyncDevice.log.clear()
-    for module in (client_module, server_module):
+    for module in (receive_module, server_module):
         real = module.create_transfer_group
         monkeypatch.setattr(module, "create_transfer_group", lambda *a, _r=real, **k: FakeAsyncGroup(_r(*a, **k)))
-        monkeypatch.setattr(module, "device_for", FakeAsyncDevice, raising=False)
+    for module in (receive_module, server_module, plans_module):
+        monkeypatch.setattr(module, "device_for", FakeAsyncDevice)
     return FakeAsyncDevice

@@ -60,13 +60,18 @@ def empty_like_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def in_process_server(
-    tensors, fingerprint: str = FINGERPRINT, server_cls=None, **attrs
+    tensors, fingerprint: str = FINGERPRINT, strategy=None, sender_cls=None, **attrs
 ) -> Iterator:
-    """A started WeightServer (or `server_cls`) on loopback in this process, stopped on exit;
+    """A started WeightServer on loopback in this process, stopped on exit, serving with
+    `strategy` and sending with `sender_cls` (test faults; default: the real ones);
     `attrs` are set on it before it starts (test knobs)."""
+    from loader.transfer.bucket_sender import BucketSender
     from loader.transfer.server import WeightServer
 
-    server = (server_cls or WeightServer)(tensors, fingerprint, 0, FAST, host="127.0.0.1")
+    server = WeightServer(
+        tensors, fingerprint, 0, FAST, host="127.0.0.1", strategy=strategy,
+        sender_cls=sender_cls or BucketSender,
+    )
     for key, value in attrs.items():
         setattr(server, key, value)
     server.start()
@@ -88,6 +93,7 @@ class SourceSpec:
 
 def _source_main(spec: SourceSpec, endpoint_queue, stop_conn) -> None:
     import loader.transfer.server as server_mod
+    from loader.transfer.buckets import BucketReader
 
     tensors = make_tensors(spec.seed, **spec.tensor_kwargs)
     keys = None
@@ -101,7 +107,7 @@ def _source_main(spec: SourceSpec, endpoint_queue, stop_conn) -> None:
     server.start()
     server.wait_ready(60)
     if spec.fault == "kill_mid_transfer":
-        original, sent = server_mod.BucketReader.read, [0]
+        original, sent = BucketReader.read, [0]
 
         def read_then_die(self, *args, **kwargs):
             sent[0] += 1
@@ -109,9 +115,9 @@ def _source_main(spec: SourceSpec, endpoint_queue, stop_conn) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(self, *args, **kwargs)
 
-        server_mod.BucketReader.read = read_then_die
+        BucketReader.read = read_then_die
     elif spec.fault == "hang_after_ack":
-        server._send_buckets = lambda session, plan, device: time.sleep(3600)
+        server.sender.send = lambda pg, buckets, device, before_bucket: time.sleep(3600)
     elif spec.fault == "corrupt_after_checksums":
         tensors["layer3.weight"][1, 1] += 1.0
     endpoint_queue.put(server.endpoint)

@@ -14,12 +14,13 @@ import torch
 import zmq
 
 from loader.config import TransferSettings
-from loader.transfer import protocol
+from loader.transfer import protocol, served_plans
 from loader.transfer import server as server_module
+from loader.transfer.admission import max_pending_per_peer
 from loader.transfer.client import fetch_from_sources
 from loader.transfer.manifest import build_manifest
 from loader.transfer.process_group import CLIENT_RANK
-from loader.transfer.server import BUCKET_SIZES, choose_bucket_bytes, max_pending_per_peer
+from loader.transfer.served_plans import BUCKET_SIZES, choose_bucket_bytes
 from tests.transfer.helpers import (
     FAST,
     FINGERPRINT,
@@ -53,11 +54,11 @@ def test_a_peer_without_the_session_id_cannot_join_the_transfer_group(monkeypatc
 
     from torch.distributed import PrefixStore, TCPStore
 
-    import loader.transfer.client as client_module
+    import loader.transfer.receive_pipeline as receive_module
     from loader.transfer.process_group import _gloo_group
 
     attacker: dict = {}
-    real_wait = client_module.wait_for_store
+    real_wait = receive_module.wait_for_store
 
     def attack_first(host, port, timeout_s, cancelled=lambda: False):
         real_wait(host, port, timeout_s, cancelled)
@@ -71,7 +72,7 @@ def test_a_peer_without_the_session_id_cannot_join_the_transfer_group(monkeypatc
             except Exception as exc:  # the expected outcome: nobody answers that prefix
                 attacker[prefix] = f"failed: {type(exc).__name__}"
 
-    monkeypatch.setattr(client_module, "wait_for_store", attack_first)
+    monkeypatch.setattr(receive_module, "wait_for_store", attack_first)
     source = make_tensors(7, small=5, big_numel=50_000)
     with in_process_server(source) as server:
         dest = empty_like_all(source)
@@ -148,21 +149,20 @@ def test_bucket_sizes_come_from_a_fixed_set():
     assert chosen <= set(BUCKET_SIZES)
 
 
-def test_arbitrary_client_bucket_sizes_do_not_make_the_source_hash_again_and_again():
+def test_arbitrary_client_bucket_sizes_do_not_make_the_source_hash_again_and_again(monkeypatch):
     source = make_tensors(10, small=3, big_numel=1000)
     settings = TransferSettings(**{**FAST.__dict__, "bucket_mb": 64})
     from loader.transfer.server import WeightServer
 
     server = WeightServer(source, FINGERPRINT, 0, settings, host="127.0.0.1")
     hashed: list[int] = []
-    real = server._plan_for.__func__
+    real = served_plans.plan_buckets
 
-    def counting(self, bucket_bytes, device):
-        if bucket_bytes not in self._plans:
-            hashed.append(bucket_bytes)
-        return real(self, bucket_bytes, device)
+    def counting(specs, bucket_bytes):  # planned (and hashed) only when not cached
+        hashed.append(bucket_bytes)
+        return real(specs, bucket_bytes)
 
-    server._plan_for = counting.__get__(server)
+    monkeypatch.setattr(served_plans, "plan_buckets", counting)
     server.start()
     try:
         for size in range(1 << 20, 100 << 20, 3_333_333):  # 30 different sizes

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from loader.config import TransferSettings
-from loader.distribution.relay import RelayServer
+from loader.distribution.relay import relay_server
+from loader.transfer.bucket_sender import BucketSender
 from loader.transfer.client import ResumeState, fetch_from_sources
 from loader.transfer.process_group import destroy_group
-from loader.transfer.server import WeightServer
+from loader.transfer.serving_strategy import FixedTensors
 from tests.transfer import fake_device
 from tests.transfer.helpers import (
     FAST,
@@ -54,12 +55,12 @@ def test_a_transfer_ends_with_the_source_bytes_in_place(monkeypatch):
 
 
 def fetch_after_a_failing_source(bad_cls, seed: int, bucket_timeout_s: float):
-    """A source of `bad_cls`, then a good one; returns the outcome, the destination (after
+    """A source sending with `bad_cls`, then a good one; returns the outcome, the destination (after
     the failed attempt's late garbage had time to land) and the source's tensors."""
     settings = TransferSettings(**{**FAST.__dict__, "bucket_timeout_s": bucket_timeout_s})
     source = make_tensors(seed, small=10, big_numel=300_000)
     dest = empty_like_all(source)
-    with in_process_server(source, server_cls=bad_cls) as bad:
+    with in_process_server(source, sender_cls=bad_cls) as bad:
         with in_process_server(source) as good:
             outcome = fetch_from_sources([bad.endpoint, good.endpoint], FINGERPRINT, dest, 0, settings)
     assert outcome.ok and outcome.peer == good.endpoint, outcome.failures
@@ -67,8 +68,8 @@ def fetch_after_a_failing_source(bad_cls, seed: int, bucket_timeout_s: float):
     return outcome, dest, source
 
 
-class SilentSource(WeightServer):
-    def _send_buckets(self, session, plan, device):
+class SilentSource(BucketSender):
+    def send(self, pg, buckets, device, before_bucket):
         time.sleep(30)  # never sends: the client's receives never complete
 
 
@@ -80,12 +81,12 @@ def test_a_bucket_that_never_arrives_times_out_per_bucket_and_the_next_source_se
     assert_equal(dest, source)
 
 
-class AbortingSource(WeightServer):
+class AbortingSource(BucketSender):
     """Sends two buckets, then aborts its group (a crash, as the client sees it)."""
 
-    def _send_buckets(self, session, plan, device):
-        super()._send_buckets(session, plan[:2], device)
-        destroy_group(session.pg)
+    def send(self, pg, buckets, device, before_bucket):
+        super().send(pg, buckets[:2], device, before_bucket)
+        destroy_group(pg)
         raise RuntimeError("source aborted")
 
 
@@ -102,7 +103,7 @@ def test_resume_across_sources_on_the_fake_device(monkeypatch):
     dest = empty_like_all(source)
     resume = ResumeState()
     short = TransferSettings(**{**FAST.__dict__, "bucket_timeout_s": 2.0})
-    with in_process_server(source, server_cls=AbortingSource) as aborting:
+    with in_process_server(source, sender_cls=AbortingSource) as aborting:
         first = fetch_from_sources([aborting.endpoint], FINGERPRINT, dest, 0, short, resume=resume)
     assert not first.ok and resume.verified_buckets == 2
     with in_process_server(source) as good:
@@ -117,16 +118,16 @@ def test_a_relay_forwards_only_bytes_that_have_landed(monkeypatch):
     fake = fake_device.install(monkeypatch)
     source = make_tensors(25, small=30, big_numel=400_000)
     middle = empty_like_all(source)
-    relay = RelayServer(middle, FINGERPRINT, 0, FAST, host="127.0.0.1")
+    relay = relay_server(middle, FINGERPRINT, 0, FAST, host="127.0.0.1")
     relay.start()
     try:
-        with in_process_server(source, server_cls=_SlowSource) as root:
+        with in_process_server(source, strategy=_SlowSource()) as root:
             import threading
 
             done = {}
             upstream = threading.Thread(
                 target=lambda: done.setdefault(
-                    "middle", fetch_from_sources([root.endpoint], FINGERPRINT, middle, 0, FAST, observer=relay)
+                    "middle", fetch_from_sources([root.endpoint], FINGERPRINT, middle, 0, FAST, observer=relay.strategy)
                 )
             )
             upstream.start()
@@ -144,6 +145,6 @@ def test_a_relay_forwards_only_bytes_that_have_landed(monkeypatch):
         relay.stop()
 
 
-class _SlowSource(WeightServer):
-    def _before_bucket(self, session, bucket):
+class _SlowSource(FixedTensors):
+    def before_bucket(self, session, bucket):
         time.sleep(0.02)

@@ -17,10 +17,13 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.mark.parametrize("algorithm", [BLAKE3_KEYED, MLH31])
-def test_every_checksum_algorithm_round_trips(algorithm):
+def test_every_checksum_algorithm_round_trips(algorithm, monkeypatch):
+    from loader.transfer import server as server_module
+
     source = make_tensors(1, small=5, big_numel=100_000)
-    # _algorithm: as a source on another device type would choose
-    with in_process_server(source, _algorithm=algorithm) as server:
+    # as a source on another device type would choose
+    monkeypatch.setattr(server_module, "algorithm_for_device", lambda device_type: algorithm)
+    with in_process_server(source) as server:
         dest = empty_like_all(source)
         outcome = fetch_from_sources([server.endpoint], FINGERPRINT, dest, 0, FAST)
     assert outcome.ok, outcome.failures
@@ -51,18 +54,18 @@ def test_server_control_loop_goes_idle_after_a_transfer():
         outcome = fetch_from_sources([server.endpoint], FINGERPRINT, empty_like_all(source), 0, FAST)
         assert outcome.ok, outcome.failures
         deadline = time.monotonic() + 10
-        while select.select([server._wake_r], [], [], 0)[0] and time.monotonic() < deadline:
+        while select.select([server._channel._wake_r], [], [], 0)[0] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not select.select([server._wake_r], [], [], 0)[0], "wakeup never consumed"
+        assert not select.select([server._channel._wake_r], [], [], 0)[0], "wakeup never consumed"
 
 
 def test_a_refusal_is_answered_at_once_not_on_the_next_poll_timeout(monkeypatch):
-    from loader.transfer import server as server_module
+    from loader.transfer import control_channel
 
     # a reply queued by the control thread itself used to wait for the poll timeout: with
     # a timeout far beyond the client's handshake timeout, the client would see a timeout
     # instead of the reason
-    monkeypatch.setattr(server_module, "_POLL_MS", 3_600_000)
+    monkeypatch.setattr(control_channel, "_POLL_MS", 3_600_000)
     source = make_tensors(5, small=3, big_numel=1000)
     with in_process_server(source, fingerprint="cd" * 32) as server:  # other fingerprint
         outcome = fetch_from_sources([server.endpoint], FINGERPRINT, empty_like_all(source), 0, FAST)

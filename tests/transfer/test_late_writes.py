@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 
-from loader.distribution.relay import RelayServer
+from loader.distribution.relay import relay_server
+from loader.transfer.bucket_sender import BucketSender
 from loader.transfer.buckets import bucket_tag
 from loader.transfer.client import ResumeState, fetch_from_sources
 from loader.transfer.process_group import CLIENT_RANK
-from loader.transfer.server import WeightServer
 from tests.transfer.helpers import FAST, FINGERPRINT, empty_like_all, in_process_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -25,9 +25,10 @@ pytestmark = pytest.mark.timeout(180)
 WRONG_BYTE = 0x5A
 
 
-class LateCorruptSource(WeightServer):
-    """Announces the true checksums, then sends WRONG_BYTE in every bucket, one bucket
-    every `delay_s`, and goes on after the client's failure (errors ignored)."""
+class LateCorruptSource(BucketSender):
+    """Announces the true checksums (the server does), then sends WRONG_BYTE in every
+    bucket, one bucket every `delay_s`, and goes on after the client's failure (errors
+    ignored)."""
 
     delay_s = 0.4
 
@@ -36,12 +37,12 @@ class LateCorruptSource(WeightServer):
         self.finished = threading.Event()
         self.sent_ok = 0
 
-    def _send_buckets(self, session, plan, device=None):
+    def send(self, pg, buckets, device, before_bucket):
         try:
-            for bucket in plan:
+            for bucket in buckets:
                 data = torch.full((bucket.nbytes,), WRONG_BYTE, dtype=torch.uint8)
                 try:
-                    session.pg.send([data], CLIENT_RANK, bucket_tag(bucket)).wait()
+                    pg.send([data], CLIENT_RANK, bucket_tag(bucket)).wait()
                     self.sent_ok += 1
                 except Exception:
                     pass  # keep sending: the attacker does not stop because we did
@@ -67,8 +68,8 @@ def assert_equal(dest, reference):
         assert torch.equal(dest[name], t), f"{name} holds bytes that were never verified"
 
 
-def wait_finished(server: LateCorruptSource) -> None:
-    assert server.finished.wait(120), "the corrupt source never finished sending"
+def wait_finished(server) -> None:
+    assert server.sender.finished.wait(120), "the corrupt source never finished sending"
     time.sleep(0.5)  # a receive completing just now still lands before we look
 
 
@@ -76,7 +77,7 @@ def wait_finished(server: LateCorruptSource) -> None:
 def test_a_failed_source_cannot_overwrite_what_the_next_source_delivered(make):
     reference = make(1)
     dest = empty_like_all(reference)
-    with in_process_server(make(1), server_cls=LateCorruptSource) as bad:
+    with in_process_server(make(1), sender_cls=LateCorruptSource) as bad:
         with in_process_server(make(1)) as good:
             outcome = fetch_from_sources([bad.endpoint, good.endpoint], FINGERPRINT, dest, 0, FAST)
             assert outcome.ok and outcome.peer == good.endpoint, outcome.failures
@@ -89,7 +90,7 @@ def test_a_failed_source_cannot_overwrite_what_the_next_source_delivered(make):
 def test_a_failed_source_cannot_overwrite_the_disk_fallback(make):
     reference = make(2)
     dest = empty_like_all(reference)
-    with in_process_server(make(2), server_cls=LateCorruptSource) as bad:
+    with in_process_server(make(2), sender_cls=LateCorruptSource) as bad:
         outcome = fetch_from_sources([bad.endpoint], FINGERPRINT, dest, 0, FAST)
         assert not outcome.ok
         for name, t in reference.items():  # what the disk fallback does
@@ -108,7 +109,7 @@ def test_resumed_buckets_stay_verified_after_a_failed_source():
         first = fetch_from_sources([good.endpoint], FINGERPRINT, dest, 0, FAST, resume=resume)
     assert first.ok
     held = resume.verified_buckets
-    with in_process_server(big_tensors(3), server_cls=LateCorruptSource) as bad:
+    with in_process_server(big_tensors(3), sender_cls=LateCorruptSource) as bad:
         # the bad source is offered nothing to skip that it did not announce: it sends all
         resume_for_bad = ResumeState()
         second = fetch_from_sources([bad.endpoint], FINGERPRINT, dest, 0, FAST, resume=resume_for_bad)
@@ -121,15 +122,17 @@ def test_resumed_buckets_stay_verified_after_a_failed_source():
 def test_a_relay_that_falls_back_to_disk_serves_only_the_disk_bytes():
     reference = big_tensors(4)
     dest = empty_like_all(reference)
-    relay = RelayServer(dest, FINGERPRINT, 0, FAST, host="127.0.0.1")
+    relay = relay_server(dest, FINGERPRINT, 0, FAST, host="127.0.0.1")
     relay.start()
     try:
-        with in_process_server(big_tensors(4), server_cls=LateCorruptSource) as bad:
-            outcome = fetch_from_sources([bad.endpoint], FINGERPRINT, dest, 0, FAST, observer=relay)
+        with in_process_server(big_tensors(4), sender_cls=LateCorruptSource) as bad:
+            outcome = fetch_from_sources(
+                [bad.endpoint], FINGERPRINT, dest, 0, FAST, observer=relay.strategy
+            )
             assert not outcome.ok
             for name, t in reference.items():  # the disk fallback
                 dest[name].copy_(t)
-            relay.fetch_succeeded()
+            relay.strategy.fetch_succeeded()
             wait_finished(bad)
         downstream = empty_like_all(reference)
         served = fetch_from_sources([relay.endpoint], FINGERPRINT, downstream, 0, FAST)

@@ -7,7 +7,7 @@ from loader.transfer import protocol
 from loader.transfer.buckets import byte_view
 from loader.transfer.client import ResumeState, SourceFailure, fetch_from_sources
 from loader.transfer.device import device_for
-from loader.transfer.server import WeightServer
+from loader.transfer.serving_strategy import FixedTensors
 from tests.transfer.helpers import (
     FAST,
     FINGERPRINT,
@@ -19,16 +19,18 @@ from tests.transfer.helpers import (
 pytestmark = pytest.mark.timeout(120)
 
 
-class CountingServer(WeightServer):
+class CountingServer(FixedTensors):
     """Records the buckets it sends; can corrupt one bucket's bytes after its checksum."""
 
-    corrupt_bucket: int | None = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, corrupt_bucket: int | None = None):
+        self.corrupt_bucket = corrupt_bucket
         self.sent: list[int] = []
 
-    def _before_bucket(self, session, bucket) -> None:
+    def attach(self, server) -> None:
+        super().attach(server)
+        self._tensors = server.tensors
+
+    def before_bucket(self, session, bucket) -> None:
         self.sent.append(bucket.index)
         if bucket.index == self.corrupt_bucket:  # in flight, as a bad link would
             item = bucket.items[0]
@@ -40,18 +42,18 @@ def test_second_source_sends_only_the_buckets_the_first_did_not_deliver():
     reference = make_tensors(3, small=40, big_numel=600_000)  # the same weights, uncorrupted
     dest = empty_like_all(source)
     resume = ResumeState()
-    with in_process_server(source, server_cls=CountingServer, corrupt_bucket=2) as bad:
+    with in_process_server(source, strategy=CountingServer(corrupt_bucket=2)) as bad:
         first = fetch_from_sources([bad.endpoint], FINGERPRINT, dest, 0, FAST, resume=resume)
     assert not first.ok and "checksum mismatch in bucket 2" in first.failures[0][1]
     held = resume.verified_indices
     assert {0, 1} <= held and 2 not in held  # later ones may have been verified meanwhile
 
-    with in_process_server(reference, server_cls=CountingServer) as good:
+    with in_process_server(reference, strategy=CountingServer()) as good:
         second = fetch_from_sources([good.endpoint], FINGERPRINT, dest, 0, FAST, resume=resume)
-        plan_len = len(good._plan_for(FAST.bucket_bytes, device_for(torch.device("cpu"))).buckets)
+        plan_len = len(good.plans.plan_for(FAST.bucket_bytes, device_for(torch.device("cpu"))).buckets)
     assert second.ok, second.failures
     assert 0 < second.resumed_bytes < second.bytes
-    assert sorted(good.sent) == sorted(set(range(plan_len)) - held)  # nothing verified resent
+    assert sorted(good.strategy.sent) == sorted(set(range(plan_len)) - held)  # nothing verified resent
     for name, t in reference.items():
         assert torch.equal(dest[name], t), name
 

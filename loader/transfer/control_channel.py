@@ -1,0 +1,147 @@
+"""A source's control socket: a ZeroMQ ROUTER owned by one thread, which hands each
+incoming message to the server and sends the replies any thread queued."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from loader.transfer import protocol
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 1000
+
+
+class ControlChannel:
+    """`on_message(frames)` runs on the channel's thread for every message;
+    `reply()` may be called from any thread. With `keys` (mesh.security.ClusterKeys)
+    the socket requires CURVE auth."""
+
+    def __init__(
+        self,
+        on_message: Callable[[list[zmq.Frame]], None],
+        max_message_bytes: int,
+        keys,
+        label: str,
+    ) -> None:
+        self._on_message = on_message
+        self._max_message_bytes = max_message_bytes
+        self._keys = keys
+        self._label = label
+        self._outbox: queue.Queue[tuple[bytes, bytes]] = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._context: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+
+    def bind(self, host: str, port: int) -> int:
+        """Bind (`port=0`: a free port) and return the port."""
+        from mesh.security import secure_server
+
+        self._context = zmq.Context()
+        router = self._context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if ":" in host:
+            router.setsockopt(zmq.IPV6, 1)
+        secure_server(router, self._keys)
+        bind_host = f"[{host}]" if ":" in host else host
+        self._router = router
+        if port:
+            router.bind(f"tcp://{bind_host}:{port}")
+            return port
+        return router.bind_to_random_port(f"tcp://{bind_host}")
+
+    def start(self, thread_name: str) -> None:
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+        self._thread.start()
+
+    def reply(self, identity: bytes, msg: dict) -> None:
+        """Queue a reply; only the channel's thread touches the ROUTER socket."""
+        self._outbox.put((identity, protocol.encode(msg)))
+        if threading.current_thread() is not self._thread:
+            self._wake()
+
+    def stop(self) -> None:
+        """Ask the channel's thread to end (close() waits for it)."""
+        self._stopping.set()
+        self._wake()
+
+    def close(self, timeout_s: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._router is not None:
+            self._router.close(linger=0)
+            self._router = None
+        if self._context is not None:
+            from mesh.security import release_context
+
+            release_context(self._context)
+            self._context.term()
+            self._context = None
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        # pyzmq reports a plain socket by its file descriptor, not the object registered
+        wake_fd = self._wake_r.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
+        while not self._stopping.is_set():
+            try:
+                events = dict(poller.poll(_POLL_MS))
+                if wake_fd in events:
+                    self._drain_wakeups()
+                self._flush_outbox()
+                if self._router in events:
+                    self._handle_incoming()
+                    self._flush_outbox()  # refusals are answered from this thread
+            except Exception:
+                if self._stopping.is_set():
+                    break
+                log.exception("%s: control loop error (continuing)", self._label)
+                time.sleep(0.1)
+
+    def _handle_incoming(self) -> None:
+        for _ in range(100):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_message(frames)
+
+    def _flush_outbox(self) -> None:
+        while True:
+            try:
+                identity, payload = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._router.send_multipart([identity, payload], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.debug("%s: reply dropped: %s", self._label, exc)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # buffer full (a wakeup is already pending) or closed
+
+    def _drain_wakeups(self) -> None:
+        self._wake_r.setblocking(False)
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
