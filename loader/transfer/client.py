@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -30,8 +29,10 @@ from loader.transfer.device import WorkTimeout
 from loader.transfer.manifest import Manifest, build_manifest, unique_tensors
 from loader.transfer.process_group import backend_for_device, destroy_group
 from loader.transfer.receive_pipeline import ChecksumMismatch, Destination, ReceivePipeline
+from loader.transfer.resume import ResumeState, SourceFailure
 from loader.transfer.watchdog import Interrupted, PhaseTimeout, Watchdog
 from loader.transfer.write_gate import GateClosed
+from mesh.addresses import join_host_port, zmq_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -78,60 +79,6 @@ class FetchRequest:
             sources, self.fingerprint, self.tensors, self.rank, self.settings,
             keys=self.keys, observer=self.observer, resume=self.resume,
         )
-
-
-class SourceFailure(Exception):
-    """This source cannot serve us; the message is the reason recorded."""
-
-
-class ResumeState:
-    """Buckets verified in the destination tensors by earlier attempts, with the checksum
-    each was verified against. Passed from attempt to attempt (and source to source) so
-    an interrupted transfer continues where it stopped instead of starting over."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.bucket_bytes: int | None = None
-        self._checksums: dict[int, str] = {}
-
-    def offer(self) -> protocol.Resume | None:
-        with self._lock:
-            if not self._checksums or self.bucket_bytes is None:
-                return None
-            return protocol.Resume.of(self.bucket_bytes, self._checksums)
-
-    def accept(self, ack: protocol.Ack) -> frozenset[int]:
-        """The buckets this attempt skips: those the source says it will not send. Each
-        must be one we verified, against the very checksum the source announces now."""
-        with self._lock:
-            if ack.bucket_bytes != self.bucket_bytes:
-                self.bucket_bytes, self._checksums = ack.bucket_bytes, {}
-            for i in ack.skip:
-                if self._checksums.get(i) != ack.checksums[i]:
-                    self._checksums.clear()
-                    raise SourceFailure(
-                        f"resume: source skips bucket {i}, which we do not hold verified"
-                    )
-            return ack.skip
-
-    def forget(self, index: int) -> None:
-        """About to receive into this bucket again: it is no longer known good."""
-        with self._lock:
-            self._checksums.pop(index, None)
-
-    def record(self, index: int, checksum: str) -> None:
-        with self._lock:
-            self._checksums[index] = checksum
-
-    @property
-    def verified_buckets(self) -> int:
-        with self._lock:
-            return len(self._checksums)
-
-    @property
-    def verified_indices(self) -> frozenset[int]:
-        with self._lock:
-            return frozenset(self._checksums)
 
 
 def fetch_from_sources(
@@ -290,7 +237,7 @@ class _SourceAttempt:
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
         secure_client(sock, self.keys)
-        sock.connect(f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}")
+        sock.connect(zmq_endpoint(join_host_port(host, port)))
         return sock
 
     def _plan_length(self, bucket_bytes: int) -> int:

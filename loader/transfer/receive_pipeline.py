@@ -11,7 +11,6 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,11 +27,9 @@ from loader.transfer.process_group import (
     wait_for_store,
 )
 from loader.transfer.progress import ProgressReporter
+from loader.transfer.resume import ResumeState
 from loader.transfer.watchdog import Watchdog
 from loader.transfer.write_gate import WriteGate
-
-if TYPE_CHECKING:
-    from loader.transfer.client import ResumeState
 
 log = logging.getLogger(__name__)
 

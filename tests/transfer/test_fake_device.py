@@ -13,8 +13,9 @@ import torch
 from loader.config import TransferSettings
 from loader.distribution.relay import relay_server
 from loader.transfer.bucket_sender import BucketSender
-from loader.transfer.client import ResumeState, fetch_from_sources
+from loader.transfer.client import fetch_from_sources
 from loader.transfer.process_group import destroy_group
+from loader.transfer.resume import ResumeState
 from loader.transfer.serving_strategy import FixedTensors
 from tests.transfer import fake_device
 from tests.transfer.helpers import (

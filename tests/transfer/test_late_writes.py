@@ -16,8 +16,9 @@ import torch
 from loader.distribution.relay import relay_server
 from loader.transfer.bucket_sender import BucketSender
 from loader.transfer.buckets import bucket_tag
-from loader.transfer.client import ResumeState, fetch_from_sources
+from loader.transfer.client import fetch_from_sources
 from loader.transfer.process_group import CLIENT_RANK
+from loader.transfer.resume import ResumeState
 from tests.transfer.helpers import FAST, FINGERPRINT, empty_like_all, in_process_server
 
 pytestmark = pytest.mark.timeout(180)

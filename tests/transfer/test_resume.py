@@ -5,8 +5,9 @@ import torch
 
 from loader.transfer import protocol
 from loader.transfer.buckets import byte_view
-from loader.transfer.client import ResumeState, SourceFailure, fetch_from_sources
+from loader.transfer.client import fetch_from_sources
 from loader.transfer.device import device_for
+from loader.transfer.resume import ResumeState, SourceFailure
 from loader.transfer.serving_strategy import FixedTensors
 from tests.transfer.helpers import (
     FAST,
