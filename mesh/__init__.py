@@ -2,7 +2,7 @@
 
     from mesh import MeshAgent
     agent = MeshAgent(bind="0.0.0.0:7946", seeds=["host:7946"], secret_file="/etc/netloader/secret")
-    agent.start(); agent.advertise({...}); agent.find(fingerprint, tp, pp, rank); agent.stop()
+    agent.start(); agent.advertise({...}); agent.members(); agent.stop()
 """
 
 __all__ = ["MeshAgent", "Member", "ProtocolConfig", "load_cluster_keys"]
@@ -14,7 +14,7 @@ def __getattr__(name):  # imported lazily so `import mesh.codec` stays light
 
         return MeshAgent
     if name == "Member":
-        from .selection import Member
+        from .member import Member
 
         return Member
     if name == "ProtocolConfig":

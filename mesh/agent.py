@@ -21,9 +21,9 @@ from types import MappingProxyType
 
 from .codec import Decoder, encode
 from .core import MeshCore
+from .member import Member
 from .members import STATE_NAMES
 from .messages import StatusQuery, StatusReply
-from .selection import Member
 from .transport import Transport
 from .view import ViewEvent
 
@@ -231,8 +231,8 @@ class AgentLoop:
                 state=STATE_NAMES[entry.state],
                 incarnation=entry.incarnation,
                 meta=MappingProxyType(dict(entry.meta)),
-                rtt=info.rtt_s,
-                last_heard=last_heard,
+                rtt_s=info.rtt_s,
+                last_heard_s=last_heard,
                 is_self=is_self,
             )
             members.append(member)

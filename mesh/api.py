@@ -1,7 +1,7 @@
 """MeshAgent: one gossip member, its agent loop (mesh/agent.py) run in real time over
 ZeroMQ by one background thread.
 
-Other threads call find()/members()/advertise(): queries read an immutable snapshot
+Other threads call members()/advertise(): queries read an immutable snapshot
 (published by the agent thread) and never block on the network.
 """
 
@@ -24,8 +24,8 @@ from .agent import AgentLoop
 from .codec import Decoder, validate_meta
 from .config import ProtocolConfig
 from .core import MeshCore
+from .member import Member
 from .security import ClusterKeys, load_cluster_keys
-from .selection import Member, select_sources
 from .transport import ZmqTransport
 
 log = logging.getLogger(__name__)
@@ -155,19 +155,7 @@ class MeshAgent:
 
     def members(self) -> list[Member]:
         """Every member in the local view, ourselves included (is_self=True)."""
-        return list(self._snapshot()[0])
-
-    def _snapshot(self):
-        return ((), None) if self._loop is None else self._loop.snapshot()
-
-    def find(
-        self, fingerprint: str, tp: int, pp: int, rank: int, receiving: bool = False
-    ) -> list[Member]:
-        """Alive, ready members advertising this key; same host, same zone, lower RTT, lower load first.
-        With `receiving`, members advertising state "receiving" (relaying what they verified) too."""
-        members, own = self._snapshot()
-        return select_sources(members, fingerprint, tp, pp, rank, own=own, zone=self.zone,
-                              receiving=receiving)
+        return [] if self._loop is None else list(self._loop.snapshot()[0])
 
     @property
     def meta(self) -> dict:

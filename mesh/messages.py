@@ -115,7 +115,7 @@ class StatusQuery:
 @dataclass(frozen=True, slots=True)
 class StatusReply:
     """The answer to a StatusQuery: the responder's name and one row per member
-    (mesh.selection.Member.as_dict)."""
+    (mesh.member.Member.as_dict)."""
 
     query_id: int
     responder: str

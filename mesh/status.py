@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import zmq
 
@@ -74,14 +76,14 @@ def _short(value, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _ago(seconds) -> str:
-    if seconds is None:
+def _ago(age_s) -> str:
+    if age_s is None:
         return "never"
-    return f"{seconds:.1f}s ago"
+    return f"{age_s:.1f}s ago"
 
 
 def _size(n) -> str:
-    """Bytes a member keeps only to serve (raw copies), human-sized; "-" when not given."""
+    """A byte count, human-sized; "-" when not given."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -91,28 +93,46 @@ def _size(n) -> str:
     return "-"
 
 
+MetaCell = Callable[[Mapping[str, Any]], str]
+
+
+def _text(key: str, width: int) -> MetaCell:
+    return lambda meta: _short(meta.get(key), width)
+
+
+def _shape(meta: Mapping[str, Any]) -> str:
+    tp, pp = meta.get("tp"), meta.get("pp")
+    return f"{tp}x{pp}" if tp is not None or pp is not None else "-"
+
+
+# The metadata shown as columns: well-known keys that netloader ranks advertise (the mesh
+# gives them no meaning; every key is in `--json`). RETAINED: bytes kept only to serve.
+META_COLUMNS: tuple[tuple[str, MetaCell], ...] = (
+    ("FINGERPRINT", _text("fingerprint", 12)),
+    ("VLLM", _text("vllm", 16)),
+    ("TPxPP", _shape),
+    ("RANK", _text("rank", 6)),
+    ("ENDPOINT", _text("endpoint", 28)),
+    ("LOAD", _text("load", 8)),
+    ("RETAINED", lambda meta: _size(meta.get("retained_bytes"))),
+)
+
+
 def format_table(rows: list[dict]) -> str:
     """A text table of member rows; names and metadata come from the network, so nothing
     in it can move the cursor, clear the screen or otherwise talk to the terminal."""
-    header = ["NAME", "ADDRESS", "STATE", "INC", "FINGERPRINT", "VLLM", "TPxPP", "RANK", "ENDPOINT", "LOAD", "RETAINED", "RTT", "LAST HEARD"]
+    header = ["NAME", "ADDRESS", "STATE", "INC", *(h for h, _ in META_COLUMNS), "RTT", "LAST HEARD"]
     table = [header]
     for row in sorted(rows, key=lambda r: r["name"]):
         meta = row.get("meta", {})
-        tp, pp = meta.get("tp"), meta.get("pp")
-        rtt = row.get("rtt")
+        rtt_s = row.get("rtt")
         cells = [
             _short(row["name"], 40),
             row["addr"],
             row["state"],
             str(row["incarnation"]),
-            _short(meta.get("fingerprint"), 12),
-            _short(meta.get("vllm"), 16),
-            f"{tp}x{pp}" if tp is not None or pp is not None else "-",
-            _short(meta.get("rank"), 6),
-            _short(meta.get("endpoint"), 28),
-            _short(meta.get("load"), 8),
-            _size(meta.get("retained_bytes")),
-            "-" if rtt is None else f"{rtt * 1000:.2f}ms",
+            *(cell(meta) for _, cell in META_COLUMNS),
+            "-" if rtt_s is None else f"{rtt_s * 1000:.2f}ms",
             _ago(row.get("last_heard")),
         ]
         table.append([printable(cell) for cell in cells])

@@ -8,10 +8,12 @@ from types import MappingProxyType, SimpleNamespace
 from loader.config import MeshConfig, TransferSettings
 from loader.distribution import discovery
 from loader.distribution.discovery import MeshPresence
+from loader.distribution.peer_record import RankIdentity, TransferState
+from loader.distribution.ranking import Upstream
 from loader.distribution.reattach import Attempt, GiveUp, Reattach, ReattachPolicy, Wait
 from loader.distribution.upstream_choice import fetch_with_reattach
-from loader.integration.identity import RankIdentity
 from loader.transfer.client import FetchRequest
+from mesh.member import Member
 
 IDENTITY = RankIdentity(rank=0, tp=1, pp=1, device="cpu", fingerprint="f" * 64)
 
@@ -22,11 +24,11 @@ class RecordingAgent:
         self.advertised: list[dict] = []
         self.name, self.addr = "me-r0", "127.0.0.1:1"
 
-    def find(self, fingerprint, tp, pp, rank, receiving=False):
-        assert receiving, "the upstream table includes relaying members"
+    def members(self):
         return self.found
 
-    def advertise(self, meta):
+    def advertise(self, meta, replace=False):
+        assert replace, "the record is the whole meta"
         self.advertised.append(dict(meta))
 
 
@@ -45,7 +47,9 @@ def presence(agent):
 
 
 def member(name, rtt=None, **meta):
-    return SimpleNamespace(name=name, rtt=rtt, meta=MappingProxyType(meta))
+    """A member advertising this rank's key (and `meta`)."""
+    key = {"fingerprint": IDENTITY.fingerprint, "tp": 1, "pp": 1, "rank": 0}
+    return Member(name, "10.0.0.2:7946", "alive", 0, MappingProxyType({**key, **meta}), rtt)
 
 
 def test_status_follows_the_relay_and_ready_only_when_complete():
@@ -65,7 +69,7 @@ def test_status_follows_the_relay_and_ready_only_when_complete():
     assert receiving["upstream"] == "10.0.0.1:5000" and receiving["load"] == 1
     assert receiving["capacity"] == 2 and receiving["ready"] is False
     assert complete["ready"] is True and complete["progress"] == 1.0
-    assert complete["upstream"] is None  # removes the key from the gossiped meta
+    assert "upstream" not in complete  # removes the key from the gossiped meta
     assert complete["fingerprint"] == IDENTITY.fingerprint and complete["role"] == "vllm-worker"
 
 
@@ -78,10 +82,16 @@ def test_table_rows_from_members_old_peers_without_status_count_as_complete():
             member("not-serving", endpoint="n:1", state="attaching"),
         ]
     )
-    rows = {r["name"]: r for r in presence(agent).upstream_rows()}
+    rows = {r.name: r for r in presence(agent).upstream_rows()}
     assert sorted(rows) == ["old-peer", "relaying"]
-    assert rows["relaying"]["upstream"] == "root:1" and rows["relaying"]["rtt"] == 0.002
-    assert rows["old-peer"]["state"] == "complete" and rows["old-peer"]["progress"] == 1.0
+    assert rows["relaying"].upstream == "root:1" and rows["relaying"].rtt_s == 0.002
+    assert rows["old-peer"].state is TransferState.COMPLETE and rows["old-peer"].progress == 1.0
+
+
+def upstream(name, endpoint=None, load=0):
+    """A complete upstream in the table, with capacity 1."""
+    return Upstream(name, endpoint or f"{name}:1", TransferState.COMPLETE, progress=1.0, load=load,
+                    capacity=1, upstream=None, zone=None, rtt_s=None)
 
 
 def closed_port() -> str:
@@ -95,7 +105,7 @@ SETTINGS = TransferSettings(connect_timeout_s=0.5, handshake_timeout_s=0.5)
 
 def test_reattach_gives_up_once_the_table_offers_nothing_usable():
     dead = closed_port()
-    row = {"name": "dead", "endpoint": dead, "state": "complete", "load": 0, "capacity": 1}
+    row = upstream("dead", endpoint=dead)
     started = time.monotonic()
     outcome = fetch_with_reattach(
         lambda: [row], "10.0.0.9:5000", FetchRequest("f" * 64, {}, 0, SETTINGS),
@@ -109,7 +119,7 @@ def test_reattach_gives_up_once_the_table_offers_nothing_usable():
 def test_reattach_stops_at_the_deadline_when_upstreams_stay_busy(monkeypatch):
     busy = SimpleNamespace(ok=False, failures=[("a:1", "busy: source busy (1 transfers running)")])
     monkeypatch.setattr(FetchRequest, "from_sources", lambda self, sources: busy)
-    row = {"name": "a", "endpoint": "a:1", "state": "complete", "load": 1, "capacity": 1}
+    row = upstream("a", load=1)
     outcome = fetch_with_reattach(
         lambda: [row], "me:1", FetchRequest("f" * 64, {}, 0, SETTINGS),
         ReattachPolicy(idle_s=0.3, deadline_s=0.6),
@@ -144,7 +154,7 @@ def reattach_delays(monkeypatch, reason):
     refused = SimpleNamespace(ok=False, failures=[("a:1", reason)])
     monkeypatch.setattr(FetchRequest, "from_sources", lambda self, sources: refused)
     monkeypatch.setattr(choice, "time", clock)
-    row = {"name": "a", "endpoint": "a:1", "state": "complete", "load": 0, "capacity": 1}
+    row = upstream("a")
     fetch_with_reattach(
         lambda: [row], "me:1", FetchRequest("f" * 64, {}, 0, SETTINGS),
         ReattachPolicy(deadline_s=30, retry_s=0.05),
@@ -186,10 +196,6 @@ def test_the_status_publisher_follows_the_server_that_replaced_the_relay():
     assert agent.advertised[-1]["retained_bytes"] == 123
     after = agent.advertised[[a["endpoint"] for a in agent.advertised].index(server.endpoint):]
     assert all(a["endpoint"] == server.endpoint for a in after)
-
-
-def upstream(name, **extra):
-    return {"name": name, "endpoint": f"{name}:1", "state": "complete", "load": 0, "capacity": 1, **extra}
 
 
 def test_reattach_decisions_are_a_function_of_table_clock_and_outcomes():

@@ -1,7 +1,7 @@
 """Source planning, the bounded mesh wait, and what a rank serves (no vLLM process needed)."""
 
 import time
-from types import MappingProxyType, SimpleNamespace
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -10,9 +10,10 @@ from torch import nn
 from loader.config import MeshConfig, parse_extra_config
 from loader.distribution import discovery
 from loader.distribution.discovery import MeshPresence, _bind_for_rank
+from loader.distribution.peer_record import RankIdentity
 from loader.distribution.sources import plan_sources
-from loader.integration.identity import RankIdentity
 from loader.integration.model_loader import servable_tensors
+from mesh.member import Member
 
 IDENTITY = RankIdentity(rank=1, tp=2, pp=1, device="cpu", fingerprint="f" * 64)
 
@@ -22,12 +23,9 @@ class FakeAgent:
         self.found, self.others = list(found), others
         self.name, self.addr = "fake", "127.0.0.1:1"
 
-    def find(self, fingerprint, tp, pp, rank, receiving=False):
-        return self.found
-
     def members(self):
-        alive = [SimpleNamespace(is_self=False, state="alive") for _ in range(self.others)]
-        return [SimpleNamespace(is_self=True, state="alive")] + alive
+        alive = [Member(f"other-{i}", "10.0.0.3:1", "alive", 0) for i in range(self.others)]
+        return [Member("fake", self.addr, "alive", 0, is_self=True)] + alive + self.found
 
 
 def presence_with(agent, **mesh):
@@ -37,7 +35,10 @@ def presence_with(agent, **mesh):
 
 
 def member(endpoint):
-    return SimpleNamespace(meta=MappingProxyType({"endpoint": endpoint}))
+    """A ready member advertising this rank's key, serving on `endpoint`."""
+    meta = {"fingerprint": IDENTITY.fingerprint, "tp": 2, "pp": 1, "rank": 1, "ready": True,
+            "endpoint": endpoint}
+    return Member(endpoint, "10.0.0.2:1", "alive", 0, MappingProxyType(meta))
 
 
 def test_mesh_candidates_come_before_static_sources_without_duplicates():

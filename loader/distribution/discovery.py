@@ -3,7 +3,8 @@
 One agent per worker rank, in the worker's own process: vLLM runs each rank in a
 process of its own, so a per-instance agent would need cross-process plumbing, while a
 per-rank agent advertises exactly what that rank can serve and dies with it. The mesh
-is touched only through MeshAgent's query API (find / advertise / members).
+is touched only through MeshAgent's query API (members / advertise); what the metadata
+means is loader.distribution.peer_record, whom to attach to loader.distribution.ranking.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import time
 from dataclasses import dataclass
 
 from loader.config import MeshConfig
-from loader.integration.identity import RankIdentity
-from loader.integration.process_exit import on_process_exit
-from loader.integration.vllm_compat import VLLM_VERSION
+from loader.distribution.peer_record import PeerRecord, RankIdentity, TransferState
+from loader.distribution.ranking import Upstream, rank_upstreams, upstream_table
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +37,30 @@ class Candidates:
 
 
 class MeshPresence:
-    def __init__(self, mesh: MeshConfig, identity: RankIdentity, keys, model_name: str):
+    def __init__(
+        self,
+        mesh: MeshConfig,
+        identity: RankIdentity,
+        keys,
+        model_name: str,
+        vllm_version: str | None = None,
+    ):
         self._mesh = mesh
         self._identity = identity
         self._keys = keys
         self._model_name = model_name
+        self._vllm_version = vllm_version
         self._agent = None
         self._stop = threading.Event()
         self._publisher: threading.Thread | None = None
         self._server = None  # the server whose status is advertised (publish replaces it)
         self._status_lock = threading.Lock()
-        self._last_status: dict | None = None
+        self._last_record: PeerRecord | None = None
         self.start_error: str | None = None
 
     def start(self) -> None:
-        """Join through the seeds. Never raises: a mesh problem means no mesh candidates."""
+        """Join through the seeds. Never raises: a mesh problem means no mesh candidates.
+        The caller stops it (stop() is idempotent, fit for an exit hook)."""
         from mesh.api import MeshAgent
 
         try:
@@ -59,13 +68,12 @@ class MeshPresence:
                 bind=_bind_for_rank(self._mesh.bind, self._identity.rank),
                 seeds=_seeds_for_rank(self._mesh, self._identity.rank),
                 name=_agent_name(self._mesh.name, self._identity.rank),
-                meta=self._base_meta(ready=False),
+                meta=self._record({}).to_meta(),
                 keys=self._keys,
                 zone=self._mesh.zone,
                 insecure=self._mesh.insecure,
             )
             self._agent.start()
-            on_process_exit(self.stop)
         except Exception as exc:
             self._agent = None
             self.start_error = f"agent did not start: {exc}"
@@ -81,11 +89,9 @@ class MeshPresence:
         deadline = time.monotonic() + self._mesh.wait_timeout_s
         first_peer_seen: float | None = None
         while True:
-            found = self._find(self._agent)
+            found = rank_upstreams(self.upstream_rows(), zone=self._mesh.zone)
             if found:
-                return Candidates(
-                    [m.meta["endpoint"] for m in found if m.meta.get("endpoint")], None
-                )
+                return Candidates(found, None)
             now = time.monotonic()
             others = [m for m in self._agent.members() if not m.is_self and m.state == "alive"]
             if others and first_peer_seen is None:
@@ -102,44 +108,14 @@ class MeshPresence:
                 )
             time.sleep(POLL_S)
 
-    def upstream_rows(self) -> list[dict]:
-        """The gossip table as `loader.distribution.upstream_choice` reads it: compatible members that
+    def upstream_rows(self) -> list[Upstream]:
+        """The gossip table as `loader.distribution.ranking` reads it: compatible members that
         hold or are receiving this rank's weights, with their transfer status."""
         agent = self._agent
-        if agent is None:
-            return []
-        rows = []
-        for m in self._find(agent):
-            meta = m.meta
-            state = meta.get("state")
-            if state not in ("complete", "receiving"):
-                state = "complete" if meta.get("ready") else None  # peers without chain status
-            if state is None:
-                continue
-            rows.append(
-                {
-                    "name": m.name,
-                    "endpoint": meta.get("endpoint"),
-                    "state": state,
-                    "load": meta.get("load", 0),
-                    "capacity": meta.get("capacity", 1),
-                    "progress": meta.get("progress", 1.0 if state == "complete" else 0.0),
-                    "upstream": meta.get("upstream"),
-                    "zone": meta.get("zone"),
-                    "rtt": m.rtt,
-                }
-            )
-        return rows
-
-    def _find(self, agent) -> list:
-        """Members holding or receiving this rank's weights, nearest first."""
-        identity = self._identity
-        return agent.find(
-            identity.fingerprint, identity.tp, identity.pp, identity.rank, receiving=True
-        )
+        return upstream_table(agent.members(), self._identity) if agent is not None else []
 
     def members(self) -> list:
-        """Every member in this rank's view of the mesh (mesh.selection.Member)."""
+        """Every member in this rank's view of the mesh (mesh.member.Member)."""
         agent = self._agent
         return agent.members() if agent is not None else []
 
@@ -165,29 +141,29 @@ class MeshPresence:
         self.publish(server)
 
     def _advertise_status(self, server) -> bool:
-        status = _server_status(server)
+        record = self._record(_server_status(server))
+        complete = record.state is TransferState.COMPLETE
         with self._status_lock:
-            if status == self._last_status:
+            if record == self._last_record:
                 return True
             agent = self._agent
             if agent is None:
                 return False
             try:
-                agent.advertise({**self._base_meta(ready=status["state"] == "complete"), **status})
+                agent.advertise(record.to_meta(), replace=True)
             except Exception as exc:
                 logger.warning("rank %d: mesh advertise failed: %s", self._identity.rank, exc)
                 return False
-            became_ready = status["state"] == "complete" and (
-                self._last_status is None or self._last_status["state"] != "complete"
-            )
-            self._last_status = status
+            last = self._last_record
+            became_ready = complete and (last is None or last.state is not TransferState.COMPLETE)
+            self._last_record = record
         if became_ready:
             logger.info(
                 "rank %d: advertised in the mesh as ready: %s (%s), weights on %s",
                 self._identity.rank,
                 agent.name,
                 agent.addr,
-                status["endpoint"],
+                record.endpoint,
             )
         return True
 
@@ -202,34 +178,36 @@ class MeshPresence:
             logger.info("rank %d: leaving the mesh", self._identity.rank)
             agent.stop(leave=True)
 
-    def _base_meta(self, ready: bool) -> dict:
+    def _record(self, status: dict) -> PeerRecord:
+        """This rank's peer record; `status` is its server's (none before publish)."""
         identity = self._identity
-        meta = {
-            "role": ROLE,
-            "model": self._model_name[-64:],
-            "fingerprint": identity.fingerprint or "",
-            "tp": identity.tp,
-            "pp": identity.pp,
-            "rank": identity.rank,
-            "ready": ready,
-            "vllm": VLLM_VERSION[:32],
-        }
-        if self._mesh.zone:
-            meta["zone"] = self._mesh.zone
-        return meta
+        return PeerRecord(
+            role=ROLE,
+            model=self._model_name[-64:],
+            fingerprint=identity.fingerprint or "",
+            tp=identity.tp,
+            pp=identity.pp,
+            rank=identity.rank,
+            ready=status.get("state") is TransferState.COMPLETE,
+            vllm=self._vllm_version[:32] if self._vllm_version else None,
+            zone=self._mesh.zone or None,
+            **status,
+        )
 
 
 def _server_status(server) -> dict:
-    state = getattr(server, "state", "complete")
-    progress = 1.0 if state == "complete" else getattr(server, "verified_fraction", 0.0)
+    """The transfer fields of the peer record, read from the server (a RelayServer while
+    receiving; any other server is complete)."""
+    state = TransferState(getattr(server, "state", "complete"))
+    complete = state is TransferState.COMPLETE
+    progress = 1.0 if complete else getattr(server, "verified_fraction", 0.0)
     return {
         "endpoint": server.endpoint,
         "state": state,
         "progress": round(round(progress / PROGRESS_STEP) * PROGRESS_STEP, 3),
         "load": server.active_clients,
         "capacity": server.settings.max_concurrent_clients,
-        "upstream": getattr(server, "upstream", None) if state != "complete" else None,
-        # bytes kept only to serve (raw copies next to processed weights)
+        "upstream": None if complete else getattr(server, "upstream", None),
         "retained_bytes": getattr(server, "retained_bytes", 0),
     }
 

@@ -1,16 +1,16 @@
-"""Which upstream a new instance attaches to, decided by each instance alone from the
-gossip table: the one ranking rule.
+"""Which upstream a rank attaches to, decided by each rank alone from its view of the
+mesh: the one ranking rule, for the first lookup and for every re-attach.
 
-Every instance advertises (mesh meta, or any table with the same fields): `endpoint`,
-`state` ("complete" | "receiving" | "attaching"), `load` (active downstream transfers),
-`capacity` (how many it serves at once), `progress` (verified fraction), `upstream`
-(the endpoint it receives from) and optionally `zone`; the reader may add `rtt`
-(seconds, measured by its mesh agent). The rule:
+Who qualifies (`upstream_table`): alive members other than ourselves whose peer record
+(loader.distribution.peer_record) has exactly this rank's fingerprint, tp, pp and rank,
+an endpoint, and is ready (complete) or receiving (relaying the buckets it verified).
+Peers that gossip no transfer state count as complete.
 
-    attach to the nearest instance that has or is receiving the weights (same zone,
-    then RTT within a factor of two), least loaded first, complete before receiving,
-    further ahead first, then by name; instances already at capacity go last (they
-    answer "busy").
+In which order (`rank_upstreams`), never ourselves nor our own downstream (a cycle):
+
+    instances already at capacity last (they answer "busy"); then same host, same zone,
+    RTT within a factor of two counting as equally near, least loaded, complete before
+    receiving, further ahead, and the name.
 
 Simultaneous newcomers may pick the same instance; it takes `capacity` of them and
 tells the others "busy", who re-read the table and pick again. With capacity 1
@@ -20,43 +20,93 @@ everywhere this forms a chain behind the root, without a coordinator.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-SERVING_STATES = ("complete", "receiving")
+from loader.distribution.peer_record import PeerRecord, RankIdentity, TransferState
+
+if TYPE_CHECKING:
+    from mesh.member import Member
 
 
-def rtt_class(rtt) -> int:
+@dataclass(frozen=True)
+class Upstream:
+    """A member that holds or is receiving this rank's weights, as the ranking sees it."""
+
+    name: str
+    endpoint: str
+    state: TransferState  # COMPLETE or RECEIVING
+    progress: float
+    load: int
+    capacity: int | None  # None: not advertised, never counted as busy
+    upstream: str | None
+    zone: str | None
+    rtt_s: float | None  # measured by our mesh agent
+    same_host: bool = False
+
+
+def upstream_table(members: Iterable[Member], identity: RankIdentity) -> list[Upstream]:
+    """The members that could serve this rank (untrusted metadata: unreadable ones are skipped)."""
+    members = list(members)
+    own = next((m for m in members if m.is_self), None)
+    own_record = PeerRecord.from_meta(own.meta) if own is not None else None
+    own_meta_host = own_record.host if own_record is not None else None
+    table = []
+    for member in members:
+        record = PeerRecord.from_meta(member.meta)
+        if member.state != "alive" or member.is_self or not _serves(record, identity):
+            continue
+        state = record.state if record.state is TransferState.RECEIVING else TransferState.COMPLETE
+        same_host = (own is not None and member.host == own.host) or (
+            own_meta_host is not None and record.host == own_meta_host
+        )
+        progress = record.progress
+        if progress is None:
+            progress = 1.0 if state is TransferState.COMPLETE else 0.0
+        table.append(
+            Upstream(member.name, record.endpoint, state, progress, record.load or 0,
+                     record.capacity, record.upstream, record.zone, member.rtt_s, same_host)
+        )
+    return table
+
+
+def _serves(record: PeerRecord | None, identity: RankIdentity) -> bool:
+    return (
+        record is not None
+        and bool(record.endpoint)
+        and (record.ready or record.state is TransferState.RECEIVING)
+        and (record.fingerprint, record.tp, record.pp, record.rank)
+        == (identity.fingerprint, identity.tp, identity.pp, identity.rank)
+    )
+
+
+def rtt_class(rtt_s: float | None) -> int:
     """0 below 1 ms, then one class per doubling: links within 2x count as equally near."""
-    if rtt is None or isinstance(rtt, bool) or not isinstance(rtt, (int, float)):
+    if rtt_s is None or not math.isfinite(rtt_s) or rtt_s < 0:
         return 1 << 20
-    if not math.isfinite(rtt) or rtt < 0:
-        return 1 << 20
-    return 0 if rtt < 0.001 else 1 + int(math.log2(rtt * 1000))
+    return 0 if rtt_s < 0.001 else 1 + int(math.log2(rtt_s * 1000))
 
 
-def rank_upstreams(members: list[dict], self_endpoint: str, zone: str | None = None) -> list[str]:
-    """Endpoints to try, best first. `members` are untrusted table rows: bad rows are skipped."""
+def rank_upstreams(
+    table: Iterable[Upstream], self_endpoint: str | None = None, zone: str | None = None
+) -> list[str]:
+    """Endpoints to try, best first."""
     rows = []
-    for m in members:
-        try:
-            name, endpoint, state = str(m["name"]), str(m["endpoint"]), m["state"]
-            load, capacity = int(m.get("load", 0)), int(m.get("capacity", 1))
-            progress = float(m.get("progress", 0.0))
-        except (KeyError, TypeError, ValueError):
-            continue
-        if endpoint == self_endpoint or state not in SERVING_STATES or not endpoint:
-            continue
-        if m.get("upstream") == self_endpoint:
-            continue  # it receives from us: attaching would make a cycle
+    for u in table:
+        if self_endpoint and self_endpoint in (u.endpoint, u.upstream):
+            continue  # ourselves, or it receives from us: attaching would make a cycle
         rows.append(
             (
-                load >= capacity,
-                zone is not None and m.get("zone") != zone,
-                rtt_class(m.get("rtt")),
-                load,
-                state != "complete",
-                -progress,
-                name,
-                endpoint,
+                u.capacity is not None and u.load >= u.capacity,
+                not u.same_host,
+                zone is not None and u.zone != zone,
+                rtt_class(u.rtt_s),
+                u.load,
+                u.state is not TransferState.COMPLETE,
+                -u.progress,
+                u.name,
+                u.endpoint,
             )
         )
     return list(dict.fromkeys(row[-1] for row in sorted(rows)))  # best row per endpoint

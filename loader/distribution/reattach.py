@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from loader.distribution.ranking import rank_upstreams
+from loader.distribution.ranking import Upstream, rank_upstreams
 from loader.transfer.protocol import is_retryable
 
 BUSY_BACKOFF_CAP_S = 2.0
@@ -67,7 +67,7 @@ class Reattach:
     _last_offer: float | None = None
     _resume_at: float = 0.0
 
-    def next(self, now: float, table: list[dict]) -> Attempt | Wait | GiveUp:
+    def next(self, now: float, table: list[Upstream]) -> Attempt | Wait | GiveUp:
         policy = self.policy
         if now - self.started >= policy.deadline_s:
             return GiveUp(

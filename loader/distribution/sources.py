@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loader.config import NetloaderConfig
-from loader.integration.identity import RankIdentity
+from loader.distribution.peer_record import RankIdentity
 
 
 @dataclass

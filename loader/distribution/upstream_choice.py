@@ -1,5 +1,6 @@
 """A starting rank's mesh stage: attach to the best upstream the gossip table offers and
-re-attach until the weights are in (decisions: loader.distribution.reattach; ranking: loader.distribution.ranking).
+re-attach until the weights are in (decisions: loader.distribution.reattach; ranking:
+loader.distribution.ranking).
 Every attempt continues from the buckets verified so far."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import random
 import time
 from collections.abc import Callable
 
+from loader.distribution.ranking import Upstream
 from loader.distribution.reattach import Attempt, GiveUp, Reattach, ReattachPolicy
 from loader.transfer.client import FetchOutcome, FetchRequest
 
@@ -16,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def fetch_with_reattach(
-    read_table: Callable[[], list[dict]],
+    read_table: Callable[[], list[Upstream]],
     self_endpoint: str,
     request: FetchRequest,
     policy: ReattachPolicy,

@@ -1,28 +1,18 @@
-"""Who this worker is, as far as weight exchange cares: rank, shape and fingerprint."""
+"""This worker's RankIdentity (rank, shape and fingerprint), computed from vLLM's config."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
 from loader.config import NetloaderConfig
+from loader.distribution.peer_record import RankIdentity
 from loader.integration.fingerprint import compute_fingerprint
 from loader.integration.vllm_compat import VLLM_VERSION, ModelConfig, VllmConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RankIdentity:
-    rank: int
-    tp: int
-    pp: int
-    device: str
-    fingerprint: str | None
-    fingerprint_error: str | None = None
 
 
 def global_rank() -> int:

@@ -18,11 +18,13 @@ from torch import nn
 
 from loader.config import NetloaderConfig, parse_extra_config
 from loader.distribution.discovery import MeshPresence
+from loader.distribution.peer_record import RankIdentity
 from loader.distribution.reattach import ReattachPolicy
 from loader.distribution.sources import SourcePlan, plan_sources
 from loader.distribution.upstream_choice import fetch_with_reattach
 from loader.integration import serving, vllm_compat
-from loader.integration.identity import RankIdentity, rank_identity
+from loader.integration.identity import rank_identity
+from loader.integration.process_exit import on_process_exit
 from loader.integration.result import LoadResult, log_result
 from loader.integration.vllm_compat import (  # every vLLM API goes through the adapter
     BaseModelLoader,
@@ -109,9 +111,14 @@ class NetloaderModelLoader(BaseModelLoader):
         if self.config.mesh is None:
             return None
         presence = MeshPresence(
-            self.config.mesh, identity, serving.cluster_keys(self.config), model_config.model
+            self.config.mesh,
+            identity,
+            serving.cluster_keys(self.config),
+            model_config.model,
+            vllm_compat.VLLM_VERSION,
         )
         presence.start()
+        on_process_exit(presence.stop)
         return presence
 
     def _fill_weights(

@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from mesh.security import write_secret_file
@@ -146,7 +147,7 @@ class Fleet:
         presence = self.observer(wave_id)
 
         def check() -> bool:
-            for row in presence.upstream_rows():
+            for row in map(asdict, presence.upstream_rows()):
                 if node.node_name(row["name"]) == name and predicate(row):
                     found.update(row)
                     return True

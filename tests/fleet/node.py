@@ -36,10 +36,10 @@ from pathlib import Path
 
 from loader.config import MeshConfig, TransferSettings
 from loader.distribution.discovery import MeshPresence
+from loader.distribution.peer_record import PeerRecord, RankIdentity, TransferState
 from loader.distribution.reattach import ReattachPolicy
 from loader.distribution.relay import Relay, relay_server
 from loader.distribution.upstream_choice import fetch_with_reattach
-from loader.integration.identity import RankIdentity
 from loader.transfer.buckets import byte_view
 from loader.transfer.client import FetchOutcome, FetchRequest, fetch_from_sources
 from loader.transfer.protocol import is_retryable
@@ -221,7 +221,7 @@ def wait_converged(presence: MeshPresence, nodes, deadline_s: float) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if want <= alive_members(presence) and any(
-            r["name"] == root for r in presence.upstream_rows()
+            r.name == root for r in presence.upstream_rows()
         ):
             return
         time.sleep(_WATCH_S)
@@ -249,11 +249,12 @@ class TableWatcher:
         while not self._stop.wait(_WATCH_S):
             now = time.time()
             for r in self.presence.upstream_rows():
-                if r["state"] == "receiving":
-                    self.first_receiving.setdefault(node_name(r["name"]), now)
+                if r.state is TransferState.RECEIVING:
+                    self.first_receiving.setdefault(node_name(r.name), now)
             if self.advertised_receiving is None:
                 own = next((m for m in self.presence.members() if m.is_self), None)
-                if own is not None and own.meta.get("state") == "receiving":
+                record = PeerRecord.from_meta(own.meta) if own is not None else None
+                if record is not None and record.state is TransferState.RECEIVING:
                     self.advertised_receiving = now
 
     def stop(self) -> None:
@@ -265,7 +266,7 @@ def wait_receiving(presence: MeshPresence, node: str, deadline_s: float) -> None
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if any(
-            r["name"] == member_name(node) and r["state"] == "receiving"
+            r.name == member_name(node) and r.state is TransferState.RECEIVING
             for r in presence.upstream_rows()
         ):
             return
@@ -274,7 +275,7 @@ def wait_receiving(presence: MeshPresence, node: str, deadline_s: float) -> None
 
 
 def root_endpoint(presence: MeshPresence) -> str:
-    return next(r["endpoint"] for r in presence.upstream_rows() if r["name"] == member_name(ROOT))
+    return next(r.endpoint for r in presence.upstream_rows() if r.name == member_name(ROOT))
 
 
 def fetch_chained(cfg: dict, presence: MeshPresence, relay: WeightServer, dest, settings, observer):
@@ -339,7 +340,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
         outcome = fetch_chained(cfg, presence, relay, dest, settings, observer)
         upstream = relay.upstream  # the endpoint that served the successful attempt
         rows = presence.upstream_rows()
-        names = {r["endpoint"]: node_name(r["name"]) for r in rows}
+        names = {r.endpoint: node_name(r.name) for r in rows}
         upstream = names.get(upstream, upstream)
     else:
         outcome = fetch_root(cfg, presence, fingerprint, dest, settings, recorder)

@@ -202,24 +202,6 @@ def test_thirty_agents_converge(agents):
     assert converged
 
 
-def test_in_process_agents_find_nearest_ready_source(secret):
-    key = {"fingerprint": "fp", "tp": 1, "pp": 1, "rank": 0}
-    with MeshAgent(bind="127.0.0.1:0", name="seed", meta={**key, "ready": True, "load": 3},
-                   secret_file=secret) as seed, \
-            MeshAgent(bind="127.0.0.1:0", seeds=[seed.addr], name="idle", meta={**key, "load": 0},
-                      secret_file=secret) as idle, \
-            MeshAgent(bind="127.0.0.1:0", seeds=[seed.addr], name="client", secret_file=secret) as client:
-        assert seed.wait_joined(0) and client.wait_joined(10)
-        assert {"seed", "client"} <= {m.name for m in client.members()}  # seed's full view arrived
-        assert wait_for(lambda: len(client.members()) == 3, 10)
-        assert wait_for(lambda: [m.name for m in client.find("fp", 1, 1, 0)] == ["seed"], 10)
-        idle.advertise({"ready": True})
-        assert wait_for(lambda: [m.name for m in client.find("fp", 1, 1, 0)] == ["idle", "seed"], 10)
-        assert client.find("fp", 2, 1, 0) == [] and client.find("other", 1, 1, 0) == []
-        me = next(m for m in client.members() if m.is_self)
-        assert me.name == "client" and me.state == "alive"
-
-
 def test_agent_with_unreachable_seed_starts_and_reports_not_joined(secret):
     agent = MeshAgent(bind="127.0.0.1:0", seeds=["127.0.0.1:9", "no-such-host.invalid:7946"], name="lonely",
                       secret_file=secret)
