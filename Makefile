@@ -80,6 +80,7 @@ bench-transfer: setup
 
 bench-mesh: setup
 	$(PY) -m tests.bench.bench_mesh
+	$(PY) -m tests.bench.mesh_processes
 
 # needs root for network namespaces and tc (falls back to loopback without them)
 bench-scale: setup

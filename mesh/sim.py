@@ -8,7 +8,9 @@ agent loop, which drives its core exactly as a real agent does: leave grace, joi
 detection, seed re-resolution (seeds are node names, resolved to their current
 address), advertise coalescing, status queries. Crashes, restarts and CPU stalls (a
 paused process: messages and timers wait until it resumes, then the messages are
-handled in one batch as a real agent does) are injected by the caller.
+handled in one batch as a real agent does) are injected by the caller. With `poll_s`,
+a node handles what arrives and what falls due up to that much later (uniformly
+drawn), as an agent thread does inside a busy process.
 The same seed gives the same run.
 """
 
@@ -110,8 +112,10 @@ class Simulator:
         config: ProtocolConfig | None = None,
         on_event: EventHook | None = None,
         on_send: SendHook | None = None,
+        poll_s: float = 0.0,
     ) -> None:
         self.seed = seed
+        self.poll_s = poll_s
         self.loss = loss
         self.delay_s = delay_s
         self.config = config or ProtocolConfig()
@@ -245,6 +249,9 @@ class Simulator:
             if node.stalled_until > when:  # a paused process: what arrives queues up
                 self._reschedule(node, node.stalled_until)
                 continue
+            if kind == _MSG and self.poll_s:
+                self._reschedule(node, when + self._lag())
+                continue
             self._step(node)
         self.now = max(self.now, t)
 
@@ -288,7 +295,7 @@ class Simulator:
             loop.close(now)
             return
         # more queued than one step takes: step again at once
-        wakeup = now if transport.inbox else loop.wakeup_at()
+        wakeup = now if transport.inbox else loop.wakeup_at() + self._lag()
         if wakeup < now:
             wakeup = now
         if wakeup < node.wake_at:
@@ -311,6 +318,9 @@ class Simulator:
         if wakeup < node.wake_at:
             node.wake_at = wakeup
             self._push(wakeup, _WAKE, node, None)
+
+    def _lag(self) -> float:
+        return self.rng.uniform(0.0, self.poll_s) if self.poll_s else 0.0
 
     def _push(self, when: float, kind: int, target, payload) -> None:
         self._seq += 1
