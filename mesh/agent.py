@@ -21,8 +21,8 @@ from types import MappingProxyType
 
 from .codec import Decoder, encode
 from .core import MeshCore
+from .entries import STATE_NAMES
 from .member import Member
-from .members import STATE_NAMES
 from .messages import StatusQuery, StatusReply
 from .transport import Transport
 from .view import ViewEvent

@@ -13,7 +13,7 @@ from __future__ import annotations
 import orjson
 
 from .codec import MAX_MESSAGE_BYTES, entry_wire
-from .members import ALIVE, DEAD, Entry
+from .entries import ALIVE, DEAD, Entry
 from .messages import DigestRow
 from .view import View
 

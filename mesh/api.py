@@ -84,14 +84,14 @@ class MeshAgent:
         if self._thread is not None:
             raise RuntimeError("agent already started")
         transport = ZmqTransport(self._bind_host, self._bind_port, self._keys)
-        host = self._advertise or advertise_host(self._bind_host, resolve_seeds(self._seed_specs))
+        seeds = resolve_seeds(self._seed_specs)  # DNS: once per start
+        host = self._advertise or advertise_host(self._bind_host, seeds)
         if self._advertise and ":" in self._advertise and not self._advertise.startswith("["):
             host, port = split_host_port(self._advertise)
             self.addr = join_host_port(host, port)
         else:
             self.addr = join_host_port(host, transport.port)
         self.name = self._requested_name or f"{socket.gethostname()}:{transport.port}"
-        seeds = resolve_seeds(self._seed_specs)
         specs = self._seed_specs
         with self._meta_lock:
             now = time.monotonic()

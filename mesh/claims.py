@@ -24,7 +24,7 @@ import logging
 from collections import Counter
 
 from .codec import MAX_INCARNATION
-from .members import STATE_NAMES, Entry
+from .entries import STATE_NAMES, Entry
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from collections import Counter
 
 import orjson
 
+from .entries import ALIVE, Entry
 from .fields import (
     MAX_HASH,
     MAX_INCARNATION,
@@ -42,7 +43,6 @@ from .fields import (
     valid_name,
     validate_meta,
 )
-from .members import ALIVE, Entry
 from .messages import (
     Ack,
     Delta,

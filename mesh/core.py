@@ -38,7 +38,7 @@ from .awareness import Awareness
 from .claims import ClaimFilter
 from .codec import MAX_INCARNATION, validate_meta
 from .config import ProtocolConfig
-from .members import ALIVE, DEAD, LEFT, SUSPECT, Entry
+from .entries import ALIVE, DEAD, LEFT, SUSPECT, Entry
 from .messages import (
     Ack,
     Delta,

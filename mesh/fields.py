@@ -9,7 +9,7 @@ import re
 import orjson
 
 from .addresses import split_host_port
-from .members import MAX_META_BYTES, MAX_META_KEY_CHARS, MAX_NAME_CHARS
+from .entries import MAX_META_BYTES, MAX_META_KEY_CHARS, MAX_NAME_CHARS
 
 MAX_META_KEYS = 32
 MAX_META_STR_CHARS = 256

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .members import Entry
+from .entries import Entry
 
 # (name, incarnation, state) of one member: what anti-entropy compares
 DigestRow = tuple[str, int, int]

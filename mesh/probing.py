@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .awareness import Awareness
 from .config import ProtocolConfig
-from .members import ALIVE, SUSPECT
+from .entries import ALIVE, SUSPECT
 from .messages import Ack, MemberMessage, Nack, Ping, PingReq
 from .rumors import RumorQueue
 from .view import View

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from .codec import MAX_PIGGYBACK_ENTRIES, entry_size
-from .members import Entry
+from .entries import Entry
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ from .agent import AgentLoop
 from .codec import MAX_STATUS_BYTES, Decoder, encode
 from .config import ProtocolConfig
 from .core import MeshCore, Out
-from .members import STATE_NAMES
+from .entries import STATE_NAMES
 from .messages import StatusQuery, StatusReply
 from .transport import Transport
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .members import Entry
+from .entries import Entry
 
 
 def suspicion_bounds(config, alive: int) -> tuple[float, float, int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from .members import ALIVE, DEAD, LEFT, Entry, entry_digest
+from .entries import ALIVE, DEAD, LEFT, Entry, entry_digest
 
 # (time, member, old state or None, new state or None, incarnation)
 ViewEvent = tuple[float, str, int | None, int | None, int]

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from loader.config import MeshConfig
 from loader.distribution.peer_record import PeerRecord, RankIdentity, TransferState
 from loader.distribution.ranking import Upstream, rank_upstreams, upstream_table
+from mesh.addresses import WILDCARD_HOSTS, join_host_port, split_host_port
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 POLL_S = 0.1
 # Once another member is visible the joiner has had a state sync; give the view this long
@@ -77,7 +78,7 @@ class MeshPresence:
         except Exception as exc:
             self._agent = None
             self.start_error = f"agent did not start: {exc}"
-            logger.warning("rank %d: mesh %s", self._identity.rank, self.start_error)
+            log.warning("rank %d: mesh %s", self._identity.rank, self.start_error)
 
     def candidates(self) -> Candidates:
         """Endpoints of compatible peers that hold or are receiving the weights, nearest and
@@ -152,13 +153,13 @@ class MeshPresence:
             try:
                 agent.advertise(record.to_meta(), replace=True)
             except Exception as exc:
-                logger.warning("rank %d: mesh advertise failed: %s", self._identity.rank, exc)
+                log.warning("rank %d: mesh advertise failed: %s", self._identity.rank, exc)
                 return False
             last = self._last_record
             became_ready = complete and (last is None or last.state is not TransferState.COMPLETE)
             self._last_record = record
         if became_ready:
-            logger.info(
+            log.info(
                 "rank %d: advertised in the mesh as ready: %s (%s), weights on %s",
                 self._identity.rank,
                 agent.name,
@@ -175,7 +176,7 @@ class MeshPresence:
         self._stop.set()
         agent, self._agent = self._agent, None
         if agent is not None:
-            logger.info("rank %d: leaving the mesh", self._identity.rank)
+            log.info("rank %d: leaving the mesh", self._identity.rank)
             agent.stop(leave=True)
 
     def _record(self, status: dict) -> PeerRecord:
@@ -216,9 +217,8 @@ def _bind_for_rank(bind: str | None, rank: int) -> str:
     """`host:port` of the rank's agent: port + rank (so ranks don't collide), 0 stays 0."""
     if not bind:
         return "0.0.0.0:0"
-    host, _, port = bind.rpartition(":")
-    port_num = int(port)
-    return f"{host}:{port_num + rank if port_num else 0}"
+    host, port = split_host_port(bind, wildcard=True)
+    return join_host_port(host, port + rank if port else 0)
 
 
 def _seeds_for_rank(mesh: MeshConfig, rank: int) -> list[str]:
@@ -226,11 +226,9 @@ def _seeds_for_rank(mesh: MeshConfig, rank: int) -> list[str]:
     the ranks of a seedless first instance would each form a mesh of their own."""
     seeds = list(mesh.seeds)
     if rank > 0 and mesh.bind:
-        host, _, port = mesh.bind.rpartition(":")
-        if int(port):
-            if host in ("0.0.0.0", "::", "[::]", ""):
-                host = "127.0.0.1"
-            seeds.append(f"{host}:{port}")
+        host, port = split_host_port(mesh.bind, wildcard=True)
+        if port:
+            seeds.append(join_host_port("127.0.0.1" if host in WILDCARD_HOSTS else host, port))
     return seeds
 
 

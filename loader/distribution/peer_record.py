@@ -19,6 +19,8 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
+from loader.transfer.serving_strategy import TransferState
+
 
 @dataclass(frozen=True)
 class RankIdentity:
@@ -31,12 +33,6 @@ class RankIdentity:
     device: str
     fingerprint: str | None
     fingerprint_error: str | None = None
-
-
-class TransferState(Enum):
-    ATTACHING = "attaching"  # its relay is up but nothing is received yet: not a source
-    RECEIVING = "receiving"  # forwards the buckets it has verified while receiving the rest
-    COMPLETE = "complete"  # holds every weight
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from loader.transfer.buckets import Bucket
 from loader.transfer.protocol import NOT_RECEIVING
 from loader.transfer.served_plans import ServedPlan
 from loader.transfer.server import WeightServer
-from loader.transfer.serving_strategy import ServedSession
+from loader.transfer.serving_strategy import ServedSession, TransferState
 
 log = logging.getLogger(__name__)
 __all__ = ["NOT_RECEIVING", "Relay", "TransferObserver", "relay_server"]
@@ -147,12 +147,12 @@ class Relay:
     # ---- status for the gossip table -------------------------------------------------
 
     @property
-    def state(self) -> str:
-        """One of "complete", "receiving" (can serve verified buckets), "attaching"."""
+    def state(self) -> TransferState:
+        """COMPLETE, RECEIVING (can serve verified buckets) or ATTACHING."""
         with self._cond:
             if self._complete:
-                return "complete"
-            return "receiving" if self._plan is not None else "attaching"
+                return TransferState.COMPLETE
+            return TransferState.RECEIVING if self._plan is not None else TransferState.ATTACHING
 
     @property
     def upstream(self) -> str | None:

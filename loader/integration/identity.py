@@ -12,7 +12,7 @@ from loader.distribution.peer_record import RankIdentity
 from loader.integration.fingerprint import compute_fingerprint
 from loader.integration.vllm_compat import VLLM_VERSION, ModelConfig, VllmConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def global_rank() -> int:
@@ -55,5 +55,5 @@ def rank_identity(
         )
         return RankIdentity(rank, tp, pp, device, fingerprint)
     except (ValueError, OSError) as exc:
-        logger.warning("rank %d: no fingerprint, peers cannot be used: %s", rank, exc)
+        log.warning("rank %d: no fingerprint, peers cannot be used: %s", rank, exc)
         return RankIdentity(rank, tp, pp, device, None, str(exc))

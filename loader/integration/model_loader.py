@@ -39,7 +39,7 @@ from loader.integration.vllm_compat import (  # every vLLM API goes through the 
 )
 from loader.transfer.client import FetchOutcome, FetchRequest, describe_failures
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class NetloaderModelLoader(BaseModelLoader):
@@ -133,7 +133,7 @@ class NetloaderModelLoader(BaseModelLoader):
         a relay started before the fetch, forwarding verified buckets to instances that
         start after this one, and serving everything once the weights are complete."""
         if not self.config.serves:
-            logger.info(
+            log.info(
                 "rank %d: serving weights to other instances is off; set LISTEN_PORT "
                 "(or SOURCE, or mesh) in --model-loader-extra-config to turn it on",
                 identity.rank,
@@ -182,7 +182,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 )
         elif tensors is None:
             failures.append(("-", "model has parameters on the meta device (online quantization)"))
-        logger.info("rank %d: loading from disk (%s)", identity.rank, describe_failures(failures))
+        log.info("rank %d: loading from disk (%s)", identity.rank, describe_failures(failures))
         # The peer may have written part of the weights; the disk load rewrites every one.
         disk = time.monotonic()
         try:
@@ -213,7 +213,7 @@ class NetloaderModelLoader(BaseModelLoader):
         source only sends what an interrupted one did not."""
         keys = serving.cluster_keys(self.config)
         if keys is None:
-            logger.warning(
+            log.warning(
                 "rank %d: fetching weights without authentication: a host on the path can "
                 "impersonate the source and serve wrong weights; set secret_file (a file made "
                 "with `mesh keygen PATH`, the same on every instance) to authenticate sources",

@@ -14,9 +14,9 @@ import torch
 from loader.config import NetloaderConfig
 from loader.integration.identity import RankIdentity
 from loader.integration.process_exit import on_process_exit
-from mesh.addresses import join_host_port
+from mesh.addresses import join_host_port, split_host_port
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _servers: dict[int, object] = {}
@@ -117,7 +117,7 @@ def _start(make_server, tensors, identity: RankIdentity, config: NetloaderConfig
     if not config.serves:
         return None
     if tensors is None or identity.fingerprint is None:
-        logger.warning(
+        log.warning(
             "rank %d: weights not servable (no fingerprint or meta tensors)", identity.rank
         )
         return None
@@ -137,17 +137,17 @@ def _start(make_server, tensors, identity: RankIdentity, config: NetloaderConfig
         server.admission = warm_up.refusal
         server.start()
     except Exception as exc:
-        logger.error("rank %d: weight server did not start: %s", identity.rank, exc)
+        log.error("rank %d: weight server did not start: %s", identity.rank, exc)
         return None
     with _lock:
         old = _servers.pop(identity.rank, None)
         _servers[identity.rank] = server
     if old is not None:
         old.stop()
-    logger.info("rank %d: %s on %s", identity.rank, what, server.endpoint)
+    log.info("rank %d: %s on %s", identity.rank, what, server.endpoint)
     if keys is None:
-        port = int(server.endpoint.rpartition(":")[2])
-        logger.warning(
+        port = split_host_port(server.endpoint)[1]
+        log.warning(
             "rank %d: serving weights without authentication on %s: anyone who can reach it "
             "can read the weights; set secret_file (a file made with `mesh keygen PATH`, the "
             "same on every instance) to require the cluster secret",
@@ -173,7 +173,7 @@ def stop_all() -> None:
         try:
             server.stop()
         except Exception as exc:
-            logger.warning("weight server stop failed: %s", exc)
+            log.warning("weight server stop failed: %s", exc)
 
 
 on_process_exit(stop_all)

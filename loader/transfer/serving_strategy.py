@@ -7,6 +7,7 @@ loader.distribution.relay serves tensors still being fetched, each bucket once v
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from loader.transfer import protocol
@@ -16,6 +17,14 @@ from loader.transfer.served_plans import ServedPlan
 
 if TYPE_CHECKING:
     from loader.transfer.server import WeightServer
+
+
+class TransferState(StrEnum):
+    """What a served rank holds; gossiped as the string (`peer_record`)."""
+
+    ATTACHING = "attaching"  # its relay is up but nothing is received yet: not a source
+    RECEIVING = "receiving"  # forwards the buckets it has verified while receiving the rest
+    COMPLETE = "complete"  # holds every weight
 
 
 @dataclass(eq=False)
@@ -45,8 +54,8 @@ class ServingStrategy(Protocol):
         raise to end the session."""
 
     @property
-    def state(self) -> str:
-        """"complete", "receiving" (can serve some buckets) or "attaching"."""
+    def state(self) -> TransferState:
+        """COMPLETE, RECEIVING (can serve some buckets) or ATTACHING."""
 
     @property
     def upstream(self) -> str | None:
@@ -60,7 +69,7 @@ class ServingStrategy(Protocol):
 class FixedTensors:
     """Serve fixed, fully loaded tensors: every bucket may be sent at once."""
 
-    state = "complete"
+    state = TransferState.COMPLETE
     upstream = None
     verified_fraction = 1.0
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import orjson
 
 from mesh.config import ProtocolConfig
-from mesh.members import ALIVE, DEAD, SUSPECT
+from mesh.entries import ALIVE, DEAD, SUSPECT
 from mesh.sim import Simulator
 from tests.bench.wire_model import WireMeter
 

@@ -138,7 +138,7 @@ def plot(waves: dict[str, dict], single_s: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main() -> None:  # long: the benchmark's phases in the order they run, one script
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--mib", type=int, default=192, help="checkpoint size")

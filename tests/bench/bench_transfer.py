@@ -231,7 +231,7 @@ def _peak_rss() -> int:
 # ---- driver -------------------------------------------------------------------------
 
 
-def main() -> None:
+def main() -> None:  # long: the benchmark's phases in the order they run, one script
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=1025, help="weights size in MiB")
     parser.add_argument("--bucket-mb", type=int, default=64)

@@ -115,6 +115,63 @@ def state_changes(logs: Path) -> list[tuple[float, str, str, str]]:
     return events
 
 
+def measure_steady(procs, n: int, base: int, steady_s: float) -> dict:
+    counters, cpu0, t0 = socket_counters(base, base + n), cpu_seconds(procs), time.monotonic()
+    started = time.time()
+    time.sleep(steady_s)
+    elapsed = time.monotonic() - t0
+    return {
+        "wire_bytes_per_member_s": wire_bytes(counters, socket_counters(base, base + n)) / n / elapsed,
+        "cpu_share_per_agent": (cpu_seconds(procs) - cpu0) / n / elapsed,
+        "started": started,
+        "ended": time.time(),
+    }
+
+
+def kill_some(procs, n: int, kills: int, every_s: float) -> dict[str, float]:
+    """kill -9 `kills` agents spread over the indices, `every_s` apart: name -> time killed."""
+    killed_at = {}
+    for k in range(kills):
+        index = 1 + (k * (n - 1)) // max(1, kills)
+        procs[index].send_signal(signal.SIGKILL)
+        killed_at[f"node-{index:04d}"] = time.time()
+        time.sleep(every_s)
+    return killed_at
+
+
+def stop_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def detection_figures(events, n: int, killed_at: dict[str, float], steady: dict) -> dict:
+    """Detection times of the kills, false deaths and suspicions, from the agents' logs."""
+    survivors = {f"node-{i:04d}" for i in range(n)} - set(killed_at)
+    detect = []
+    for victim, at in killed_at.items():
+        first_dead: dict[str, float] = {}
+        for when, observer, subject, state in events:
+            if subject == victim and state == "dead" and observer in survivors and when >= at:
+                first_dead[observer] = min(when, first_dead.get(observer, math.inf))
+        if len(first_dead) == len(survivors):
+            detect.append(max(first_dead.values()) - at)
+    in_run = [e for e in events if e[0] >= steady["started"] and e[2] not in killed_at]
+    return {
+        "detect_p50_s": round(percentile(detect, 0.5), 3),
+        "detect_p99_s": round(percentile(detect, 0.99), 3),
+        "detected": f"{len(detect)}/{len(killed_at)}",
+        "false_dead": len({subject for _, _, subject, state in in_run if state == "dead"}),
+        "false_suspect_lines": sum(1 for e in in_run if e[3] == "suspect"),
+        "steady_suspect_lines": sum(1 for e in in_run if e[3] == "suspect" and e[0] <= steady["ended"]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100)
@@ -137,62 +194,21 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(2)
         print(f"{seen}/{n} agents alive in node-0000's view; logs in {work}", flush=True)
         time.sleep(10)
-
-        counters, cpu0, t0 = socket_counters(base, base + n), cpu_seconds(procs), time.monotonic()
-        steady_start = time.time()
-        time.sleep(args.steady_s)
-        elapsed = time.monotonic() - t0
-        steady_wire = wire_bytes(counters, socket_counters(base, base + n)) / n / elapsed
-        cpu_share = (cpu_seconds(procs) - cpu0) / n / elapsed
-        steady_end = time.time()
-
-        victims, killed_at = [], {}
-        for k in range(args.kills):
-            index = 1 + (k * (n - 1)) // max(1, args.kills)
-            name = f"node-{index:04d}"
-            procs[index].send_signal(signal.SIGKILL)
-            killed_at[name] = time.time()
-            victims.append(name)
-            time.sleep(args.kill_every_s)
+        steady = measure_steady(procs, n, base, args.steady_s)
+        killed_at = kill_some(procs, n, args.kills, args.kill_every_s)
         time.sleep(20)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
-    events = state_changes(work)
-    survivors = {f"node-{i:04d}" for i in range(n)} - set(victims)
-    detect = []
-    for victim, at in killed_at.items():
-        first_dead = {}
-        for when, observer, subject, state in events:
-            if subject == victim and state == "dead" and observer in survivors and when >= at:
-                first_dead[observer] = min(when, first_dead.get(observer, math.inf))
-        if len(first_dead) == len(survivors):
-            detect.append(max(first_dead.values()) - at)
-    in_run = [e for e in events if e[0] >= steady_start and e[2] not in victims]
-    false_dead = len({subject for _, _, subject, state in in_run if state == "dead"})
-    false_suspect = sum(1 for _, _, _, state in in_run if state == "suspect")
-    steady_suspect = sum(1 for when, _, _, state in in_run if state == "suspect" and when <= steady_end)
-
+    processes = {
+        "wire_bytes_per_member_s": round(steady["wire_bytes_per_member_s"], 1),
+        "cpu_share_per_agent": round(steady["cpu_share_per_agent"], 4),
+        **detection_figures(state_changes(work), n, killed_at, steady),
+    }
     sim = run(n, 0.0, 1, args.sim_steady_s, args.kills, args.kill_every_s, Realism())
     line = {
         "n": n,
-        "processes": {
-            "wire_bytes_per_member_s": round(steady_wire, 1),
-            "cpu_share_per_agent": round(cpu_share, 4),
-            "detect_p50_s": round(percentile(detect, 0.5), 3),
-            "detect_p99_s": round(percentile(detect, 0.99), 3),
-            "detected": f"{len(detect)}/{len(victims)}",
-            "false_dead": false_dead,
-            "false_suspect_lines": false_suspect,
-            "steady_suspect_lines": steady_suspect,
-        },
+        "processes": processes,
         "simulator": {k: sim[k] for k in ("wire_bytes_per_member_s", "bytes_per_member_s",
                                           "detect_p50_s", "detect_p99_s", "false_dead",
                                           "false_suspect")},

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -38,15 +37,14 @@ from loader.config import MeshConfig, TransferSettings
 from loader.distribution.discovery import MeshPresence
 from loader.distribution.peer_record import PeerRecord, RankIdentity, TransferState
 from loader.distribution.reattach import ReattachPolicy
-from loader.distribution.relay import Relay, relay_server
+from loader.distribution.relay import relay_server
 from loader.distribution.upstream_choice import fetch_with_reattach
-from loader.transfer.buckets import byte_view
 from loader.transfer.client import FetchOutcome, FetchRequest, fetch_from_sources
 from loader.transfer.protocol import is_retryable
 from loader.transfer.server import WeightServer
-from loader.transfer.serving_strategy import FixedTensors
 from mesh.security import load_cluster_keys
 from tests.fleet.checkpoint import content_digest, make_empty, make_reference
+from tests.fleet.faults import CrashingRelay, FaultySource
 from tests.support.observers import ObserverFanout, ProgressRecorder
 
 FINGERPRINT = "f1ee7" * 12 + "0000"
@@ -67,58 +65,6 @@ def settings_for(cfg: dict, capacity: int) -> TransferSettings:
         progress_interval_s=3600.0,
         advertise_host=cfg["host"],
     )
-
-
-class FaultySource(FixedTensors):
-    """Root source's strategy with test faults: a delay per bucket (a slow link on
-    loopback) and bytes changed in one bucket after its checksum was computed
-    (corruption in flight)."""
-
-    bucket_delay_s = 0.0
-    corrupt_bucket: int | None = None
-    _corrupted: tuple[str, int] | None = None  # (tensor, byte) changed; restored later
-    _corrupted_by = None  # the session that saw the corruption
-
-    def attach(self, server: WeightServer) -> None:
-        super().attach(server)
-        self._tensors = server.tensors
-
-    def _flip(self, where: tuple[str, int]) -> None:
-        byte_view(self._tensors[where[0]])[where[1]] ^= 0x40
-
-    def before_bucket(self, session, bucket) -> None:
-        if self.bucket_delay_s:
-            time.sleep(self.bucket_delay_s)
-        # a transient fault: once only. The next session may resume past bucket 0 (it
-        # skips what the client verified), so any bucket of it restores the tensor.
-        if self._corrupted is not None and session is not self._corrupted_by:
-            self._flip(self._corrupted)
-            self._corrupted, self._corrupted_by, self.corrupt_bucket = None, None, None
-        if bucket.index == self.corrupt_bucket and self._corrupted is None:
-            item = bucket.items[0]  # a byte inside this very bucket
-            self._corrupted, self._corrupted_by = (item.name, item.tensor_offset), session
-            self._flip(self._corrupted)
-
-
-class CrashingRelay(Relay):
-    """A relay that records what it forwards and, as a test fault, dies (SIGKILL, like a
-    crashed host) when about to forward bucket number `die_after_forwarded + 1`."""
-
-    die_after_forwarded: int | None = None
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.forwarded_indices: list[int] = []
-
-    def before_bucket(self, session, bucket) -> None:
-        super().before_bucket(session, bucket)
-        if (
-            self.die_after_forwarded is not None
-            and self.buckets_forwarded > self.die_after_forwarded
-        ):
-            os.kill(os.getpid(), signal.SIGKILL)
-        # (upstream attempt number, bucket index): what was forwarded while receiving from whom
-        self.forwarded_indices.append([session.generation, bucket.index])
 
 
 def wait_for(path: Path, deadline_s: float) -> bool:
@@ -308,7 +254,7 @@ def fetch_root(cfg: dict, presence: MeshPresence, fingerprint: str, dest, settin
     return outcome
 
 
-def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:
+def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:  # long: one wave's script, step by step
     name, mode, deadline = cfg["name"], wave["mode"], cfg.get("deadline_s", 900)
     wd = d / wave["id"]
     fingerprint = wave_fingerprint(wave)

@@ -24,7 +24,7 @@ from mesh.codec import (
     validate_meta,
 )
 from mesh.core import MeshCore
-from mesh.members import ALIVE, DEAD, SUSPECT, Entry
+from mesh.entries import ALIVE, DEAD, SUSPECT, Entry
 from mesh.messages import (
     Ack,
     Delta,

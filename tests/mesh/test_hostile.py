@@ -10,7 +10,7 @@ import pytest
 from mesh.claims import INCARNATION_CEILING, INCARNATION_STEP
 from mesh.codec import MAX_INCARNATION, MAX_MESSAGE_BYTES, Decoder, encode
 from mesh.core import MeshCore
-from mesh.members import ALIVE, DEAD, LEFT, SUSPECT, Entry
+from mesh.entries import ALIVE, DEAD, LEFT, SUSPECT, Entry
 from mesh.messages import Delta, Digest, Gossip, PushState, Sync
 from tests.mesh.test_protocol_sim import cluster, everyone_sees, run_until
 

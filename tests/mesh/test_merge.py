@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.core import MeshCore
-from mesh.members import ALIVE, DEAD, LEFT, SUSPECT, Entry
+from mesh.entries import ALIVE, DEAD, LEFT, SUSPECT, Entry
 
 
 def merge_views(entries: list[Entry]) -> dict[str, Entry]:

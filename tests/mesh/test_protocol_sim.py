@@ -3,7 +3,7 @@
 import pytest
 
 from mesh.config import ProtocolConfig
-from mesh.members import DEAD, SUSPECT
+from mesh.entries import DEAD, SUSPECT
 from mesh.messages import Ack, Gossip
 from mesh.sim import Simulator
 from mesh.suspicion import suspicion_bounds
@@ -158,7 +158,7 @@ def _core(n_members=100, **config):
     import random
 
     from mesh.core import MeshCore
-    from mesh.members import ALIVE, Entry
+    from mesh.entries import ALIVE, Entry
 
     core = MeshCore("me", "10.0.0.1:7946", 0.0, random.Random(1), config=ProtocolConfig(**config))
     for i in range(n_members - 1):
@@ -167,7 +167,7 @@ def _core(n_members=100, **config):
 
 
 def test_lifeguard_suspicion_timeout_shrinks_with_independent_confirmations():
-    from mesh.members import Entry
+    from mesh.entries import Entry
 
     core = _core()
     core._apply(10.0, Entry("m1", "10.0.1.1:7946", 0, SUSPECT, accuser="a"), gossip=True)
@@ -186,7 +186,7 @@ def test_lifeguard_suspicion_timeout_shrinks_with_independent_confirmations():
 
 
 def test_without_lifeguard_suspicion_uses_the_minimum_timeout():
-    from mesh.members import Entry
+    from mesh.entries import Entry
 
     core = _core(lifeguard=False)
     core._apply(10.0, Entry("m1", "10.0.1.1:7946", 0, SUSPECT, accuser="a"), gossip=True)

@@ -6,7 +6,7 @@ import pytest
 
 from mesh.config import ProtocolConfig
 from mesh.core import MeshCore
-from mesh.members import ALIVE, SUSPECT, Entry
+from mesh.entries import ALIVE, SUSPECT, Entry
 from mesh.suspicion import Suspicion, suspicion_bounds
 
 
