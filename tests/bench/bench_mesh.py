@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycle-s", type=float, default=15.0)
     parser.add_argument("--big-n", type=int, default=1000, help="0 skips the large run")
     parser.add_argument("--big-steady-s", type=float, default=60.0)
-    parser.add_argument("--big-cycles", type=int, default=20)
+    parser.add_argument("--big-cycles", type=int, default=10)
     parser.add_argument("--ideal", action="store_true",
                         help="no handling lag, stalls, metadata or wire overhead (earlier figures)")
     parser.add_argument("--poll-s", type=float, default=Realism.poll_s)
