@@ -10,7 +10,8 @@
    every surviving agent has logged the victim dead (from their logs' timestamps). Any
    other member logged dead is a false death; logged suspect, a false suspicion.
 
-Then the simulator runs the same N (realistic mode, same metadata) for comparison.
+Then the simulator runs the same N under the same conditions (no loss, the same static
+metadata, no stalls or churn) for comparison.
 Run: python -m tests.bench.mesh_processes [--n 100]. Last stdout line: one JSON object.
 """
 
@@ -205,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_share_per_agent": round(steady["cpu_share_per_agent"], 4),
         **detection_figures(state_changes(work), n, killed_at, steady),
     }
-    sim = run(n, 0.0, 1, args.sim_steady_s, args.kills, args.kill_every_s, Realism())
+    # the same conditions in the simulator: loopback (no loss), the same static peer
+    # records, no injected stalls or metadata churn; handling lag as in a real agent
+    like_loopback = Realism(stall_rate_per_h=0.0, meta_churn_fraction=0.0)
+    sim = run(n, 0.0, 1, args.sim_steady_s, args.kills, args.kill_every_s, like_loopback)
     line = {
         "n": n,
         "processes": processes,
