@@ -122,8 +122,8 @@ class MeshPresence:
 
     def publish(self, server) -> None:
         """Advertise `server` as this rank's endpoint and keep its status current: state,
-        progress, load, capacity, upstream (a RelayServer reports them while receiving;
-        any other server is complete). `ready` is advertised once the state is complete.
+        progress, load, capacity, upstream (a server whose strategy is a relay reports them
+        while receiving; any other server is complete). `ready` is advertised once the state is complete.
         A later call replaces the server whose status is kept current."""
         if self._agent is None:
             return
@@ -197,8 +197,8 @@ class MeshPresence:
 
 
 def _server_status(server) -> dict:
-    """The transfer fields of the peer record, read from the server (a RelayServer while
-    receiving; any other server is complete)."""
+    """The transfer fields of the peer record, read from the server (its strategy says
+    whether it is still receiving)."""
     state = TransferState(getattr(server, "state", "complete"))
     complete = state is TransferState.COMPLETE
     progress = 1.0 if complete else getattr(server, "verified_fraction", 0.0)
