@@ -8,8 +8,9 @@ from dataclasses import dataclass
 @dataclass
 class ProtocolConfig:
     """Durations in seconds (the `_s` fields). Defaults were tuned with
-    tests/bench/bench_mesh.py (N=100, 5% loss): probing every 0.7 s keeps steady traffic
-    well under 500 B/s per member while a crashed member is first probed within ~4.6
+    tests/bench/bench_mesh.py --ideal (N=100, 5% loss): probing every 0.7 s keeps the
+    steady payload under 500 B/s per member (not the wire bytes, which framing and ACKs
+    more than double: see bench-mesh) while a crashed member is first probed within ~4.6
     intervals at p99; suspicion lasts suspicion_mult*log10(N)*probe_interval_s (2.8 s at
     N=100) once `suspicion_confirmations` independent accusers agree, and up to
     suspicion_max_mult times that when unconfirmed.
