@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from loader.distribution.peer_record import PeerRecord, TransferState
 from mesh.config import ProtocolConfig
 from mesh.entries import ALIVE, DEAD, SUSPECT
 from mesh.sim import Simulator
@@ -57,21 +58,20 @@ IDEAL = Realism(poll_s=0.0, stall_rate_per_h=0.0, peer_records=False, meta_churn
 
 
 def peer_record(index: int, rng: random.Random) -> dict:
-    """Metadata shaped like a serving loader rank's (the keys loader/distribution advertises)."""
-    return {
-        "role": "vllm-worker",
-        "model": "/models/Qwen2.5-72B-Instruct",
-        "fingerprint": f"{rng.getrandbits(256):064x}",
-        "tp": 8, "pp": 1, "rank": index % 8,
-        "ready": True,
-        "vllm": "0.32.0",
-        "zone": f"rack-{index % 16}",
-        "endpoint": f"10.{index // 256 % 256}.{index % 256}.7:{41000 + index % 8}",
-        "state": "complete",
-        "load": 0, "capacity": 1, "progress": 1.0,
-        "upstream": None,
-        "retained_bytes": 17_179_869_184,
-    }
+    """The metadata a serving loader rank advertises (its PeerRecord), for member `index`."""
+    return PeerRecord(
+        role="vllm-worker",
+        model="/models/Qwen2.5-72B-Instruct",
+        fingerprint=f"{rng.getrandbits(256):064x}",
+        tp=8, pp=1, rank=index % 8,
+        ready=True,
+        vllm="0.32.0",
+        zone=f"rack-{index % 16}",
+        endpoint=f"10.{index // 256 % 256}.{index % 256}.7:{41000 + index % 8}",
+        state=TransferState.COMPLETE,
+        load=0, capacity=1, progress=1.0,
+        retained_bytes=17_179_869_184,
+    ).to_meta()
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -44,7 +44,7 @@ def start_agents(n: int, base_port: int, secret: Path, logs: Path) -> list[subpr
     rng = random.Random(7)
     for i in range(n):
         seeds = ",".join(f"127.0.0.1:{base_port + j}" for j in rng.sample(range(i), min(3, i)))
-        meta = [f"{k}={v}" for k, v in peer_record(i, rng).items() if v is not None]
+        meta = [f"{k}={v}" for k, v in peer_record(i, rng).items()]
         cmd = [sys.executable, "-m", "mesh.cli", "agent", "--bind", f"127.0.0.1:{base_port + i}",
                "--name", f"node-{i:04d}", "--secret-file", str(secret), "--meta", *meta]
         if seeds:
