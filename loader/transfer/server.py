@@ -36,9 +36,14 @@ from loader.transfer.process_group import (
     destroy_group,
 )
 from loader.transfer.served_plans import ServedPlans, choose_bucket_bytes
-from loader.transfer.serving_strategy import FixedTensors, ServedSession, ServingStrategy
+from loader.transfer.serving_strategy import (
+    FixedTensors,
+    ServedSession,
+    ServingStrategy,
+    TransferState,
+)
 from loader.transfer.sessions import Session, Sessions, join_sessions
-from mesh.addresses import WILDCARD_HOSTS, outbound_ip
+from mesh.addresses import WILDCARD_HOSTS, join_host_port, outbound_ip
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +119,7 @@ class WeightServer:
 
     def start(self) -> None:
         port = self._channel.bind(self._host, self._port)
-        self.endpoint = f"{self._advertised_host()}:{port}"
+        self.endpoint = join_host_port(self._advertised_host(), port)
         if self._output_prefix:
             self._write_endpoint_file()
         self._channel.start(f"netloader-server-r{self.rank}")
@@ -167,7 +172,7 @@ class WeightServer:
     # ---- status, from the strategy ---------------------------------------------------
 
     @property
-    def state(self) -> str:
+    def state(self) -> TransferState:
         return self.strategy.state
 
     @property
