@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from loader.config import MeshConfig
 from loader.distribution.peer_record import PeerRecord, RankIdentity, TransferState
-from loader.distribution.ranking import Upstream, rank_upstreams, upstream_table
+from loader.distribution.ranking import Upstream, rank_upstreams, reshard_table, upstream_table
 from mesh.addresses import WILDCARD_HOSTS, join_host_port, split_host_port
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,15 @@ class MeshPresence:
         agent = self._agent
         return upstream_table(agent.members(), self._identity) if agent is not None else []
 
+    def reshard_rows(self) -> list[Upstream]:
+        """Complete members holding these weights in another shape (TP, PP or rank)."""
+        agent = self._agent
+        return reshard_table(agent.members(), self._identity) if agent is not None else []
+
+    def reshard_candidates(self) -> list[str]:
+        """Their endpoints, best first (the one ranking rule): resharding sources."""
+        return rank_upstreams(self.reshard_rows(), zone=self._mesh.zone)
+
     def members(self) -> list:
         """Every member in this rank's view of the mesh (mesh.member.Member)."""
         agent = self._agent
@@ -192,6 +201,7 @@ class MeshPresence:
             ready=status.get("state") is TransferState.COMPLETE,
             vllm=self._vllm_version[:32] if self._vllm_version else None,
             zone=self._mesh.zone or None,
+            content=identity.content,
             **status,
         )
 

@@ -6,6 +6,7 @@ keys are fixed (mixed-version meshes and `mesh status --json` readers rely on th
 
     role, model, fingerprint, tp, pp, rank, ready, vllm, zone, host    who it is
     endpoint, state, progress, load, capacity, upstream, retained_bytes its transfer status
+    content                                                            what other shapes match
 
 `from_meta` reads metadata that came from the network: anything malformed makes the whole
 record unreadable (None) rather than half-trusted.
@@ -33,6 +34,7 @@ class RankIdentity:
     device: str
     fingerprint: str | None
     fingerprint_error: str | None = None
+    content: str | None = None  # the fingerprint without tp, pp, rank (resharding)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class PeerRecord:
     capacity: int | None = None  # transfers it serves at once
     upstream: str | None = None  # the endpoint it receives from
     retained_bytes: int | None = None  # bytes kept only to serve (raw copies)
+    content: str | None = None  # layout-independent content id: other shapes reshard from it
 
     def to_meta(self) -> dict[str, Any]:
         """The gossip metadata: every field that is set, under its wire key."""
@@ -147,4 +150,5 @@ _READERS = {
     "capacity": _count,
     "upstream": _text,
     "retained_bytes": _count,
+    "content": _text,
 }

@@ -4,7 +4,8 @@ mesh: the one ranking rule, for the first lookup and for every re-attach.
 Who qualifies (`upstream_table`): alive members other than ourselves whose peer record
 (loader.distribution.peer_record) has exactly this rank's fingerprint, tp, pp and rank,
 an endpoint, and is ready (complete) or receiving (relaying the buckets it verified).
-Peers that gossip no transfer state count as complete.
+Peers that gossip no transfer state count as complete. For resharding
+(`reshard_table`): complete members with this rank's content id in another shape.
 
 In which order (`rank_upstreams`), never ourselves nor our own downstream (a cycle):
 
@@ -48,6 +49,17 @@ class Upstream:
 
 def upstream_table(members: Iterable[Member], identity: RankIdentity) -> list[Upstream]:
     """The members that could serve this rank (untrusted metadata: unreadable ones are skipped)."""
+    return _table(members, lambda record: _serves(record, identity))
+
+
+def reshard_table(members: Iterable[Member], identity: RankIdentity) -> list[Upstream]:
+    """The members that hold these weights complete in another shape: same content id,
+    another (tp, pp, rank). A resharding client asks several of them for parts of its
+    shard; rank_upstreams orders them like any upstream."""
+    return _table(members, lambda record: _reshards(record, identity))
+
+
+def _table(members: Iterable[Member], qualifies) -> list[Upstream]:
     members = list(members)
     own = next((m for m in members if m.is_self), None)
     own_record = PeerRecord.from_meta(own.meta) if own is not None else None
@@ -55,7 +67,7 @@ def upstream_table(members: Iterable[Member], identity: RankIdentity) -> list[Up
     table = []
     for member in members:
         record = PeerRecord.from_meta(member.meta)
-        if member.state != "alive" or member.is_self or not _serves(record, identity):
+        if member.state != "alive" or member.is_self or not qualifies(record):
             continue
         state = record.state if record.state is TransferState.RECEIVING else TransferState.COMPLETE
         same_host = (own is not None and member.host == own.host) or (
@@ -78,6 +90,18 @@ def _serves(record: PeerRecord | None, identity: RankIdentity) -> bool:
         and (record.ready or record.state is TransferState.RECEIVING)
         and (record.fingerprint, record.tp, record.pp, record.rank)
         == (identity.fingerprint, identity.tp, identity.pp, identity.rank)
+    )
+
+
+def _reshards(record: PeerRecord | None, identity: RankIdentity) -> bool:
+    return (
+        record is not None
+        and bool(record.endpoint)
+        and record.ready
+        and record.state in (None, TransferState.COMPLETE)
+        and identity.content is not None
+        and record.content == identity.content
+        and (record.tp, record.pp, record.rank) != (identity.tp, identity.pp, identity.rank)
     )
 
 

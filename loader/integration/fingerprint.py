@@ -1,7 +1,8 @@
 """Fingerprint: a sha256 over everything that makes two ranks' weights interchangeable.
 
 Covered: config.json (canonical JSON), the content identity of the weights, dtype,
-quantization, tp, pp, rank and the vLLM version.
+quantization, tp, pp, rank and the vLLM version. The content id (`compute_content_id`)
+covers the same without tp, pp and rank: what ranks of different shapes share.
 
 Content identity of the weights:
 - a user-given model id (Netloader's MODEL), when given — it is a *declared* identity,
@@ -48,6 +49,28 @@ def compute_fingerprint(
     cache_dir: str | os.PathLike | None = None,
 ) -> str:
     """Return a hex sha256; ValueError when no content identity can be established."""
+    identity = _weights_identity(model_dir, model_id, dtype, quantization, vllm_version, cache_dir)
+    identity.update({"tp": int(tp), "pp": int(pp), "rank": int(rank)})
+    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def compute_content_id(
+    model_dir: str | os.PathLike | None,
+    model_id: str | None,
+    dtype: str,
+    quantization: str | None,
+    vllm_version: str,
+    cache_dir: str | os.PathLike | None = None,
+) -> str:
+    """The fingerprint without the shape (TP, PP, rank): equal on every rank of every
+    instance that serves these weights, whatever its parallelism (resharding matches
+    on it). ValueError as compute_fingerprint."""
+    identity = _weights_identity(model_dir, model_id, dtype, quantization, vllm_version, cache_dir)
+    identity["layout"] = "any"  # never equal to a fingerprint
+    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _weights_identity(model_dir, model_id, dtype, quantization, vllm_version, cache_dir) -> dict:
     config = _config_identity(model_dir)
     if model_id:
         content = {"model_id": model_id}
@@ -60,17 +83,13 @@ def compute_fingerprint(
             )
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         content = {"files": {p.name: weight_file_content_id(p, cache) for p in files}}
-    identity = {
+    return {
         "config": config,
         "content": content,
         "dtype": str(dtype).removeprefix("torch."),
         "quantization": quantization,
-        "tp": int(tp),
-        "pp": int(pp),
-        "rank": int(rank),
         "vllm": vllm_version,
     }
-    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:

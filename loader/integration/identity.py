@@ -9,7 +9,7 @@ import torch
 
 from loader.config import NetloaderConfig
 from loader.distribution.peer_record import RankIdentity
-from loader.integration.fingerprint import compute_fingerprint
+from loader.integration.fingerprint import compute_content_id, compute_fingerprint
 from loader.integration.vllm_compat import VLLM_VERSION, ModelConfig, VllmConfig
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,16 @@ def rank_identity(
     rank = global_rank()
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     device = str(vllm_config.device_config.device)
+    weights = dict(
+        model_dir=local_model_dir(model_config),
+        model_id=config.model,
+        dtype=str(model_config.dtype),
+        quantization=model_config.quantization,
+        vllm_version=VLLM_VERSION,
+    )
     try:
-        fingerprint = compute_fingerprint(
-            model_dir=local_model_dir(model_config),
-            model_id=config.model,
-            dtype=str(model_config.dtype),
-            quantization=model_config.quantization,
-            tp=tp,
-            pp=pp,
-            rank=rank,
-            vllm_version=VLLM_VERSION,
-        )
-        return RankIdentity(rank, tp, pp, device, fingerprint)
+        fingerprint = compute_fingerprint(tp=tp, pp=pp, rank=rank, **weights)
+        return RankIdentity(rank, tp, pp, device, fingerprint, content=compute_content_id(**weights))
     except (ValueError, OSError) as exc:
         log.warning("rank %d: no fingerprint, peers cannot be used: %s", rank, exc)
         return RankIdentity(rank, tp, pp, device, None, str(exc))

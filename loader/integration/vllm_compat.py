@@ -111,6 +111,37 @@ NEEDS: tuple[Need, ...] = (
 )
 
 
+_LINEAR = "vllm.model_executor.layers.linear"
+_VOCAB = "vllm.model_executor.layers.vocab_parallel_embedding"
+_NORM = "vllm.model_executor.layers.layernorm"
+
+# The layer classes whose parameters a rank can describe for resharding (loading from a
+# peer of another TP/PP shape; loader.integration.shard_layout). Optional: without one,
+# the parameters of such layers are "unsupported" there and a resharding load goes to disk.
+LAYER_NEEDS: tuple[Need, ...] = (
+    Need("QKVParallelLinear", (f"{_LINEAR}:QKVParallelLinear",),
+         init=("self", "hidden_size", "head_size", "total_num_heads", "total_num_kv_heads"),
+         required=False),
+    Need("MergedColumnParallelLinear", (f"{_LINEAR}:MergedColumnParallelLinear",),
+         init=("self", "input_size", "output_sizes"), required=False),
+    Need("ColumnParallelLinear", (f"{_LINEAR}:ColumnParallelLinear",),
+         init=("self", "input_size", "output_size"), required=False),
+    Need("RowParallelLinear", (f"{_LINEAR}:RowParallelLinear",),
+         init=("self", "input_size", "output_size"), required=False),
+    Need("ReplicatedLinear", (f"{_LINEAR}:ReplicatedLinear",),
+         init=("self", "input_size", "output_size"), required=False),
+    Need("UnquantizedLinearMethod", (f"{_LINEAR}:UnquantizedLinearMethod",), required=False),
+    Need("VocabParallelEmbedding", (f"{_VOCAB}:VocabParallelEmbedding",),
+         init=("self", "num_embeddings", "embedding_dim"), required=False),
+    Need("ParallelLMHead", (f"{_VOCAB}:ParallelLMHead",),
+         init=("self", "num_embeddings", "embedding_dim"), required=False),
+    Need("UnquantizedEmbeddingMethod", (f"{_VOCAB}:UnquantizedEmbeddingMethod",), required=False),
+    Need("RMSNorm", (f"{_NORM}:RMSNorm",), required=False),
+    Need("GemmaRMSNorm", (f"{_NORM}:GemmaRMSNorm",), required=False),
+    Need("LayerNorm", (f"{_NORM}:LayerNorm",), required=False),
+)
+NEEDS = NEEDS + LAYER_NEEDS
+
 REQUIRED = frozenset(need.name for need in NEEDS if need.required)
 
 
@@ -277,6 +308,12 @@ set_default_torch_dtype = _get("set_default_torch_dtype")
 # optional: a model that uses online quantization on a vLLM without it gets the error
 finalize_layerwise_processing = _get("finalize_layerwise_processing")
 has_online_quant = _get("has_online_quant", _uses_meta_device)
+
+
+def layer_class(name: str) -> type | None:
+    """One of LAYER_NEEDS' classes, or None when this vLLM lacks it."""
+    found = SURFACE.found.get(name)
+    return found if isinstance(found, type) else None
 
 
 _untested_warned = False

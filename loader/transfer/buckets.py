@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from loader.transfer.manifest import TensorSpec
+from loader.transfer.pieces import write_bytes
 
 
 @dataclass(frozen=True)
@@ -129,16 +130,17 @@ class BucketReader:
 def unpack_bucket(
     bucket: Bucket, data: torch.Tensor, tensors: dict[str, torch.Tensor], copy=None
 ) -> None:
-    """Write a received bucket's bytes into the destination tensors (contiguous ones:
-    the client refuses other destinations before any transfer). `copy(dst, src)` defaults
-    to copy_bytes (a device may enqueue it on its stream)."""
+    """Write a received bucket's bytes into the destination tensors: contiguous ones, or
+    slices of them (a resharding transfer's pieces, written run by run; the client
+    refuses other destinations before any transfer). `copy(dst, src)` defaults to
+    copy_bytes (a device may enqueue it on its stream)."""
     copy = copy or copy_bytes
     for item in bucket.items:
-        dest = byte_view(tensors[item.name])
-        copy(
-            dest[item.tensor_offset : item.tensor_offset + item.nbytes],
-            data[item.offset : item.offset + item.nbytes],
-        )
+        dest, src = tensors[item.name], data[item.offset : item.offset + item.nbytes]
+        if not dest.is_contiguous():
+            write_bytes(dest, item.tensor_offset, src, copy)
+            continue
+        copy(byte_view(dest)[item.tensor_offset : item.tensor_offset + item.nbytes], src)
 
 
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -47,6 +47,7 @@ class FetchOutcome:
     handshake_s: float = 0.0  # connect + hello/ack of the successful source
     setup_s: float = 0.0  # process-group setup of the successful source
     resumed_bytes: int = 0  # held verified from earlier attempts, not sent again
+    peers: list[str] = field(default_factory=list)  # every source used (resharding: several)
 
     @property
     def fallback_reason(self) -> str | None:
@@ -243,10 +244,8 @@ class _SourceAttempt:
     def _plan_length(self, bucket_bytes: int) -> int:
         return len(plan_buckets(self.manifest.specs, bucket_bytes))
 
-    def _handshake(self, sock: zmq.Socket) -> protocol.Ack:
-        timeout_s = self.settings.handshake_timeout_s
-        deadline = time.monotonic() + timeout_s
-        hello = protocol.hello_message(
+    def _hello(self) -> dict:
+        return protocol.hello_message(
             self.fingerprint,
             self.rank,
             self.manifest,
@@ -254,8 +253,12 @@ class _SourceAttempt:
             self.settings.bucket_bytes,
             self.resume.offer(),
         )
+
+    def _handshake(self, sock: zmq.Socket) -> protocol.Ack:
+        timeout_s = self.settings.handshake_timeout_s
+        deadline = time.monotonic() + timeout_s
         try:
-            sock.send(protocol.encode(hello))
+            sock.send(protocol.encode(self._hello()))
         except zmq.Again:
             raise SourceFailure(
                 f"handshake timed out after {timeout_s:g}s (no ZeroMQ session: the peer is "

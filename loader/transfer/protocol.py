@@ -20,6 +20,7 @@ import orjson
 from loader.transfer.checksum import ALGORITHMS
 from loader.transfer.manifest import Manifest
 from loader.transfer.process_group import BACKEND_BY_DEVICE
+from loader.transfer.reshard_plan import SliceRequest
 
 PROTOCOL_VERSION = 2
 MAX_REASON_LEN = 500
@@ -62,6 +63,9 @@ class Hello:
     backend: str
     max_bucket_bytes: int
     resume: Resume | None = None
+    # resharding (loader.transfer.reshard_serving): the slices asked for, in manifest
+    # order; `fingerprint` is then the content id and `manifest` lists the slices
+    reshard: tuple[SliceRequest, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ def hello_message(
     backend: str,
     max_bucket_bytes: int,
     resume: Resume | None = None,
+    reshard: list[SliceRequest] | None = None,
 ) -> dict:
     msg = {
         "type": "hello",
@@ -123,6 +128,8 @@ def hello_message(
     }
     if resume is not None and resume.have:
         msg["resume"] = {"bucket_bytes": resume.bucket_bytes, "have": [list(r) for r in resume.have]}
+    if reshard is not None:
+        msg["reshard"] = [r.to_wire() for r in reshard]
     return msg
 
 
@@ -202,7 +209,7 @@ def parse_hello(obj: dict) -> Hello:
         obj,
         "hello",
         {"v", "fingerprint", "rank", "manifest", "backend", "max_bucket_bytes"},
-        optional={"resume"},
+        optional={"resume", "reshard"},
     )
     if obj["v"] != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {obj['v']!r}")
@@ -219,7 +226,20 @@ def parse_hello(obj: dict) -> Hello:
             "max_bucket_bytes", obj["max_bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES
         ),
         resume=_parse_resume(obj.get("resume")),
+        reshard=_parse_reshard(obj.get("reshard"), len(manifest.specs)),
     )
+
+
+def _parse_reshard(value, pieces: int) -> tuple[SliceRequest, ...] | None:
+    """One slice per manifest entry (the manifest lists the pieces the slices make)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != pieces or not value:
+        raise ProtocolError(f"reshard: expected one [name, dim, start, length] per manifest tensor ({pieces})")
+    try:
+        return tuple(SliceRequest.from_wire(item) for item in value)
+    except ValueError as exc:
+        raise ProtocolError(f"reshard[]: {exc}") from None
 
 
 def _parse_resume(value) -> Resume | None:

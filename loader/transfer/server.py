@@ -28,6 +28,7 @@ from loader.transfer.checksum import algorithm_for_device, checksum_key
 from loader.transfer.control_channel import ControlChannel
 from loader.transfer.device import TransferDevice, device_for
 from loader.transfer.manifest import build_manifest, unique_tensors
+from loader.transfer.layout import ShardLayout
 from loader.transfer.process_group import (
     SOURCE_RANK,
     backend_for_device,
@@ -35,6 +36,7 @@ from loader.transfer.process_group import (
     create_transfer_group,
     destroy_group,
 )
+from loader.transfer.reshard_serving import ReshardServing
 from loader.transfer.served_plans import ServedPlans, choose_bucket_bytes
 from loader.transfer.serving_strategy import (
     FixedTensors,
@@ -77,6 +79,7 @@ class WeightServer:
         device: torch.device | None = None,
         strategy: ServingStrategy | None = None,
         sender_cls: type[BucketSender] = BucketSender,
+        layout: ShardLayout | None = None,
     ) -> None:
         self._tensors, _ = unique_tensors(tensors)
         manifest = build_manifest(tensors)
@@ -102,6 +105,12 @@ class WeightServer:
             rank,
         )
         self.sender = sender_cls(self._tensors, settings.bucket_timeout_s)
+        self._sender_cls = sender_cls
+        # clients of another shape (TP, PP, rank): `layout` describes this rank's shard
+        self.reshard = ReshardServing(
+            self._tensors, layout, backend_for_device(self._device.type), self._device,
+            self.plans.algorithm, checksum_key(keys), rank,
+        )
         self._sessions = Sessions()
         self._stopping = threading.Event()
         self._ready = threading.Event()
@@ -196,6 +205,8 @@ class WeightServer:
                 self._on_hello(identity, protocol.parse_hello(msg), _peer_address(frames[1]))
             elif msg["type"] == "done":
                 self._on_done(identity, protocol.parse_done(msg))
+            elif msg["type"] == "layout":
+                self._channel.reply(identity, self.reshard.describe(msg))
             else:
                 raise protocol.ProtocolError(f"unexpected message type {msg['type'][:40]!r}")
         except protocol.ProtocolError as exc:
@@ -204,14 +215,18 @@ class WeightServer:
 
     def _on_hello(self, identity: bytes, hello: protocol.Hello, peer_address: str) -> None:
         bucket_bytes = choose_bucket_bytes(self.settings.bucket_bytes, hello.max_bucket_bytes)
-        reason = self._admission.refusal(hello) or self.strategy.refusal(hello, bucket_bytes)
+        pieces = None
+        if hello.reshard is not None:
+            reason, pieces = self._reshard_admission(hello)
+        else:
+            reason = self._admission.refusal(hello) or self.strategy.refusal(hello, bucket_bytes)
         if reason is None and bucket_bytes is None:
             reason = f"client buckets of at most {hello.max_bucket_bytes} bytes are below 1 MiB"
         if reason:
             log.info("netloader server rank %d: refused a client: %s", self.rank, reason)
             self._channel.reply(identity, protocol.nack_message(reason))
             return
-        session = Session(secrets.token_hex(16), identity, hello, bucket_bytes, peer_address)
+        session = Session(secrets.token_hex(16), identity, hello, bucket_bytes, peer_address, pieces=pieces)
         busy = self._sessions.admit(
             session,
             lambda running: self._admission.busy(running, peer_address, bucket_bytes, self.admission),
@@ -250,7 +265,7 @@ class WeightServer:
         device = device_for(self._device)
         try:
             device.enter_thread()  # this thread's device, and a stream of its own
-            served = self.strategy.open_session(session.bucket_bytes, device)
+            served, sender = self._open_session(session, device)
             plan = served.plan.buckets
             resume = session.hello.resume
             skip = frozenset()
@@ -272,7 +287,7 @@ class WeightServer:
             store_socket = None  # owned by the TCPStore now
             self._sessions.mark_group_up(session)
             to_send = [b for b in plan if b.index not in skip]
-            self._send_buckets(session, served, to_send, device)
+            self._send_buckets(session, served, to_send, device, sender)
             self._await_done(session)
             log.info(
                 "netloader server rank %d: sent %.2f GiB to a client in %.2fs%s",
@@ -299,20 +314,39 @@ class WeightServer:
             bucket_bytes=session.bucket_bytes,
             algorithm=self.plans.algorithm,
             checksums=served.plan.checksums,
-            manifest_digest=self._manifest_digest,
+            manifest_digest=(
+                session.pieces.manifest.digest() if session.pieces else self._manifest_digest
+            ),
             skip=skip,
         )
         self._channel.reply(session.identity, protocol.ack_message(ack))
 
+    def _reshard_admission(self, hello: protocol.Hello):
+        """(refusal, pieces) for a client of another shape: only complete tensors are
+        resharded (a relay still receiving serves its own shape only)."""
+        if self.strategy.state is not TransferState.COMPLETE:
+            return "source still loading: serves other shapes once complete", None
+        return self.reshard.admit(hello)
+
+    def _open_session(self, session: Session, device: TransferDevice):
+        """(plan, sender) of a session: the strategy's, or the requested pieces'."""
+        if session.pieces is None:
+            return self.strategy.open_session(session.bucket_bytes, device), self.sender
+        plan = self.reshard.plan_for(session.pieces, session.bucket_bytes, device)
+        sender = self._sender_cls(session.pieces.tensors, self.settings.bucket_timeout_s)
+        return ServedSession(plan), sender
+
     def _send_buckets(
-        self, session: Session, served: ServedSession, buckets: list[Bucket], device: TransferDevice
+        self, session: Session, served: ServedSession, buckets: list[Bucket], device: TransferDevice,
+        sender: BucketSender,
     ) -> None:
         def before_bucket(bucket: Bucket) -> None:
             if self._stopping.is_set():
                 raise RuntimeError("server stopping")
-            self.strategy.before_bucket(served, bucket)
+            if session.pieces is None:  # complete tensors need no wait
+                self.strategy.before_bucket(served, bucket)
 
-        self.sender.send(session.pg, buckets, device, before_bucket)
+        sender.send(session.pg, buckets, device, before_bucket)
 
     def _await_done(self, session: Session) -> None:
         if not session.done.wait(self.settings.bucket_timeout_s):

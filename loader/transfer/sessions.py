@@ -23,6 +23,7 @@ class Session:
     done_message: protocol.Done | None = None
     pg: object | None = None
     thread: threading.Thread | None = None
+    pieces: object | None = None  # reshard_serving.Pieces: a client of another shape
 
 
 class Sessions:
