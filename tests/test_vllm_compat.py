@@ -87,7 +87,21 @@ def fake_vllm(version: str = "0.29.0") -> dict[str, SimpleNamespace]:
         "vllm.config": SimpleNamespace(
             LoadConfig=LoadConfig, ModelConfig=ModelConfig, VllmConfig=VllmConfig
         ),
+        **fake_layers(),
     }
+
+
+def fake_layers() -> dict[str, SimpleNamespace]:
+    """The layer classes resharding describes (optional pieces), by module."""
+    class Layer(nn.Module):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+
+    modules: dict[str, dict] = {}
+    for need in vllm_compat.LAYER_NEEDS:
+        module, _, name = need.where[0].partition(":")
+        modules.setdefault(module, {})[name] = type(name, (Layer,), {})
+    return {module: SimpleNamespace(**classes) for module, classes in modules.items()}
 
 
 def importer(modules: dict):

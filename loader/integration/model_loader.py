@@ -25,6 +25,7 @@ from loader.distribution.upstream_choice import fetch_with_reattach
 from loader.integration import serving, vllm_compat
 from loader.integration.identity import rank_identity
 from loader.integration.process_exit import on_process_exit
+from loader.integration.reshard_stage import rank_layout, reshard_after
 from loader.integration.result import LoadResult, log_result
 from loader.integration.vllm_compat import (  # every vLLM API goes through the adapter
     BaseModelLoader,
@@ -72,7 +73,10 @@ class NetloaderModelLoader(BaseModelLoader):
             with target_device:
                 model = self.create_model(vllm_config, model_config, prefix)
             initialized = time.monotonic()
-            result, server = self._fill_weights(model, model_config, identity, presence, started)
+            layout = rank_layout(model, servable_tensors(model), identity)  # for other shapes
+            result, server = self._fill_weights(
+                model, model_config, identity, presence, started, layout
+            )
             result.phases["fingerprint"] = fingerprinted - started
             result.phases["init"] = initialized - fingerprinted
 
@@ -100,7 +104,7 @@ class NetloaderModelLoader(BaseModelLoader):
             serving.stop_server(server)
             server = None
         if server is None:
-            server = serving.start_serving(served, identity, self.config, target_device)
+            server = serving.start_serving(served, identity, self.config, target_device, layout)
         if server is not None:
             server.retained_bytes = result.retained_bytes
         if presence is not None and server is not None:
@@ -128,6 +132,7 @@ class NetloaderModelLoader(BaseModelLoader):
         identity: RankIdentity,
         presence: MeshPresence | None,
         started: float,
+        layout=None,
     ) -> tuple[LoadResult, object]:
         """Fetch from a peer or load from disk. Returns the result and the rank's server:
         a relay started before the fetch, forwarding verified buckets to instances that
@@ -140,13 +145,13 @@ class NetloaderModelLoader(BaseModelLoader):
             )
         serve_start = time.monotonic()
         tensors = servable_tensors(model)  # the relay serves the very dict being filled
-        relay = serving.start_relay(tensors, identity, self.config)
+        relay = serving.start_relay(tensors, identity, self.config, layout)
         if presence is not None and relay is not None:
             presence.publish(relay)  # state "attaching": not a source until receiving
         serve_start = time.monotonic() - serve_start
         try:
             result = self._fetch_or_read(
-                model, model_config, identity, presence, relay, tensors, started
+                model, model_config, identity, presence, relay, tensors, started, layout
             )
             result.phases["serve_start"] = serve_start
         except BaseException:
@@ -158,16 +163,18 @@ class NetloaderModelLoader(BaseModelLoader):
         return result, relay
 
     def _fetch_or_read(
-        self, model, model_config, identity, presence, relay, tensors, started
+        self, model, model_config, identity, presence, relay, tensors, started, layout=None
     ) -> LoadResult:
         phases: dict[str, float] = {}
         lookup = time.monotonic()
         plan: SourcePlan = plan_sources(identity, self.config, presence)
         phases["lookup"] = time.monotonic() - lookup
         failures = list(plan.failures)
-        if plan.sources and identity.fingerprint and tensors is not None:
+        if (plan.sources or plan.reshard) and identity.fingerprint and tensors is not None:
             transfer = time.monotonic()
             outcome = self._fetch(plan, identity, presence, relay, tensors)
+            if not outcome.ok and plan.reshard and layout is not None:
+                outcome = reshard_after(outcome, plan.reshard, layout, tensors, self._request(identity, tensors))
             phases["transfer"] = time.monotonic() - transfer
             failures += outcome.failures
             if outcome.ok:
@@ -179,6 +186,7 @@ class NetloaderModelLoader(BaseModelLoader):
                     time.monotonic() - started,
                     describe_failures(failures),
                     phases,
+                    peers=outcome.peers or None,
                 )
         elif tensors is None:
             failures.append(("-", "model has parameters on the meta device (online quantization)"))
@@ -207,6 +215,12 @@ class NetloaderModelLoader(BaseModelLoader):
             phases,
         )
 
+    def _request(self, identity, tensors, observer=None) -> FetchRequest:
+        return FetchRequest(
+            identity.fingerprint, tensors, identity.rank, self.config.settings,
+            serving.cluster_keys(self.config), observer,
+        )
+
     def _fetch(self, plan: SourcePlan, identity, presence, relay, tensors) -> FetchOutcome:
         """Mesh upstreams first (re-attaching while the table offers any), then SOURCE.
         Both stages fill `tensors`, tell the relay and share one resume state, so a later
@@ -219,10 +233,9 @@ class NetloaderModelLoader(BaseModelLoader):
                 "with `mesh keygen PATH`, the same on every instance) to authenticate sources",
                 identity.rank,
             )
-        observer = relay.strategy if relay is not None else None
-        request = FetchRequest(
-            identity.fingerprint, tensors, identity.rank, self.config.settings, keys, observer
-        )
+        request = self._request(identity, tensors, relay.strategy if relay is not None else None)
+        if not plan.sources:
+            return FetchOutcome(False, None, 0, 0.0)
         failures: list[tuple[str, str]] = []
         if plan.mesh and presence is not None:
             mesh = self.config.mesh

@@ -23,9 +23,12 @@ class LoadResult:
     phases: dict[str, float] = field(default_factory=dict)
     retained_bytes: int = 0  # kept only to be served (raw copies of replaced parameters)
     vllm: str = field(default_factory=lambda: _vllm_version())  # the vLLM version in use
+    peers: list[str] | None = None  # resharded: every source rank used (logged only then)
 
     def to_json(self) -> str:
         fields = asdict(self)
+        if fields["peers"] is None:
+            del fields["peers"]
         fields["seconds"] = round(self.seconds, 3)
         for phase, seconds in fields.pop("phases").items():
             fields[f"{phase}_s"] = round(seconds, 3)

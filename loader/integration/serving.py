@@ -94,26 +94,35 @@ def start_serving(
     identity: RankIdentity,
     config: NetloaderConfig,
     device: torch.device | None = None,
+    layout=None,
 ):
     """Start this rank's weight server. Never raises: a rank that cannot serve still runs.
-    `device`: the transfer device when some tensors are kept in host memory."""
+    `device`: the transfer device when some tensors are kept in host memory. `layout`
+    (loader.transfer.layout.ShardLayout): lets ranks of other shapes reshard from it."""
     from loader.transfer.server import WeightServer
 
-    return _start(WeightServer, tensors, identity, config, "serving weights", device)
+    return _start(WeightServer, tensors, identity, config, "serving weights", device, layout)
 
 
 def start_relay(
-    tensors: dict[str, torch.Tensor] | None, identity: RankIdentity, config: NetloaderConfig
+    tensors: dict[str, torch.Tensor] | None, identity: RankIdentity, config: NetloaderConfig,
+    layout=None,
 ):
     """Start this rank's server before its weights arrive: a WeightServer over the tensors
     about to be fetched whose strategy, a relay (`server.strategy`, the fetch's observer),
     forwards each bucket once verified (see loader.distribution.relay)."""
     from loader.distribution.relay import relay_server
 
-    return _start(relay_server, tensors, identity, config, "serving (verified buckets while still loading)")
+    return _start(
+        relay_server, tensors, identity, config, "serving (verified buckets while still loading)",
+        layout=layout,
+    )
 
 
-def _start(make_server, tensors, identity: RankIdentity, config: NetloaderConfig, what: str, device=None):
+def _start(
+    make_server, tensors, identity: RankIdentity, config: NetloaderConfig, what: str, device=None,
+    layout=None,
+):
     if not config.serves:
         return None
     if tensors is None or identity.fingerprint is None:
@@ -133,6 +142,7 @@ def _start(make_server, tensors, identity: RankIdentity, config: NetloaderConfig
             port=config.port_for_rank(identity.rank),
             output_prefix=config.output_prefix,
             device=device,
+            layout=layout,
         )
         server.admission = warm_up.refusal
         server.start()

@@ -27,8 +27,8 @@ from loader.transfer.buckets import Bucket
 from loader.transfer.checksum import algorithm_for_device, checksum_key
 from loader.transfer.control_channel import ControlChannel
 from loader.transfer.device import TransferDevice, device_for
-from loader.transfer.manifest import build_manifest, unique_tensors
 from loader.transfer.layout import ShardLayout
+from loader.transfer.manifest import build_manifest, unique_tensors
 from loader.transfer.process_group import (
     SOURCE_RANK,
     backend_for_device,

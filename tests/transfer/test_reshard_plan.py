@@ -19,6 +19,7 @@ from loader.transfer.reshard_plan import (
 )
 from tests.transfer.sharded_model import ModelSpec, full_weights, shard
 
+
 @st.composite
 def shapes(draw, sides: int = 2):
     """(spec, tp of each side): a model that both TPs can shard, KV heads replicated or
