@@ -9,7 +9,8 @@ of a small compute step on the source while idle vs while it serves the transfer
     python -m tests.bench.bench_transfer [--mib 1025] [--bucket-mb 64]
 
 The machine is shared, so the benchmark alternates raw TCP and netloader rounds
-(raw, net, raw, net, raw) and compares the best of each; every round is printed.
+(raw, net, raw, net, raw) and compares the best of each; every round is printed. Then
+the resharding case (tests/bench/bench_reshard.py; `--reshard-mib 0` skips it).
 The last stdout line is one JSON object.
 """
 
@@ -25,6 +26,8 @@ import time
 
 import orjson
 import torch
+
+from tests.bench import bench_reshard
 
 FINGERPRINT = "be" * 32
 GIB = float(1 << 30)
@@ -238,6 +241,7 @@ def main() -> None:  # long: the benchmark's phases in the order they run, one s
     parser.add_argument("--rounds", type=int, default=2, help="netloader rounds (raw TCP: +1)")
     parser.add_argument("--bucket-timeout", type=float, default=120.0)
     parser.add_argument("--debug", action="store_true", help="per-bucket timings on stderr")
+    bench_reshard.add_arguments(parser, prefix="reshard-")  # --reshard-mib 0: skip the case
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     from_source, to_source, from_client = ctx.Queue(), ctx.Queue(), ctx.Queue()
@@ -302,6 +306,9 @@ def main() -> None:  # long: the benchmark's phases in the order they run, one s
         "two_buckets_bytes": 2 * bucket_bytes,
         **probe,
     }
+    if args.reshard_mib:
+        summary.update(bench_reshard.run(argparse.Namespace(
+            mib=args.reshard_mib, rounds=args.reshard_rounds, bucket_mb=args.bucket_mb)))
     print(orjson.dumps(summary).decode())
 
 
