@@ -65,8 +65,11 @@ class ReshardServing:
             return f"content mismatch: source {self.layout.content[:16]}, client {content[:16]}"
         return None
 
-    def admit(self, hello: protocol.Hello) -> tuple[str | None, Pieces | None]:
-        """(why the request is refused, None) or (None, the pieces to send)."""
+    def admit(self, hello: protocol.Hello, complete: bool) -> tuple[str | None, Pieces | None]:
+        """(why the request is refused, None) or (None, the pieces to send). Only complete
+        tensors are resharded (a relay still receiving serves its own shape only)."""
+        if not complete:
+            return "source still loading: serves other shapes once complete", None
         reason = self._unavailable(hello.fingerprint)
         if reason:
             return reason, None

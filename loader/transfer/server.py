@@ -216,8 +216,8 @@ class WeightServer:
     def _on_hello(self, identity: bytes, hello: protocol.Hello, peer_address: str) -> None:
         bucket_bytes = choose_bucket_bytes(self.settings.bucket_bytes, hello.max_bucket_bytes)
         pieces = None
-        if hello.reshard is not None:
-            reason, pieces = self._reshard_admission(hello)
+        if hello.reshard is not None:  # a client of another shape: only complete tensors
+            reason, pieces = self.reshard.admit(hello, self.strategy.state is TransferState.COMPLETE)
         else:
             reason = self._admission.refusal(hello) or self.strategy.refusal(hello, bucket_bytes)
         if reason is None and bucket_bytes is None:
@@ -320,13 +320,6 @@ class WeightServer:
             skip=skip,
         )
         self._channel.reply(session.identity, protocol.ack_message(ack))
-
-    def _reshard_admission(self, hello: protocol.Hello):
-        """(refusal, pieces) for a client of another shape: only complete tensors are
-        resharded (a relay still receiving serves its own shape only)."""
-        if self.strategy.state is not TransferState.COMPLETE:
-            return "source still loading: serves other shapes once complete", None
-        return self.reshard.admit(hello)
 
     def _open_session(self, session: Session, device: TransferDevice):
         """(plan, sender) of a session: the strategy's, or the requested pieces'."""
