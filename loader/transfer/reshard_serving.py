@@ -35,18 +35,13 @@ class ReshardServing:
         tensors: dict[str, torch.Tensor],
         layout: ShardLayout | None,
         backend: str,
-        device: torch.device,
-        algorithm: str,
-        key: bytes,
-        rank: int,
+        served: ServedPlans,
     ) -> None:
+        """`served`: the server's own plans (their device, algorithm, key) for the pieces'."""
         self._tensors = tensors
         self.layout = layout
         self._backend = backend
-        self._device = device
-        self._algorithm = algorithm
-        self._key = key
-        self._rank = rank
+        self._served = served
         self._plans: OrderedDict[str, ServedPlans] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -99,9 +94,7 @@ class ReshardServing:
         with self._lock:
             plans = self._plans.pop(key, None)
             if plans is None:
-                plans = ServedPlans(
-                    pieces.tensors, pieces.manifest, self._device, self._algorithm, self._key, self._rank
-                )
+                plans = self._served.of(pieces.tensors, pieces.manifest)
             self._plans[key] = plans
             while len(self._plans) > CACHED_REQUESTS:
                 self._plans.popitem(last=False)

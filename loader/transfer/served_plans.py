@@ -58,6 +58,10 @@ class ServedPlans:
         self._plans: dict[int, ServedPlan] = {}
         self._lock = threading.Lock()
 
+    def of(self, tensors: dict[str, torch.Tensor], manifest: Manifest) -> ServedPlans:
+        """Plans of other tensors (a resharding request's pieces), served the same way."""
+        return ServedPlans(tensors, manifest, self._device, self.algorithm, self._key, self._rank)
+
     def plan_for(self, bucket_bytes: int, device: TransferDevice) -> ServedPlan:
         """`device` is the calling thread's (entered) transfer device."""
         with self._lock:

@@ -108,8 +108,7 @@ class WeightServer:
         self._sender_cls = sender_cls
         # clients of another shape (TP, PP, rank): `layout` describes this rank's shard
         self.reshard = ReshardServing(
-            self._tensors, layout, backend_for_device(self._device.type), self._device,
-            self.plans.algorithm, checksum_key(keys), rank,
+            self._tensors, layout, backend_for_device(self._device.type), self.plans
         )
         self._sessions = Sessions()
         self._stopping = threading.Event()

@@ -31,13 +31,6 @@ def _mesh_status(seed: str, secret: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def secret(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secret") / "cluster.secret"
-    write_secret_file(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def instance_a(tiny_checkpoint, secret, tmp_path_factory):
     gossip = f"127.0.0.1:{free_port()}"
     server = VllmServer(

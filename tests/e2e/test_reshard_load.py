@@ -13,7 +13,6 @@ import sys
 
 import pytest
 
-from mesh.security import write_secret_file
 from tests.support.tiny_checkpoint import CheckpointSpec, build_checkpoint
 from tests.support.vllm_process import VllmServer, free_port
 
@@ -36,13 +35,6 @@ def _by_rank(server) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return str(build_checkpoint(tmp_path_factory.mktemp("ckpt") / "gqa-tied", SPEC))
-
-
-@pytest.fixture(scope="module")
-def secret(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secret") / "cluster.secret"
-    write_secret_file(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
