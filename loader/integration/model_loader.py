@@ -220,8 +220,11 @@ class NetloaderModelLoader(BaseModelLoader):
                 identity.rank,
             )
         observer = relay.strategy if relay is not None else None
+        # the tensors are a model just built: nothing in them counts but what the request
+        # verifies, so direct buckets may be received in place
         request = FetchRequest(
-            identity.fingerprint, tensors, identity.rank, self.config.settings, keys, observer
+            identity.fingerprint, tensors, identity.rank, self.config.settings, keys, observer,
+            in_place=True,
         )
         failures: list[tuple[str, str]] = []
         if plan.mesh and presence is not None:

@@ -42,6 +42,16 @@ class TransferDevice:
             # written) comes before anything this transfer does
             self.stream.wait_stream(torch.accelerator.current_stream(device))
 
+    @property
+    def receives_in_place(self) -> bool:
+        """Whether a receive may be posted straight into the destination tensors (bytes
+        unverified until their checksum is checked, published only then). Only where the
+        backend can be fenced, so that once an attempt ends nothing its source sends can
+        land anywhere: Gloo (process_group.fence_gloo closes the group's connections). Not
+        on accelerators, where a receive posted on a stream may still land after an
+        abort; there every bucket goes through private staging memory."""
+        return not self.is_async
+
     def enter_thread(self) -> None:
         """Call first in every thread that touches the device: the current device and
         stream are per thread on CUDA and NPU. Makes the transfer stream current."""
