@@ -103,8 +103,10 @@ class _ReceiveRing:
         self.destination = destination
         self.in_place = destination.in_place and device.receives_in_place
         self.depth = min(RECV_DEPTH, len(plan))
-        staged_bytes = max_bucket_bytes([b for b in plan if not self._lands_in_place(b)])
-        self.slots = [device.empty(staged_bytes) for _ in range(self.depth)] if staged_bytes else []
+        self.device = device
+        self.staged_bytes = max_bucket_bytes([b for b in plan if not self._lands_in_place(b)])
+        # allocated on first use: in-place buckets need none (fresh memory costs page faults)
+        self.slots: list[torch.Tensor | None] = [None] * self.depth
         self.verifying: list[Future | None] = [None] * self.depth
         self.posted: deque[_Posted] = deque()
         self.next_post = 0
@@ -130,6 +132,8 @@ class _ReceiveRing:
                 self.destination.resume.forget(bucket.index)  # its bytes change from now on
                 target = self.destination.place_of(bucket)
             else:
+                if self.slots[slot] is None:
+                    self.slots[slot] = self.device.empty(self.staged_bytes)
                 target = self.slots[slot][: bucket.nbytes]
             work = pg.recv([target], SOURCE_RANK, bucket_tag(bucket))
             self.posted.append(_Posted(bucket, work, target, slot, in_place))
