@@ -113,8 +113,10 @@ def fetch_main(net, endpoint: str, served: dict, fetches: int, results) -> None:
 
 
 def start_source(net, checkpoint: Path, http_port: int, listen_port: int, served_path: Path,
-                 log_path: Path) -> subprocess.Popen:
+                 log_path: Path, yield_cpu: bool) -> subprocess.Popen:
     env = dict(os.environ)
+    if not yield_cpu:
+        env["NETLOADER_BENCH_NO_YIELD"] = "1"
     env.update({
         "PYTHONPATH": os.pathsep.join([str(HOOK_DIR), str(REPO), env.get("PYTHONPATH", "")]),
         "NETLOADER_BENCH_SERVED": str(served_path),
@@ -217,7 +219,7 @@ def run(args) -> dict:  # long: the benchmark's phases in the order they run
         served_path.unlink(missing_ok=True)
         http_port, listen_port = 18500, 47500
         source = start_source(net, checkpoint, http_port, listen_port, served_path,
-                              work / "source.log")
+                              work / "source.log", not args.no_yield)
         try:
             t = time.monotonic()
             served = wait_source_ready(net, source, http_port, served_path)
@@ -271,6 +273,7 @@ def summarize(result: dict, args) -> dict:
         "idle_samples": len(idle), "serving_samples": len(serving),
         "fetch_gib_s": [round(g, 3) for g in gib_s], "bytes": windows[0]["bytes"],
         "shaped": result["shaped"], "rate_mbit": args.rate_mbit if result["shaped"] else None,
+        "serving_nice": None if args.no_yield else 19,
         "load_avg_idle": round(result["load_idle"], 2),
         "load_avg_serving": round(result["load_serving"], 2),
     }
@@ -285,6 +288,8 @@ def main() -> None:
     parser.add_argument("--fetches", type=int, default=3)
     parser.add_argument("--idle-s", type=float, default=25.0, help="each idle phase")
     parser.add_argument("--work", default=str(REPO / "out" / "bench_source"))
+    parser.add_argument("--no-yield", action="store_true",
+                        help="serve at normal CPU priority (without yield_to_inference)")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     summary = summarize(run(args), args)

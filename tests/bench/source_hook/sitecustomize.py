@@ -1,7 +1,8 @@
 """Loaded by every Python process of the vLLM source that bench_source starts (its
 PYTHONPATH leads here): once the worker's WeightServer exists, write what it serves
 (fingerprint, manifest) to $NETLOADER_BENCH_SERVED, so that the benchmark's plain client
-can ask for exactly those tensors. Nothing else changes."""
+can ask for exactly those tensors. With $NETLOADER_BENCH_NO_YIELD set, session threads
+keep normal priority (to measure what yield_to_inference buys). Nothing else changes."""
 
 import os
 
@@ -22,5 +23,7 @@ if _path:
             os.replace(f"{_path}.tmp", _path)
 
         _server.WeightServer.__init__ = _record
+        if os.environ.get("NETLOADER_BENCH_NO_YIELD"):  # the A/B run: serve at normal priority
+            _server.yield_to_inference = lambda: None
     except Exception as exc:  # never break the interpreter that imports us
         print(f"bench source hook not installed: {exc}")
