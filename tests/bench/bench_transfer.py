@@ -4,7 +4,7 @@ Moves >= 1 GiB in >= 200 tensors with the real WeightServer / fetch_from_sources
 place, as the model loader fetches), and the same bytes over a plain TCP socket in the
 same run, so the ratio is robust to how fast loopback happens to be on this machine.
 Also reports the client's peak RSS against the weights (goal: <= weights + two buckets)
-and the CPU time each side spends per GiB (whole process, and by thread).
+and the CPU time each side spends per GiB (whole process: user + system, every thread).
 
     python -m tests.bench.bench_transfer [--mib 1025] [--bucket-mb 64] [--runs 3]
 
@@ -91,26 +91,6 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds by thread name (threads of one name summed), from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
-    return out
-
-
-def thread_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0.005}
-
-
 def load_average() -> float:
     return os.getloadavg()[0]
 
@@ -128,7 +108,7 @@ def _logging(args) -> None:
 
 def source_main(args, to_client, from_client) -> None:
     """Serve the tensors; answer the client's commands: "raw" (send them once over a
-    plain socket), "cpu" (this process's CPU time so far, by thread), "stop"."""
+    plain socket), "cpu" (this process's CPU time so far, all threads), "stop"."""
     _logging(args)
     torch.set_num_threads(1)
     import vllm.distributed.utils  # noqa: F401  (import cost is not part of a transfer)
@@ -147,7 +127,7 @@ def source_main(args, to_client, from_client) -> None:
     to_client.put({"endpoint": server.endpoint, "raw_port": raw.getsockname()[1]})
     while (command := from_client.get(timeout=900)) != "stop":
         if command == "cpu":
-            to_client.put((cpu_seconds(), thread_cpu()))
+            to_client.put(cpu_seconds())
         elif command == "raw":
             conn, _ = raw.accept()
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -169,17 +149,15 @@ class Meter:
 
     def snapshot(self) -> tuple:
         self.to_source.put("cpu")
-        source_cpu, source_threads = self.from_source.get(timeout=60)
-        return cpu_seconds(), thread_cpu(), source_cpu, source_threads, time.perf_counter()
+        source_cpu = self.from_source.get(timeout=60)
+        return cpu_seconds(), source_cpu, time.perf_counter()
 
     @staticmethod
     def delta(before: tuple, after: tuple) -> dict:
         return {
             "client_cpu_s": after[0] - before[0],
-            "client_threads": thread_delta(before[1], after[1]),
-            "source_cpu_s": after[2] - before[2],
-            "source_threads": thread_delta(before[3], after[3]),
-            "wall_s": after[4] - before[4],
+            "source_cpu_s": after[1] - before[1],
+            "wall_s": after[2] - before[2],
         }
 
 
@@ -273,11 +251,6 @@ def _per_gib(seconds: float, nbytes: int) -> float:
     return seconds / (nbytes / GIB)
 
 
-def _top_threads(threads: dict[str, float], nbytes: int, n: int = 5) -> str:
-    top = sorted(threads.items(), key=lambda kv: -kv[1])[:n]
-    return ", ".join(f"{name} {_per_gib(cpu, nbytes):.3f}" for name, cpu in top)
-
-
 def run_benchmark(args) -> dict:
     ctx = mp.get_context("spawn")
     from_source, to_source, from_client = ctx.Queue(), ctx.Queue(), ctx.Queue()
@@ -332,9 +305,6 @@ def summarize(result: dict, bucket_mb: int) -> dict:  # long: one printed line p
         f"{cpu['source']['median']:.3f}; raw TCP client {raw_cpu['client']:.3f}, source "
         f"{raw_cpu['source']:.3f}"
     )
-    last = runs[-1]
-    print(f"  client threads (last run, CPU s/GiB): {_top_threads(last['client_threads'], nbytes)}")
-    print(f"  source threads (last run, CPU s/GiB): {_top_threads(last['source_threads'], nbytes)}")
     growth = result["rss_after_fetch"] - result["rss_allocated"]
     two_buckets = 2 * (bucket_mb << 20)
     print(
