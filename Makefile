@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit test-e2e test-compat check-vllm-wheel demo bench bench-transfer bench-mesh bench-scale lint clean
+.PHONY: setup test test-unit test-e2e test-compat check-vllm-wheel demo bench bench-transfer bench-source bench-mesh bench-scale lint clean
 
 # vLLM releases tested by `make test-compat`, each in an environment of its own
 COMPAT_VLLM ?= 0.30.0 0.31.0 0.32.0
@@ -73,10 +73,15 @@ $(COMPAT_STAMPS): .venv-vllm-%/.setup-done: pyproject.toml
 	rm -f .venv-vllm-$*.build-start
 	touch $@
 
-bench: bench-transfer bench-mesh bench-scale
+bench: bench-transfer bench-source bench-mesh bench-scale
 
 bench-transfer: setup
 	$(PY) -m tests.bench.bench_transfer
+
+# a real vLLM server as the source; needs root for network namespaces and tc (falls back
+# to loopback without them)
+bench-source: setup
+	$(PY) -m tests.bench.bench_source
 
 bench-mesh: setup
 	$(PY) -m tests.bench.bench_mesh

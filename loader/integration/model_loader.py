@@ -215,10 +215,10 @@ class NetloaderModelLoader(BaseModelLoader):
             phases,
         )
 
-    def _request(self, identity, tensors, observer=None) -> FetchRequest:
+    def _request(self, identity, tensors, observer=None, in_place=False) -> FetchRequest:
         return FetchRequest(
             identity.fingerprint, tensors, identity.rank, self.config.settings,
-            serving.cluster_keys(self.config), observer,
+            serving.cluster_keys(self.config), observer, in_place=in_place,
         )
 
     def _fetch(self, plan: SourcePlan, identity, presence, relay, tensors) -> FetchOutcome:
@@ -233,7 +233,11 @@ class NetloaderModelLoader(BaseModelLoader):
                 "with `mesh keygen PATH`, the same on every instance) to authenticate sources",
                 identity.rank,
             )
-        request = self._request(identity, tensors, relay.strategy if relay is not None else None)
+        # the tensors are a model just built: nothing in them counts but what the request
+        # verifies, so direct buckets may be received in place
+        request = self._request(
+            identity, tensors, relay.strategy if relay is not None else None, in_place=True
+        )
         if not plan.sources:
             return FetchOutcome(False, None, 0, 0.0)
         failures: list[tuple[str, str]] = []

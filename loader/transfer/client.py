@@ -65,7 +65,8 @@ def describe_failures(failures: list[tuple[str, str]]) -> str | None:
 class FetchRequest:
     """What to fetch and how: the same for every source and stage of one rank's load.
     `tensors` are filled in place; `observer` (a relay) hears of every verified bucket;
-    `resume` carries what was verified from one attempt to the next."""
+    `resume` carries what was verified from one attempt to the next; `in_place`: see
+    fetch_from_sources."""
 
     fingerprint: str
     tensors: dict[str, torch.Tensor]
@@ -74,11 +75,12 @@ class FetchRequest:
     keys: object = None
     observer: object = None
     resume: ResumeState = field(default_factory=lambda: ResumeState())
+    in_place: bool = False
 
     def from_sources(self, sources: list[str]) -> FetchOutcome:
         return fetch_from_sources(
             sources, self.fingerprint, self.tensors, self.rank, self.settings,
-            keys=self.keys, observer=self.observer, resume=self.resume,
+            keys=self.keys, observer=self.observer, resume=self.resume, in_place=self.in_place,
         )
 
 
@@ -91,6 +93,7 @@ def fetch_from_sources(
     keys=None,
     observer=None,
     resume: ResumeState | None = None,
+    in_place: bool = False,
 ) -> FetchOutcome:
     """Fill `tensors` in place from the first source that serves matching weights.
 
@@ -104,6 +107,13 @@ def fetch_from_sources(
     transfer starts, each bucket once it is verified and written, and each failure.
     `resume` carries verified buckets across calls (one is made per call if not given):
     a later attempt only receives what is missing.
+
+    `in_place=True` declares that nothing in `tensors` is relied on (served, used) beyond
+    the buckets `resume` holds verified, as in a model just built: then, where the backend
+    can be fenced (Gloo), direct buckets are received straight into their place and
+    verified there, which saves a copy; their bytes count only once verified, and a failed
+    source is fenced before this returns. Otherwise every bucket goes through staging
+    memory, and a failed attempt leaves every byte of `tensors` as it was.
     """
     started = time.monotonic()
     resume = resume if resume is not None else ResumeState()
@@ -124,7 +134,7 @@ def fetch_from_sources(
         for source in sources:
             attempt = _SourceAttempt(
                 source, fingerprint, manifest, unique, rank, settings, keys, context,
-                observer, resume,
+                observer, resume, in_place,
             )
             reason = attempt.failure()
             if reason is None:
@@ -150,7 +160,8 @@ def fetch_from_sources(
 
 class _SourceAttempt:
     def __init__(
-        self, source, fingerprint, manifest, tensors, rank, settings, keys, context, observer, resume
+        self, source, fingerprint, manifest, tensors, rank, settings, keys, context, observer,
+        resume, in_place,
     ):
         self.source = source
         self.fingerprint = fingerprint
@@ -165,6 +176,7 @@ class _SourceAttempt:
         self.resumed_bytes = 0
         self.observer = observer
         self.resume: ResumeState = resume
+        self.in_place = in_place
         self.device = torch.device("cpu")  # the destination's, once the attempt runs
 
     def failure(self) -> str | None:
@@ -298,7 +310,9 @@ class _SourceAttempt:
             self.observer.transfer_started(self.source, ack, plan)
             for index in sorted(skip):
                 self.observer.bucket_verified(self.source, index)
-        destination = Destination(self.tensors, self.device, self.resume, self.source, self.observer)
+        destination = Destination(
+            self.tensors, self.device, self.resume, self.source, self.observer, self.in_place
+        )
         receiver = ReceivePipeline(
             host,
             ack,
@@ -317,8 +331,9 @@ class _SourceAttempt:
         ) as exc:
             raise SourceFailure(_failure_reason(exc)) from None
         finally:
-            # before anything else: from here on this attempt writes nothing, whatever
-            # its abandoned threads or the backend still deliver into staging
+            # before anything else: from here on this attempt publishes nothing, whatever
+            # its abandoned threads or the backend still deliver; then the group is
+            # fenced (gloo: its connections closed), so no receive can write again
             receiver.gate.close()
             self.setup_s = receiver.setup_s
             destroy_group(receiver.pg)

@@ -18,6 +18,7 @@ asynchronous fake (tests/transfer/fake_device.py) through `device_for`.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import torch
@@ -42,6 +43,16 @@ class TransferDevice:
             # written) comes before anything this transfer does
             self.stream.wait_stream(torch.accelerator.current_stream(device))
 
+    @property
+    def receives_in_place(self) -> bool:
+        """Whether a receive may be posted straight into the destination tensors (bytes
+        unverified until their checksum is checked, published only then). Only where the
+        backend can be fenced, so that once an attempt ends nothing its source sends can
+        land anywhere: Gloo (process_group.fence_gloo closes the group's connections). Not
+        on accelerators, where a receive posted on a stream may still land after an
+        abort; there every bucket goes through private staging memory."""
+        return not self.is_async
+
     def enter_thread(self) -> None:
         """Call first in every thread that touches the device: the current device and
         stream are per thread on CUDA and NPU. Makes the transfer stream current."""
@@ -62,6 +73,21 @@ class TransferDevice:
         """Block until everything enqueued on the transfer stream has run."""
         if self.stream is not None:
             self.stream.synchronize()
+
+
+SERVING_NICE = 19
+
+
+def yield_to_inference() -> None:
+    """Lower the calling thread's CPU priority to the least (nice 19), for a thread that
+    serves a transfer beside a running model. Linux priorities are per thread and the
+    threads it starts (Gloo's I/O loop) inherit it, so whenever the model's threads want a
+    core, they get it: the transfer runs in the time inference leaves (on CPU its work
+    is the kernel's socket copies; the GIL is released for all of it). Best effort."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SERVING_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 # device memory a communicator takes per session besides our buffers (HCCL allocates

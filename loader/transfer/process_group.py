@@ -19,7 +19,9 @@ backend is constructed, so it is set for the construction of transfer groups onl
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -42,6 +44,11 @@ ABORT_ONLY_ENV = {
 }
 _env_lock = threading.Lock()
 _JOINED_KEY = "client-joined"
+# tags at and above this are never bucket tags (those are below 2**30)
+FENCE_TAG_BASE = 1 << 30
+_FENCE_TRIES = 4
+
+log = logging.getLogger(__name__)
 
 
 def backend_for_device(device_type: str) -> str:
@@ -175,10 +182,43 @@ def wait_for_store(host: str, port: int, timeout_s: float, cancelled=lambda: Fal
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
+def fence_gloo(pg: ProcessGroup) -> bool:
+    """Close every connection of a Gloo group, so that nothing posted on it can write
+    into memory again: True once that is so.
+
+    Gloo's abort() and shutdown() leave posted receives armed (bytes the peer sends
+    later still land in their buffers) and do not wake a thread blocked in wait(). A
+    receive that times out in wait() does both: Gloo closes every pair of the context
+    (taking each pair's lock, so no read is in progress when wait() raises), pending
+    operations fail, their waiters wake. So post a receive on a random tag no bucket
+    uses and wait for it for a millisecond. Should the peer complete it (it would have to
+    guess a 30-bit tag ahead of time), another tag is tried."""
+    for _ in range(_FENCE_TRIES):
+        tag = FENCE_TAG_BASE + secrets.randbelow(FENCE_TAG_BASE - 1)
+        try:
+            peer = WORLD_SIZE - 1 - pg.rank()
+            pill = pg.recv([torch.empty(1, dtype=torch.uint8)], peer, tag)
+            pill.wait(timedelta(milliseconds=1))
+        except Exception:
+            return True  # timed out (pairs now closed), or already closed
+    log.error("netloader: could not close a gloo transfer group: its peer completed every fence")
+    return False
+
+
+def _is_gloo(pg) -> bool:
+    try:
+        return isinstance(pg, ProcessGroup) and pg._get_backend_name() == "gloo"
+    except Exception:
+        return False
+
+
 def destroy_group(pg: ProcessGroup | None) -> None:
-    """Best effort: abort pending work first so a blocked peer op errors out."""
+    """Best effort: abort pending work first so a blocked peer op errors out. A Gloo
+    group is fenced first (fence_gloo): afterwards none of its receives can write."""
     if pg is None:
         return
+    if _is_gloo(pg):
+        fence_gloo(pg)
     for method in ("abort", "shutdown"):
         fn = getattr(pg, method, None)
         if fn is None:

@@ -1,8 +1,19 @@
 """One attempt's data path on the client: the process group, then each bucket received
-into a staging slot private to the attempt, verified there (in a helper thread, while
-the next ones arrive) and only then copied into the destination through the attempt's
+into memory private to the attempt, verified there (in a helper thread, while the next
+ones arrive) and only then published into the destination through the attempt's
 WriteGate. A failed source may go on sending (a backend cannot cancel a posted receive),
-but its bytes land in staging memory nobody reads again."""
+but nothing it sends can reach live weights:
+
+- staged buckets (packed ones, and every bucket on accelerators) land in staging slots
+  nobody reads again, and are copied into the destination tensors once verified;
+- when the caller relies on nothing in the destination but what its resume state holds
+  verified (a model just built: Destination.in_place) and the backend can be fenced
+  (Gloo, see TransferDevice.receives_in_place), a direct bucket, one piece of one
+  tensor, is received straight into its place: until its checksum matched it is no
+  weight (nothing is told of it, nothing reads it, resume does not hold it), and when
+  the attempt ends its group is fenced before anything else runs, so no receive of it
+  can write again. This saves the copy of most of a model's bytes.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +27,8 @@ import torch
 
 from loader.config import TransferSettings
 from loader.transfer import protocol
-from loader.transfer.buckets import Bucket, bucket_tag, max_bucket_bytes, unpack_bucket
-from loader.transfer.checksum import digest
+from loader.transfer.buckets import Bucket, bucket_tag, byte_view, max_bucket_bytes, unpack_bucket
+from loader.transfer.checksum import digest, warm_up
 from loader.transfer.device import TransferDevice, await_work, device_for
 from loader.transfer.process_group import (
     CLIENT_RANK,
@@ -33,45 +44,75 @@ from loader.transfer.write_gate import WriteGate
 
 log = logging.getLogger(__name__)
 
-RECV_DEPTH = 4  # staging slots: receives posted ahead of the one being verified
+RECV_DEPTH = 4  # receives posted ahead of the one being verified
 
 
 class ChecksumMismatch(Exception):
-    """A staged bucket does not match the checksum the source announced."""
+    """A received bucket does not match the checksum the source announced."""
 
 
 @dataclass(frozen=True)
 class Destination:
     """Where verified buckets land: the destination tensors (on `device`), the resume
-    state that remembers each one and the observer (a relay) told of it."""
+    state that remembers each one and the observer (a relay) told of it. `in_place`: the
+    caller relies on nothing in the tensors beyond what `resume` holds verified (see
+    client.fetch_from_sources), so direct buckets may be received into their place."""
 
     tensors: dict[str, torch.Tensor]
     device: torch.device
     resume: ResumeState
     source: str
     observer: object = None
+    in_place: bool = False
 
-    def write(self, bucket: Bucket, data: torch.Tensor, checksum: str, device: TransferDevice) -> None:
+    def place_of(self, bucket: Bucket) -> torch.Tensor:
+        """The destination bytes of a direct bucket (a piece of one tensor)."""
+        item = bucket.items[0]
+        whole = byte_view(self.tensors[item.name])
+        return whole[item.tensor_offset : item.tensor_offset + item.nbytes]
+
+    def write(
+        self, bucket: Bucket, data: torch.Tensor, checksum: str, device: TransferDevice, in_place: bool
+    ) -> None:
+        """Publish a verified bucket: copy it into place unless it was received there."""
         self.resume.forget(bucket.index)
-        unpack_bucket(bucket, data, self.tensors, device.copy)
+        if not in_place:
+            unpack_bucket(bucket, data, self.tensors, device.copy)
         device.synchronize()  # the bytes are in place before anyone is told
         self.resume.record(bucket.index, checksum)
         if self.observer is not None:
             self.observer.bucket_verified(self.source, bucket.index)
 
 
-class _StagingRing:
-    """The staging slots: bucket i uses slot i % depth, and a slot is posted again only
-    once the bucket that used it last was verified and copied out."""
+@dataclass
+class _Posted:
+    bucket: Bucket
+    work: object
+    target: torch.Tensor  # where the bytes land: a staging slot or their place
+    slot: int
+    in_place: bool
 
-    def __init__(self, plan: list[Bucket], device: TransferDevice) -> None:
+
+class _ReceiveRing:
+    """The receives posted ahead: bucket i uses slot i % depth (its staging buffer, if
+    staged, and its verification), and a slot is posted again only once the bucket that
+    used it last was verified and published."""
+
+    def __init__(self, plan: list[Bucket], destination: Destination, device: TransferDevice) -> None:
         self.plan = plan
+        self.destination = destination
+        self.in_place = destination.in_place and device.receives_in_place
         self.depth = min(RECV_DEPTH, len(plan))
-        size = max_bucket_bytes(plan)
-        self.slots = [device.empty(size) for _ in range(self.depth)]
+        self.device = device
+        self.staged_bytes = max_bucket_bytes([b for b in plan if not self._lands_in_place(b)])
+        # allocated on first use: in-place buckets need none (fresh memory costs page faults)
+        self.slots: list[torch.Tensor | None] = [None] * self.depth
         self.verifying: list[Future | None] = [None] * self.depth
-        self.posted: deque[tuple[Bucket, object, torch.Tensor, int]] = deque()
+        self.posted: deque[_Posted] = deque()
         self.next_post = 0
+
+    def _lands_in_place(self, bucket: Bucket) -> bool:
+        return self.in_place and bucket.direct
 
     def pending(self) -> bool:
         return self.next_post < len(self.plan) or bool(self.posted)
@@ -86,13 +127,19 @@ class _StagingRing:
             if previous is not None:
                 previous.result()  # raises the verification failure, if any
             bucket = self.plan[self.next_post]
-            target = self.slots[slot][: bucket.nbytes]
+            in_place = self._lands_in_place(bucket)
+            if in_place:
+                self.destination.resume.forget(bucket.index)  # its bytes change from now on
+                target = self.destination.place_of(bucket)
+            else:
+                if self.slots[slot] is None:
+                    self.slots[slot] = self.device.empty(self.staged_bytes)
+                target = self.slots[slot][: bucket.nbytes]
             work = pg.recv([target], SOURCE_RANK, bucket_tag(bucket))
-            self.posted.append((bucket, work, target, slot))
+            self.posted.append(_Posted(bucket, work, target, slot, in_place))
             self.next_post += 1
 
-    def take_oldest(self) -> tuple[Bucket, object, torch.Tensor, int]:
-        """The oldest posted receive: (bucket, work, staging target, slot)."""
+    def take_oldest(self) -> _Posted:
         return self.posted.popleft()
 
     def wait_verified(self) -> None:
@@ -133,8 +180,19 @@ class ReceivePipeline:
 
     def run(self, watchdog: Watchdog) -> None:
         self.device.enter_thread()
-        self._join_group(watchdog)
-        self._receive(watchdog)
+        verifier = ThreadPoolExecutor(
+            1, thread_name_prefix="netloader-verify", initializer=self.device.enter_thread
+        )
+        try:
+            # e.g. compile the hash kernel while the group comes up, not at the first bucket
+            verifier.submit(warm_up, self.ack.algorithm)
+            self._join_group(watchdog)
+            self._receive(watchdog, verifier)
+        finally:
+            # buckets that arrived whole are still verified (and kept for a resume) when a
+            # later one fails; each verification is bounded, and the gate decides whether
+            # it may still write
+            verifier.shutdown(wait=True)
 
     def _join_group(self, watchdog: Watchdog) -> None:
         settings = self.settings
@@ -156,29 +214,20 @@ class ReceivePipeline:
         watchdog.check()
         self.setup_s = time.monotonic() - t0
 
-    def _receive(self, watchdog: Watchdog) -> None:
+    def _receive(self, watchdog: Watchdog, verifier: ThreadPoolExecutor) -> None:
         settings = self.settings
-        ring = _StagingRing(self.plan, self.device)
+        ring = _ReceiveRing(self.plan, self.destination, self.device)
         progress = ProgressReporter(
             sum(b.nbytes for b in self.plan), self.label, log, settings.progress_interval_s
         )
-        verifier = ThreadPoolExecutor(
-            1, thread_name_prefix="netloader-verify", initializer=self.device.enter_thread
-        )
-        try:
-            while ring.pending():
-                ring.post_ahead(self.pg)
-                bucket, work, target, slot = ring.take_oldest()
-                self._await_bucket(bucket, work, watchdog)
-                ring.verifying[slot] = verifier.submit(self._verify_and_write, bucket, target)
-                progress.advance(bucket.nbytes)
-            watchdog.phase("checksum verification", settings.bucket_timeout_s)
-            ring.wait_verified()
-        finally:
-            # buckets that arrived whole are still verified (and kept for a resume) when a
-            # later one fails; each verification is bounded, and the gate decides whether
-            # it may still write
-            verifier.shutdown(wait=True)
+        while ring.pending():
+            ring.post_ahead(self.pg)
+            posted = ring.take_oldest()
+            self._await_bucket(posted.bucket, posted.work, watchdog)
+            ring.verifying[posted.slot] = verifier.submit(self._verify_and_write, posted)
+            progress.advance(posted.bucket.nbytes)
+        watchdog.phase("checksum verification", settings.bucket_timeout_s)
+        ring.wait_verified()
 
     def _await_bucket(self, bucket: Bucket, work, watchdog: Watchdog) -> None:
         timeout_s = self.settings.bucket_timeout_s
@@ -190,8 +239,9 @@ class ReceivePipeline:
         )
         watchdog.check()
 
-    def _verify_and_write(self, bucket: Bucket, data: torch.Tensor) -> None:
-        """Check a staged bucket; only then copy it into the destination tensors."""
+    def _verify_and_write(self, posted: _Posted) -> None:
+        """Check a received bucket; only then publish it in the destination tensors."""
+        bucket, data = posted.bucket, posted.target
         expected = self.ack.checksums[bucket.index]
         t = time.perf_counter()
         actual = digest(data, self.ack.algorithm, self.checksum_key)
@@ -200,7 +250,9 @@ class ReceivePipeline:
             first, last = bucket.items[0].name, bucket.items[-1].name
             names = first if first == last else f"{first} .. {last}"
             raise ChecksumMismatch(f"checksum mismatch in bucket {bucket.index} ({names})")
-        self.gate.write(lambda: self.destination.write(bucket, data, expected, self.device))
+        self.gate.write(
+            lambda: self.destination.write(bucket, data, expected, self.device, posted.in_place)
+        )
 
 
 def _backstop(timeout_s: float) -> float:

@@ -26,7 +26,7 @@ from loader.transfer.bucket_sender import BucketSender
 from loader.transfer.buckets import Bucket
 from loader.transfer.checksum import algorithm_for_device, checksum_key
 from loader.transfer.control_channel import ControlChannel
-from loader.transfer.device import TransferDevice, device_for
+from loader.transfer.device import TransferDevice, device_for, yield_to_inference
 from loader.transfer.layout import ShardLayout
 from loader.transfer.manifest import build_manifest, unique_tensors
 from loader.transfer.process_group import (
@@ -262,6 +262,7 @@ class WeightServer:
         store_socket = None
         started = time.monotonic()
         device = device_for(self._device)
+        yield_to_inference()  # before the group is built: its I/O thread inherits this
         try:
             device.enter_thread()  # this thread's device, and a stream of its own
             served, sender = self._open_session(session, device)

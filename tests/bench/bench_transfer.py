@@ -1,27 +1,28 @@
 """Benchmark the weight transfer between two processes over gloo on 127.0.0.1.
 
-Moves >= 1 GiB in >= 200 tensors with the real WeightServer / fetch_from_sources, and
-the same bytes over a plain TCP socket in the same run, so the
-ratio is robust to how fast loopback happens to be on this machine. Also reports the
-client's peak RSS against the weights (goal: <= weights + two buckets) and the latency
-of a small compute step on the source while idle vs while it serves the transfer.
+Moves >= 1 GiB in >= 200 tensors with the real WeightServer / fetch_from_sources (in
+place, as the model loader fetches), and the same bytes over a plain TCP socket in the
+same run, so the ratio is robust to how fast loopback happens to be on this machine.
+Also reports the client's peak RSS against the weights (goal: <= weights + two buckets)
+and the CPU time each side spends per GiB (whole process: user + system, every thread).
 
-    python -m tests.bench.bench_transfer [--mib 1025] [--bucket-mb 64]
+    python -m tests.bench.bench_transfer [--mib 1025] [--bucket-mb 64] [--runs 3]
 
-The machine is shared, so the benchmark alternates raw TCP and netloader rounds
-(raw, net, raw, net, raw) and compares the best of each; every round is printed. Then
-the resharding case (tests/bench/bench_reshard.py; `--reshard-mib 0` skips it).
-The last stdout line is one JSON object.
+The machine is shared, so raw TCP and netloader rounds alternate (raw, net, raw, ...,
+raw); each netloader run is compared with the better of the raw rounds on either side
+of it. min/median/max over the runs are printed; `ratio` in the last stdout line (one
+JSON object) is the minimum. The load average is printed beside the figures. Then the
+resharding case (tests/bench/bench_reshard.py; `--reshard-mib 0` skips it).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import socket
 import statistics
-import threading
 import time
 
 import orjson
@@ -84,6 +85,19 @@ def _byte_views(tensors):
     return [memoryview(byte_view(t).numpy()) for t in tensors.values()]
 
 
+# ---- CPU accounting -----------------------------------------------------------------
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
 # ---- source process -----------------------------------------------------------------
 
 
@@ -95,7 +109,9 @@ def _logging(args) -> None:
     logging.getLogger("vllm").setLevel(logging.WARNING)
 
 
-def source_main(args, to_parent, from_parent) -> None:
+def source_main(args, to_client, from_client) -> None:
+    """Serve the tensors; answer the client's commands: "raw" (send them once over a
+    plain socket), "cpu" (this process's CPU time so far, all threads), "stop"."""
     _logging(args)
     torch.set_num_threads(1)
     import vllm.distributed.utils  # noqa: F401  (import cost is not part of a transfer)
@@ -111,103 +127,99 @@ def source_main(args, to_parent, from_parent) -> None:
     raw = socket.socket()
     raw.bind(("127.0.0.1", 0))
     raw.listen(4)
-    probe = StepProbe(server)
-    probe.start()
-    to_parent.put({"endpoint": server.endpoint, "raw_port": raw.getsockname()[1]})
-    for _ in range(args.rounds + 1):  # raw-TCP rounds around each netloader round
-        conn, _ = raw.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for view in _byte_views(tensors):
-            conn.sendall(view)
-        conn.recv(1)
-        conn.close()
-    from_parent.get(timeout=600)
-    probe.stop()
-    to_parent.put(probe.summary())
+    to_client.put({"endpoint": server.endpoint, "raw_port": raw.getsockname()[1]})
+    while (command := from_client.get(timeout=900)) != "stop":
+        if command == "cpu":
+            to_client.put(cpu_seconds())
+        elif command == "raw":
+            conn, _ = raw.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for view in _byte_views(tensors):
+                conn.sendall(view)
+            conn.recv(1)
+            conn.close()
     server.stop()
-
-
-class StepProbe:
-    """A small matmul every 20 ms; step latency split by whether a transfer is running."""
-
-    def __init__(self, server) -> None:
-        self.server = server
-        self.idle: list[float] = []
-        self.serving: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._a = torch.randn(384, 384)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            busy = self.server.active_clients > 0
-            t = time.perf_counter()
-            for _ in range(4):
-                torch.mm(self._a, self._a)
-            (self.serving if busy else self.idle).append(time.perf_counter() - t)
-
-    def summary(self) -> dict:
-        med = lambda xs: statistics.median(xs) * 1000 if xs else None  # noqa: E731
-        return {"source_step_ms_idle": med(self.idle), "source_step_ms_serving": med(self.serving)}
 
 
 # ---- client process -----------------------------------------------------------------
 
 
-def client_main(args, info, to_parent) -> None:
+class Meter:
+    """CPU time of both processes over one round."""
+
+    def __init__(self, to_source, from_source) -> None:
+        self.to_source, self.from_source = to_source, from_source
+
+    def snapshot(self) -> tuple:
+        self.to_source.put("cpu")
+        source_cpu = self.from_source.get(timeout=60)
+        return cpu_seconds(), source_cpu, time.perf_counter()
+
+    @staticmethod
+    def delta(before: tuple, after: tuple) -> dict:
+        return {
+            "client_cpu_s": after[0] - before[0],
+            "source_cpu_s": after[1] - before[1],
+            "wall_s": after[2] - before[2],
+        }
+
+
+def client_main(args, info, to_source, from_source, to_parent) -> None:
     _logging(args)
     torch.set_num_threads(1)
     import vllm.distributed.utils  # noqa: F401
 
     from loader.config import TransferSettings
+    from loader.transfer.checksum import NH64_BLAKE3, warm_up
     from loader.transfer.client import fetch_from_sources
-    from loader.transfer.manifest import build_manifest
 
+    warm_up(NH64_BLAKE3)  # as a vLLM worker does while it builds the model
     rss_before = _peak_rss()
     dest = make_tensors(args.mib, empty=True)  # zeros: pages touched, as in a built model
     weights = sum(t.numel() * t.element_size() for t in dest.values())
     rss_allocated = _peak_rss()
     settings = TransferSettings(bucket_mb=args.bucket_mb, bucket_timeout_s=args.bucket_timeout)
-    raw_seconds, rounds = [], []
-    for _ in range(args.rounds):
-        raw_seconds.append(raw_tcp_receive(info["raw_port"], dest))
-        for t in dest.values():
-            t.zero_()  # the fetch must write every byte for the check below to pass
-        t0 = time.perf_counter()
-        build_manifest(dest)
-        manifest_s = time.perf_counter() - t0
-        outcome = fetch_from_sources([info["endpoint"]], FINGERPRINT, dest, 0, settings)
-        rss_after_fetch = _peak_rss()
+    meter = Meter(to_source, from_source)
+    raw_rounds, runs = [], []
+    for i in range(2 * args.runs + 1):  # raw, net, raw, ..., raw
+        if i % 2 == 1:
+            for t in dest.values():
+                t.zero_()  # the fetch must write every byte for the check below to pass
+        before = meter.snapshot()
+        load = load_average()
+        if i % 2 == 0:
+            to_source.put("raw")
+            seconds = raw_tcp_receive(info["raw_port"], dest)
+            raw_rounds.append({**Meter.delta(before, meter.snapshot()), "load": load, "seconds": seconds})
+            continue
+        outcome = fetch_from_sources(
+            [info["endpoint"]], FINGERPRINT, dest, 0, settings, in_place=True
+        )
+        used = Meter.delta(before, meter.snapshot())
         identical = all(torch.equal(dest[name], ref) for name, ref in iter_tensors(args.mib))
-        rounds.append(
+        runs.append(
             {
+                **used,
+                "load": load,
                 "ok": outcome.ok,
                 "failures": outcome.failures,
                 "identical": identical,
                 "seconds": outcome.seconds,
                 "handshake_s": outcome.handshake_s,
                 "setup_s": outcome.setup_s,
-                "manifest_s": manifest_s,
                 "bytes": outcome.bytes,
             }
         )
-    raw_seconds.append(raw_tcp_receive(info["raw_port"], dest))
+    to_source.put("stop")
     to_parent.put(
         {
-            "rounds": rounds,
+            "runs": runs,
+            "raw_rounds": raw_rounds,
             "tensors": len(dest),
-            "raw_seconds": raw_seconds,
             "weights": weights,
             "rss_before": rss_before,
             "rss_allocated": rss_allocated,
-            "rss_after_fetch": rss_after_fetch,
+            "rss_after_fetch": _peak_rss(),
         }
     )
 
@@ -234,78 +246,111 @@ def _peak_rss() -> int:
 # ---- driver -------------------------------------------------------------------------
 
 
-def main() -> None:  # long: the benchmark's phases in the order they run, one script
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mib", type=int, default=1025, help="weights size in MiB")
-    parser.add_argument("--bucket-mb", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="netloader rounds (raw TCP: +1)")
-    parser.add_argument("--bucket-timeout", type=float, default=120.0)
-    parser.add_argument("--debug", action="store_true", help="per-bucket timings on stderr")
-    bench_reshard.add_arguments(parser, prefix="reshard-")  # --reshard-mib 0: skip the case
-    args = parser.parse_args()
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def _per_gib(seconds: float, nbytes: int) -> float:
+    return seconds / (nbytes / GIB)
+
+
+def run_benchmark(args) -> dict:
     ctx = mp.get_context("spawn")
     from_source, to_source, from_client = ctx.Queue(), ctx.Queue(), ctx.Queue()
     source = ctx.Process(target=source_main, args=(args, from_source, to_source), daemon=True)
     source.start()
     info = from_source.get(timeout=600)
-    client = ctx.Process(target=client_main, args=(args, info, from_client), daemon=True)
+    client = ctx.Process(
+        target=client_main, args=(args, info, to_source, from_source, from_client), daemon=True
+    )
     client.start()
-    result = from_client.get(timeout=900)
+    result = from_client.get(timeout=1800)
     client.join(60)
-    to_source.put("stop")
-    probe = from_source.get(timeout=60)
     source.join(30)
-    for r in result["rounds"]:
+    for r in result["runs"]:
         if not r["ok"] or not r["identical"]:
             raise SystemExit(f"transfer failed: {r['failures']} identical={r['identical']}")
-    best = min(result["rounds"], key=lambda r: r["seconds"])  # least disturbed by neighbours
-    result.update(best)
-    nbytes = best["bytes"]
-    raw_gib_s = max(nbytes / s for s in result["raw_seconds"]) / GIB  # raw at its best, too
-    gib_s = nbytes / best["seconds"] / GIB
-    overhead = best["handshake_s"] + best["setup_s"] + best["manifest_s"]
-    bucket_bytes = args.bucket_mb << 20
-    extra_rss = result["rss_after_fetch"] - result["rss_allocated"]
-    print(
-        f"weights: {nbytes / GIB:.3f} GiB in {result['tensors']} tensors, {args.bucket_mb} MiB buckets"
-    )
-    print(
-        "netloader rounds: "
-        + ", ".join(f"{nbytes / r['seconds'] / GIB:.3f} GiB/s" for r in result["rounds"])
-        + f"; best {result['seconds']:.2f}s = {gib_s:.3f} GiB/s "
-        f"(handshake {result['handshake_s'] * 1000:.1f} ms, process group {result['setup_s'] * 1000:.1f} ms, "
-        f"manifest {result['manifest_s'] * 1000:.1f} ms)"
-    )
-    print(
-        "raw TCP: "
-        + ", ".join(f"{nbytes / s / GIB:.3f} GiB/s" for s in result["raw_seconds"])
-        + f" (best {raw_gib_s:.3f}); ratio {gib_s / raw_gib_s:.3f} (best netloader round / best raw)"
-    )
-    print(
-        f"client peak RSS: {result['rss_after_fetch'] / GIB:.3f} GiB; weights {result['weights'] / GIB:.3f} GiB; "
-        f"process baseline {result['rss_before'] / GIB:.3f} GiB; growth during fetch "
-        f"{extra_rss / (1 << 20):.1f} MiB (budget: two buckets = {2 * bucket_bytes / (1 << 20):.0f} MiB)"
-    )
-    if probe["source_step_ms_idle"] and probe["source_step_ms_serving"]:
+    return result
+
+
+def summarize(result: dict, bucket_mb: int) -> dict:  # long: one printed line per figure
+    runs, raws = result["runs"], result["raw_rounds"]
+    nbytes = runs[0]["bytes"]
+    raw_rate = [nbytes / r["seconds"] / GIB for r in raws]
+    for i, run in enumerate(runs):  # raw rounds i and i + 1 surround run i
+        run["gib_s"] = nbytes / run["seconds"] / GIB
+        run["raw_gib_s"] = max(raw_rate[i], raw_rate[i + 1])
+        run["ratio"] = run["gib_s"] / run["raw_gib_s"]
+    ratio = _spread([r["ratio"] for r in runs])
+    rate = _spread([r["gib_s"] for r in runs])
+    cpu = {
+        side: _spread([_per_gib(r[f"{side}_cpu_s"], nbytes) for r in runs])
+        for side in ("client", "source")
+    }
+    raw_cpu = {
+        side: statistics.median(_per_gib(r[f"{side}_cpu_s"], nbytes) for r in raws)
+        for side in ("client", "source")
+    }
+    print(f"weights: {nbytes / GIB:.3f} GiB in {result['tensors']} tensors, {bucket_mb} MiB buckets")
+    for i, run in enumerate(runs):
         print(
-            f"source compute step: idle {probe['source_step_ms_idle']:.2f} ms, while serving "
-            f"{probe['source_step_ms_serving']:.2f} ms "
-            f"({probe['source_step_ms_serving'] / probe['source_step_ms_idle']:.2f}x)"
+            f"run {i + 1}: netloader {run['gib_s']:.3f} GiB/s ({run['seconds']:.2f} s; handshake "
+            f"{run['handshake_s'] * 1000:.0f} ms, group {run['setup_s'] * 1000:.0f} ms), raw TCP "
+            f"{raw_rate[i]:.3f} / {raw_rate[i + 1]:.3f} GiB/s before/after: ratio {run['ratio']:.3f}"
+            f"  [load {run['load']:.2f}]"
         )
-    summary = {
+    print(
+        f"ratio min/median/max {ratio['min']:.3f} / {ratio['median']:.3f} / {ratio['max']:.3f}; "
+        f"netloader {rate['min']:.3f} / {rate['median']:.3f} / {rate['max']:.3f} GiB/s"
+    )
+    print(
+        f"CPU s per GiB (median): netloader client {cpu['client']['median']:.3f}, source "
+        f"{cpu['source']['median']:.3f}; raw TCP client {raw_cpu['client']:.3f}, source "
+        f"{raw_cpu['source']:.3f}"
+    )
+    growth = result["rss_after_fetch"] - result["rss_allocated"]
+    two_buckets = 2 * (bucket_mb << 20)
+    print(
+        f"client peak RSS: {result['rss_after_fetch'] / GIB:.3f} GiB; weights "
+        f"{result['weights'] / GIB:.3f} GiB; process baseline {result['rss_before'] / GIB:.3f} GiB; "
+        f"growth during fetch {growth / (1 << 20):.1f} MiB (budget: two buckets = "
+        f"{two_buckets / (1 << 20):.0f} MiB)"
+    )
+    return {
         "bytes": nbytes,
         "tensors": result["tensors"],
-        "seconds": round(result["seconds"], 4),
-        "gib_s": round(gib_s, 4),
-        "raw_tcp_gib_s": round(raw_gib_s, 4),
-        "ratio": round(gib_s / raw_gib_s, 4),
-        "overhead_s": round(overhead, 4),
+        "runs": len(runs),
+        "seconds": round(statistics.median(r["seconds"] for r in runs), 4),
+        "gib_s": round(rate["median"], 4),
+        "raw_tcp_gib_s": round(statistics.median(r["raw_gib_s"] for r in runs), 4),
+        "ratio": round(ratio["min"], 4),
+        "ratio_median": round(ratio["median"], 4),
+        "ratio_max": round(ratio["max"], 4),
+        "ratios": [round(r["ratio"], 4) for r in runs],
+        "overhead_s": round(statistics.median(r["handshake_s"] + r["setup_s"] for r in runs), 4),
+        "client_cpu_s_per_gib": round(cpu["client"]["median"], 4),
+        "source_cpu_s_per_gib": round(cpu["source"]["median"], 4),
+        "raw_client_cpu_s_per_gib": round(raw_cpu["client"], 4),
+        "raw_source_cpu_s_per_gib": round(raw_cpu["source"], 4),
+        "load_avg": [round(r["load"], 2) for r in runs],
         "client_peak_rss_bytes": result["rss_after_fetch"],
-        "client_rss_growth_during_fetch_bytes": extra_rss,
+        "client_rss_growth_during_fetch_bytes": growth,
         "weights_bytes": result["weights"],
-        "two_buckets_bytes": 2 * bucket_bytes,
-        **probe,
+        "two_buckets_bytes": two_buckets,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=1025, help="weights size in MiB")
+    parser.add_argument("--bucket-mb", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3, help="netloader runs (raw TCP: +1)")
+    parser.add_argument("--bucket-timeout", type=float, default=120.0)
+    parser.add_argument("--debug", action="store_true", help="per-bucket timings on stderr")
+    bench_reshard.add_arguments(parser, prefix="reshard-")  # --reshard-mib 0: skip the case
+    args = parser.parse_args()
+    print(f"load average at start: {load_average():.2f}")
+    summary = summarize(run_benchmark(args), args.bucket_mb)
     if args.reshard_mib:
         summary.update(bench_reshard.run(argparse.Namespace(
             mib=args.reshard_mib, rounds=args.reshard_rounds, bucket_mb=args.bucket_mb)))

@@ -7,6 +7,7 @@ from loader.transfer.checksum import (
     BLAKE3_KEYED,
     KEY_BYTES,
     MLH31,
+    NH64_BLAKE3,
     algorithm_for_device,
     digest,
 )
@@ -14,8 +15,8 @@ from loader.transfer.checksum import (
 KEY = bytes(range(32))
 
 
-@pytest.mark.parametrize("algorithm", [BLAKE3_KEYED, MLH31])
-@pytest.mark.parametrize("n", [1, 7, 8192, 8192 * 3 + 5, 100_003, (1 << 21) + 3])
+@pytest.mark.parametrize("algorithm", [NH64_BLAKE3, BLAKE3_KEYED, MLH31])
+@pytest.mark.parametrize("n", [1, 7, 1024, 1025, 8192, 8192 * 3 + 5, 100_003, (1 << 21) + 3])
 def test_any_single_byte_change_is_detected(algorithm, n):
     g = torch.Generator().manual_seed(n)
     data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
@@ -27,7 +28,7 @@ def test_any_single_byte_change_is_detected(algorithm, n):
         assert digest(corrupted, algorithm, KEY) != reference
 
 
-@pytest.mark.parametrize("algorithm", [BLAKE3_KEYED, MLH31])
+@pytest.mark.parametrize("algorithm", [NH64_BLAKE3, BLAKE3_KEYED, MLH31])
 def test_the_checksum_depends_on_the_key(algorithm):
     data = torch.randint(0, 256, (10_000,), dtype=torch.uint8)
     assert digest(data, algorithm, KEY) != digest(data, algorithm, secrets.token_bytes(KEY_BYTES))
@@ -82,7 +83,7 @@ def test_device_checksum_temporaries_stay_bounded():
 
 
 def test_algorithm_choice_and_input_checks():
-    assert algorithm_for_device("cpu") == BLAKE3_KEYED
+    assert algorithm_for_device("cpu") == NH64_BLAKE3
     assert algorithm_for_device("cuda") == MLH31 == algorithm_for_device("npu")
     with pytest.raises(ValueError):
         digest(torch.zeros(4), BLAKE3_KEYED, KEY)
@@ -90,3 +91,36 @@ def test_algorithm_choice_and_input_checks():
         digest(torch.zeros(4, dtype=torch.uint8), "md4", KEY)
     with pytest.raises(ValueError):
         digest(torch.zeros(4, dtype=torch.uint8), BLAKE3_KEYED, b"short")
+
+
+def _nh64_reference(data: bytes, key: bytes) -> str:
+    """NH64-BLAKE3 as its docstring defines it, in plain Python integers."""
+    import blake3
+
+    from loader.transfer import nh_hash
+
+    nh_key = blake3.blake3(key, derive_key_context=nh_hash._NH_CONTEXT).digest(length=1024)
+    k = [int.from_bytes(nh_key[8 * i : 8 * i + 8], "little") for i in range(128)]
+    padded = data + bytes(-len(data) % 1024)
+    outputs = b""
+    for start in range(0, len(padded), 1024):
+        m = [int.from_bytes(padded[start + 8 * i : start + 8 * i + 8], "little") for i in range(128)]
+        nh = sum(((m[i] + k[i]) % 2**64) * ((m[i + 64] + k[i + 64]) % 2**64) for i in range(64))
+        outputs += (nh % 2**128).to_bytes(16, "little")
+    final_key = blake3.blake3(key, derive_key_context=nh_hash._FINAL_CONTEXT).digest()
+    return blake3.blake3(outputs + len(data).to_bytes(8, "little"), key=final_key).hexdigest()
+
+
+@pytest.mark.parametrize("n", [1, 1023, 1024, 3000])
+def test_nh64_kernel_computes_the_documented_hash(n):
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    assert digest(data, NH64_BLAKE3, KEY) == _nh64_reference(bytes(data.numpy()), KEY)
+
+
+def test_nh64_detects_a_change_that_keeps_every_word_sum():
+    """Moving one unit from a word to its pair partner keeps plain sums; NH's products do not."""
+    data = torch.zeros(2048, dtype=torch.uint8)
+    forged = data.clone()
+    forged.view(torch.int64)[0] = 1
+    forged.view(torch.int64)[64] = -1
+    assert digest(data, NH64_BLAKE3, KEY) != digest(forged, NH64_BLAKE3, KEY)

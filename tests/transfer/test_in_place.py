@@ -1,0 +1,157 @@
+"""Receiving direct buckets in place (fetch_from_sources(in_place=True), as the model
+loader does): a failed source can still never write into the tensors once its attempt
+ended, and bytes that landed in place count only once verified.
+
+The premise is the Gloo fence: abort() leaves a posted receive armed, the fence does not.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from loader.transfer import receive_pipeline
+from loader.transfer.buckets import plan_buckets
+from loader.transfer.client import fetch_from_sources
+from loader.transfer.manifest import build_manifest
+from loader.transfer.process_group import (
+    bind_store_socket,
+    create_transfer_group,
+    destroy_group,
+    fence_gloo,
+)
+from loader.transfer.resume import ResumeState
+from tests.transfer.helpers import FAST, FINGERPRINT, empty_like_all, in_process_server
+from tests.transfer.test_late_writes import (
+    LateCorruptSource,
+    assert_equal,
+    big_tensors,
+    wait_finished,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _group_pair() -> tuple[object, object]:
+    """Both ranks of a gloo transfer group, in this process."""
+    store = bind_store_socket("127.0.0.1")
+    port = store.getsockname()[1]
+    groups: dict[int, object] = {}
+
+    def join(rank: int) -> None:
+        groups[rank] = create_transfer_group(
+            "cpu", "127.0.0.1", port, rank, "f" * 32, 10.0, 10.0,
+            listen_socket=store if rank == 0 else None,
+        )
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return groups[0], groups[1]
+
+
+@pytest.mark.parametrize("close", ["fence", "abort"])
+def test_only_the_fence_disarms_a_posted_receive(close):
+    source, client = _group_pair()
+    target = torch.zeros(1 << 20, dtype=torch.uint8)
+    armed = client.recv([target], 0, 7)  # kept alive, as an abandoned thread would
+    if close == "fence":
+        assert fence_gloo(client)
+    else:
+        client.abort()
+    try:
+        source.send([torch.full((1 << 20,), 0x5A, dtype=torch.uint8)], 1, 7).wait()
+        if close == "abort":
+            armed.wait()
+    except Exception:
+        pass  # the fenced group's peer sees its connection closed
+    landed = bool(target.any())
+    destroy_group(source)
+    destroy_group(client)
+    assert landed == (close == "abort")
+
+
+@pytest.fixture
+def places(monkeypatch) -> list[int]:
+    """Indices of the buckets received in place."""
+    seen: list[int] = []
+    real = receive_pipeline.Destination.place_of
+
+    def spy(self, bucket):
+        seen.append(bucket.index)
+        return real(self, bucket)
+
+    monkeypatch.setattr(receive_pipeline.Destination, "place_of", spy)
+    return seen
+
+
+def test_in_place_a_failed_source_cannot_overwrite_what_the_next_source_delivered(places):
+    reference = big_tensors(11)
+    dest = empty_like_all(reference)
+    with in_process_server(big_tensors(11), sender_cls=LateCorruptSource) as bad:
+        with in_process_server(big_tensors(11)) as good:
+            outcome = fetch_from_sources(
+                [bad.endpoint, good.endpoint], FINGERPRINT, dest, 0, FAST, in_place=True
+            )
+            assert outcome.ok and outcome.peer == good.endpoint, outcome.failures
+            assert "checksum mismatch" in outcome.failures[0][1]
+        wait_finished(bad)
+    assert places, "no bucket was received in place"
+    assert_equal(dest, reference)
+
+
+def test_in_place_a_failed_source_cannot_overwrite_the_disk_fallback(places):
+    reference = big_tensors(12)
+    dest = empty_like_all(reference)
+    with in_process_server(big_tensors(12), sender_cls=LateCorruptSource) as bad:
+        assert not fetch_from_sources([bad.endpoint], FINGERPRINT, dest, 0, FAST, in_place=True).ok
+        for name, t in reference.items():  # what the disk fallback does
+            dest[name].copy_(t)
+        wait_finished(bad)
+    assert places
+    assert_equal(dest, reference)
+
+
+class Heard:
+    def __init__(self) -> None:
+        self.verified: list[int] = []
+
+    def transfer_started(self, source, ack, plan) -> None:
+        pass
+
+    def bucket_verified(self, source, index) -> None:
+        self.verified.append(index)
+
+    def attempt_failed(self, source, reason) -> None:
+        pass
+
+
+def test_bytes_received_in_place_count_only_once_verified(places):
+    """A corrupt source's bytes land in place, but nobody is told of them and the
+    resume state holds none of them."""
+    observer, resume = Heard(), ResumeState()
+    dest = empty_like_all(big_tensors(13))
+    with in_process_server(big_tensors(13), sender_cls=LateCorruptSource) as bad:
+        outcome = fetch_from_sources(
+            [bad.endpoint], FINGERPRINT, dest, 0, FAST, observer=observer, resume=resume,
+            in_place=True,
+        )
+        wait_finished(bad)
+    assert not outcome.ok and "checksum mismatch" in outcome.failures[0][1]
+    assert places
+    assert observer.verified == [] and resume.verified_buckets == 0
+
+
+def test_in_place_transfer_delivers_every_byte(places):
+    reference = big_tensors(14)
+    dest = empty_like_all(reference)
+    with in_process_server(big_tensors(14)) as good:
+        outcome = fetch_from_sources([good.endpoint], FINGERPRINT, dest, 0, FAST, in_place=True)
+    assert outcome.ok, outcome.failures
+    plan = plan_buckets(build_manifest(reference).specs, FAST.bucket_bytes)
+    assert all(b.direct for b in plan) and sorted(places) == [b.index for b in plan]
+    assert_equal(dest, reference)
