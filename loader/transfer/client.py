@@ -161,7 +161,7 @@ def fetch_from_sources(
 class _SourceAttempt:
     def __init__(
         self, source, fingerprint, manifest, tensors, rank, settings, keys, context, observer,
-        resume, in_place,
+        resume, in_place=False,
     ):
         self.source = source
         self.fingerprint = fingerprint
