@@ -6,6 +6,7 @@ keys are fixed (mixed-version meshes and `mesh status --json` readers rely on th
 
     role, model, fingerprint, tp, pp, rank, ready, vllm, zone, host    who it is
     endpoint, state, progress, load, capacity, upstream, retained_bytes its transfer status
+    compile_key                                                         the compile cache it offers
 
 `from_meta` reads metadata that came from the network: anything malformed makes the whole
 record unreadable (None) rather than half-trusted.
@@ -54,6 +55,7 @@ class PeerRecord:
     capacity: int | None = None  # transfers it serves at once
     upstream: str | None = None  # the endpoint it receives from
     retained_bytes: int | None = None  # bytes kept only to serve (raw copies)
+    compile_key: str | None = None  # the compile cache entry it offers (integration.compile_cache)
 
     def to_meta(self) -> dict[str, Any]:
         """The gossip metadata: every field that is set, under its wire key."""
@@ -147,4 +149,5 @@ _READERS = {
     "capacity": _count,
     "upstream": _text,
     "retained_bytes": _count,
+    "compile_key": _text,
 }

@@ -48,6 +48,19 @@ class Upstream:
 
 def upstream_table(members: Iterable[Member], identity: RankIdentity) -> list[Upstream]:
     """The members that could serve this rank (untrusted metadata: unreadable ones are skipped)."""
+    return _table(members, lambda record: _serves(record, identity))
+
+
+def cache_table(members: Iterable[Member], compile_key: str) -> list[Upstream]:
+    """The members that offer the compile cache entry `compile_key`, whatever weights they
+    hold: the key covers everything compiled code depends on."""
+    return _table(
+        members,
+        lambda r: r is not None and bool(r.endpoint) and r.compile_key == compile_key,
+    )
+
+
+def _table(members: Iterable[Member], qualifies) -> list[Upstream]:
     members = list(members)
     own = next((m for m in members if m.is_self), None)
     own_record = PeerRecord.from_meta(own.meta) if own is not None else None
@@ -55,7 +68,7 @@ def upstream_table(members: Iterable[Member], identity: RankIdentity) -> list[Up
     table = []
     for member in members:
         record = PeerRecord.from_meta(member.meta)
-        if member.state != "alive" or member.is_self or not _serves(record, identity):
+        if member.state != "alive" or member.is_self or not qualifies(record):
             continue
         state = record.state if record.state is TransferState.RECEIVING else TransferState.COMPLETE
         same_host = (own is not None and member.host == own.host) or (

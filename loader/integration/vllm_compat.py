@@ -108,6 +108,16 @@ NEEDS: tuple[Need, ...] = (
         call=("model",),
         required=False,
     ),
+    # The compile cache key (loader.integration.compile_cache): what vLLM itself hashes
+    # into its torch.compile cache directory. Optional: without them no cache moves.
+    Need("compile_factors", ("vllm.envs:compile_factors",), call=(), required=False),
+    Need(
+        "config_hash",
+        ("vllm.config:VllmConfig", "vllm.config.vllm:VllmConfig"),
+        methods={"compute_hash": ()},
+        fields=("compilation_config", "model_config"),
+        required=False,
+    ),
 )
 
 
@@ -277,6 +287,28 @@ set_default_torch_dtype = _get("set_default_torch_dtype")
 # optional: a model that uses online quantization on a vLLM without it gets the error
 finalize_layerwise_processing = _get("finalize_layerwise_processing")
 has_online_quant = _get("has_online_quant", _uses_meta_device)
+
+
+
+
+def vllm_env(name: str, default=None):
+    """One of vLLM's environment settings (vllm.envs resolves defaults lazily)."""
+    try:
+        return getattr(importlib.import_module("vllm.envs"), name)
+    except Exception:
+        return default
+
+
+def compile_cache_surface() -> str | None:
+    """Why this vLLM cannot key a compile cache, or None."""
+    absent = [n for n in ("compile_factors", "config_hash") if n not in SURFACE.found]
+    if absent:
+        return f"vLLM {VLLM_VERSION} lacks {', '.join(absent)}: {SURFACE.problems.get(absent[0], '')}"[:300]
+    return None
+
+
+def compile_factors() -> dict:
+    return SURFACE.found["compile_factors"]()
 
 
 _untested_warned = False

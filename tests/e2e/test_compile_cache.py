@@ -1,0 +1,131 @@
+"""Compile artifacts move with the weights: vLLM's default compilation (no
+--enforce-eager), each instance with a cache root of its own."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mesh.security import write_secret_file
+from tests.support.vllm_process import VllmServer, free_port
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = ["Hello world", "Once upon a time"]
+KERNEL_SUFFIXES = (".so", ".cpp", ".py")  # what inductor generates and compiles
+
+
+def _kernels(root) -> set[str]:
+    """Compiled kernels (generated sources and shared objects) under a cache root."""
+    found = set()
+    for dirpath, _, names in os.walk(os.path.join(root, "torch_compile_cache")):
+        for name in names:
+            if name.endswith(KERNEL_SUFFIXES) and "inductor_cache" in dirpath:
+                found.add(os.path.relpath(os.path.join(dirpath, name), root))
+    return found
+
+
+def _logprobs(server):
+    return [server.complete(p, max_tokens=4, logprobs=5)["logprobs"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def secret(tmp_path_factory):
+    path = tmp_path_factory.mktemp("secret") / "cluster.secret"
+    write_secret_file(str(path))
+    return str(path)
+
+
+def _instance(name, model, tmp, secret, mesh, extra_args=()):
+    root = tmp / f"cache-{name}"
+    server = VllmServer(
+        model=model, log_path=tmp / f"{name}.log", enforce_eager=False,
+        extra_args=list(extra_args), env={"VLLM_CACHE_ROOT": str(root)},
+        extra_config={"mesh": {"secret_file": secret, "name": name, "wait_timeout_s": 10, **mesh},
+                      "listen_host": "127.0.0.1"},
+    )
+    server.cache_root = str(root)
+    return server
+
+
+@pytest.fixture(scope="module")
+def instance_a(tiny_checkpoint, secret, tmp_path_factory):
+    gossip = f"127.0.0.1:{free_port()}"
+    a = _instance("A", tiny_checkpoint, tmp_path_factory.mktemp("a"), secret, {"bind": gossip})
+    a.gossip = gossip
+    a.start().wait_ready()
+    a.kernels = _kernels(a.cache_root)  # before any request: what its warm-up compiled
+    yield a
+    a.stop()
+
+
+def _wait_offered(a, timeout_s=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while "offered to peers" not in a.log_text():
+        assert time.monotonic() < deadline, a.log_tail()
+        time.sleep(0.5)
+
+
+def test_b_takes_the_compile_cache_from_the_peer_and_compiles_no_kernel(
+    instance_a, tiny_checkpoint, secret, tmp_path
+):
+    assert instance_a.kernels, "A compiled nothing: is compilation on?"
+    [a_result] = instance_a.result_lines()
+    assert a_result["compile_cache"] == "none: no peer offers this compile key"
+    _wait_offered(instance_a)
+    b = _instance("B", tiny_checkpoint, tmp_path, secret, {"seeds": [instance_a.gossip]}).start()
+    try:
+        b.wait_ready()
+        [result] = b.result_lines()
+        assert result["source"] == "peer" and result["compile_cache"] == "peer", result
+        # B's warm-up compiled nothing of its own: every kernel it holds came from A
+        assert _kernels(b.cache_root) == instance_a.kernels
+        assert _logprobs(b) == _logprobs(instance_a)
+    finally:
+        b.stop()
+
+
+def test_an_entry_corrupted_on_the_source_is_refused_and_the_instance_compiles_itself(
+    instance_a, tiny_checkpoint, secret, tmp_path
+):
+    _wait_offered(instance_a)
+    originals = {}
+    for path in sorted(instance_a.kernels):  # wrong bytes in every 4 KiB of every kernel
+        full = os.path.join(instance_a.cache_root, path)
+        data = bytearray(open(full, "rb").read())
+        originals[full] = (bytes(data), os.stat(full))
+        for i in range(0, len(data), 4096):
+            data[i] ^= 0xFF
+        open(full, "wb").write(bytes(data))
+        # silent corruption (bit rot): size and times as before, so A does not list it again
+        os.utime(full, ns=(originals[full][1].st_atime_ns, originals[full][1].st_mtime_ns))
+    c = _instance("C", tiny_checkpoint, tmp_path, secret, {"seeds": [instance_a.gossip]}).start()
+    try:
+        c.wait_ready()
+        [result] = c.result_lines()
+        assert result["source"] == "peer", result
+        assert result["compile_cache"].startswith("none: "), result
+        assert "checksum mismatch in torch_compile_cache/" in result["compile_cache"], result
+        assert _kernels(c.cache_root)  # it compiled its own
+        assert _logprobs(c) == _logprobs(instance_a)
+    finally:
+        c.stop()
+        for full, (data, _) in originals.items():
+            open(full, "wb").write(data)
+
+
+def test_another_config_hash_is_refused_naming_it(instance_a, tiny_checkpoint, secret, tmp_path):
+    _wait_offered(instance_a)
+    d = _instance("D", tiny_checkpoint, tmp_path, secret, {"seeds": [instance_a.gossip]},
+                  extra_args=["--max-num-seqs", "4"]).start()  # in vLLM's config hash
+    try:
+        d.wait_ready()
+        [result] = d.result_lines()
+        assert result["source"] == "peer", result  # the weights are the same
+        assert "compile key differs: config_hash " in result["compile_cache"], result
+        assert _logprobs(d) == _logprobs(instance_a)
+    finally:
+        d.stop()
