@@ -151,3 +151,66 @@ def _wait(condition, timeout_s=10.0):
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+INFO = {"hash": "cd" * 32, "modelinfo": {"supports_pp": True}}
+
+
+def _info_server(secret_path):
+    import torch
+
+    from loader.transfer.cache_source import ServedCache
+    from loader.transfer.cache_wire import CacheOffer
+    from tests.transfer.helpers import in_process_server
+
+    served = ServedCache("/nonexistent", CacheOffer("5e" * 16, {}), {"m-Llama.json": INFO})
+    return in_process_server({"w": torch.zeros(2)}, keys=load_cluster_keys(secret_path),
+                             compile_cache=served)
+
+
+def test_the_api_server_takes_model_inspection_results_from_a_static_source(root, tmp_path):
+    from loader.integration import model_info
+
+    secret = str(tmp_path / "secret")
+    write_secret_file(secret)
+    with _info_server(secret) as server:
+        config = {"SOURCE": [{"device_id": 0, "sources": [server.endpoint]}], "secret_file": secret}
+        model_info.prefetch(config)
+    assert model_info.read_model_infos(os.path.join(root, "modelinfos")) == {"m-Llama.json": INFO}
+
+
+def test_without_a_secret_or_turned_off_no_peer_is_asked(root, tmp_path, monkeypatch):
+    from loader.integration import model_info
+
+    asked = []
+    monkeypatch.setattr("loader.transfer.cache_client.fetch_model_infos",
+                        lambda *a, **k: asked.append(a))
+    model_info.prefetch({"SOURCE": [{"device_id": 0, "sources": ["127.0.0.1:9"]}]})
+    secret = str(tmp_path / "secret")
+    write_secret_file(secret)
+    model_info.prefetch({"SOURCE": [{"device_id": 0, "sources": ["127.0.0.1:9"]}],
+                         "secret_file": secret, "compile_cache": False})
+    model_info.prefetch({"LISTEN_PORT": "bad"})  # the engine reports bad configs itself
+    assert asked == [] and model_info.read_model_infos() == {}
+
+
+def test_the_plugin_fetches_inspection_results_before_the_model_config_for_netloader_only(
+    monkeypatch,
+):
+    from loader.integration import model_info, plugin, vllm_compat
+
+    class EngineArgs:
+        def __init__(self, load_format):
+            self.load_format, self.model_loader_extra_config = load_format, {"MODEL": "m"}
+
+        def create_model_config(self):
+            return ("model config", seen[:])
+
+    seen = []
+    monkeypatch.setitem(vllm_compat.SURFACE.found, "EngineArgs", EngineArgs)
+    monkeypatch.setattr(model_info, "prefetch", lambda extra: seen.append(extra))
+    plugin._prefetch_model_infos()
+    plugin._prefetch_model_infos()  # idempotent: wrapped once
+    assert EngineArgs("netloader").create_model_config() == ("model config", [{"MODEL": "m"}])
+    assert EngineArgs("auto").create_model_config() == ("model config", [{"MODEL": "m"}])
+    assert seen == [{"MODEL": "m"}]

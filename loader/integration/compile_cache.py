@@ -30,6 +30,7 @@ import torch
 
 from loader.config import TransferSettings
 from loader.integration import vllm_compat
+from loader.integration.model_info import read_model_infos
 from loader.transfer.cache_client import fetch_cache
 from loader.transfer.cache_files import CacheTooLarge, list_entry
 from loader.transfer.cache_source import ServedCache
@@ -162,7 +163,8 @@ def _offer(identity, entries, skip, settings: TransferSettings, keys, server) ->
     offered = server is not None and keys is not None
     if offered:
         server.compile_cache = ServedCache(
-            identity.root, CacheOffer(identity.key, identity.factors, tuple(entries), files)
+            identity.root, CacheOffer(identity.key, identity.factors, tuple(entries), files),
+            read_model_infos(),
         )
     log.info(
         "compile cache: %s (%d files, %.1f MiB)%s", ", ".join(entries), len(files),

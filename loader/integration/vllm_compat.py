@@ -111,6 +111,15 @@ NEEDS: tuple[Need, ...] = (
     # The compile cache key (loader.integration.compile_cache): what vLLM itself hashes
     # into its torch.compile cache directory. Optional: without them no cache moves.
     Need("compile_factors", ("vllm.envs:compile_factors",), call=(), required=False),
+    # where the API server builds the model config (and vLLM inspects the model class):
+    # the plugin fetches the inspection results from a peer first (integration.model_info)
+    Need(
+        "EngineArgs",
+        ("vllm.engine.arg_utils:EngineArgs",),
+        methods={"create_model_config": ()},
+        fields=("load_format", "model_loader_extra_config"),
+        required=False,
+    ),
     Need(
         "config_hash",
         ("vllm.config:VllmConfig", "vllm.config.vllm:VllmConfig"),

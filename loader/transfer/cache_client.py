@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -31,6 +31,7 @@ class CacheFetch:
     failure: str | None  # None: installed
     report: InstallReport | None = None
     bytes: int = 0
+    model_infos: dict = field(default_factory=dict)
 
 
 def fetch_cache(
@@ -44,6 +45,31 @@ def fetch_cache(
 ) -> CacheFetch:
     """Fetch the entry for `key` from `source` into the cache under `root`, by
     `deadline` (time.monotonic()). Never raises for the source's misbehaviour."""
+    return _with_source(
+        source, settings, keys, deadline,
+        lambda sock: _Fetch(sock, key, factors, root, settings, keys, deadline, source).run(),
+    )
+
+
+def fetch_model_infos(source: str, settings: TransferSettings, keys, deadline: float) -> CacheFetch:
+    """vLLM's model-class inspection results the source holds (validated, not written):
+    `model_infos` of the result."""
+
+    def ask(sock) -> CacheFetch:
+        fetch = _Fetch(sock, "", {}, "", settings, keys, deadline, source)
+        msg = fetch.decode(fetch.ask(cache_wire.model_info_get_message())[0])
+        if msg["type"] == "nack":
+            raise SourceFailure("refused: " + protocol.clean_reason(msg.get("reason", "")))
+        try:
+            return CacheFetch(source, None, model_infos=cache_wire.parse_model_info(msg))
+        except protocol.ProtocolError as exc:
+            raise SourceFailure(f"bad reply: {exc}") from None
+
+    return _with_source(source, settings, keys, deadline, ask)
+
+
+def _with_source(source: str, settings: TransferSettings, keys, deadline: float, work) -> CacheFetch:
+    """`work(socket)` on a control socket connected to `source`; its failure as a result."""
     if keys is None:
         return CacheFetch(source, "no cluster secret: compile caches move only between "
                                   "authenticated peers (they hold code)")
@@ -53,7 +79,7 @@ def fetch_cache(
         probe_tcp(host, port, min(settings.connect_timeout_s, _left(deadline)))
         sock = open_control_socket(context, host, port, settings, keys)
         try:
-            return _Fetch(sock, key, factors, root, settings, keys, deadline, source).run()
+            return work(sock)
         finally:
             sock.close(linger=0)
     except (SourceFailure, ValueError) as exc:
@@ -96,8 +122,8 @@ class _Fetch:
         return CacheFetch(self.source, None, report, offer.total_bytes)
 
     def _offer(self) -> cache_wire.CacheOffer:
-        frames = self._ask(cache_wire.get_message(self.key))
-        msg = self._decode(frames[0])
+        frames = self.ask(cache_wire.get_message(self.key))
+        msg = self.decode(frames[0])
         if msg["type"] in ("nack", "busy"):
             raise SourceFailure("refused: " + protocol.clean_reason(msg.get("reason", "")))
         try:
@@ -112,8 +138,8 @@ class _Fetch:
         return offer
 
     def _read(self, index: int, offset: int, length: int) -> bytes:
-        frames = self._ask(cache_wire.read_message(self.key, index, offset, length))
-        msg = self._decode(frames[0])
+        frames = self.ask(cache_wire.read_message(self.key, index, offset, length))
+        msg = self.decode(frames[0])
         if msg["type"] == "nack":
             raise SourceFailure("refused: " + protocol.clean_reason(msg.get("reason", "")))
         try:
@@ -124,7 +150,7 @@ class _Fetch:
             raise SourceFailure(f"bad reply: not the {length} bytes at {offset} of file {index}")
         return frames[1]
 
-    def _ask(self, msg: dict) -> list[bytes]:
+    def ask(self, msg: dict) -> list[bytes]:
         timeout_s = min(self.settings.handshake_timeout_s, _left(self.deadline))
         try:
             self.sock.send(protocol.encode(msg))
@@ -135,7 +161,7 @@ class _Fetch:
             raise SourceFailure(f"timed out after {timeout_s:.3g}s (no answer)")
         return self.sock.recv_multipart(zmq.NOBLOCK)
 
-    def _decode(self, payload: bytes) -> dict:
+    def decode(self, payload: bytes) -> dict:
         try:
             return protocol.decode(payload, 1 << 22)
         except protocol.ProtocolError as exc:

@@ -7,7 +7,7 @@ settings allow for weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loader.transfer import cache_wire
 from loader.transfer.cache_files import read_range
@@ -21,9 +21,12 @@ NEEDS_SECRET = "compile caches are served only with a cluster secret (they hold 
 class ServedCache:
     root: str  # the cache root the listing is relative to (vLLM's VLLM_CACHE_ROOT)
     offer: cache_wire.CacheOffer
+    model_infos: dict = field(default_factory=dict)  # vLLM's modelinfos/ files, by name
 
     def answer(self, msg: dict) -> tuple[dict, bytes | None]:
-        """The reply (and data frame) to a decoded cache_get or cache_read."""
+        """The reply (and data frame) to a decoded cache_get, cache_read or modelinfo_get."""
+        if msg["type"] == "modelinfo_get":
+            return cache_wire.model_info_message(self.model_infos), None
         if msg["type"] == "cache_get":
             if cache_wire.parse_get(msg) != self.offer.key:  # the client names the difference
                 return cache_wire.offer_message(cache_wire.CacheOffer(self.offer.key, self.offer.factors)), None

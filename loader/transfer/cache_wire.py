@@ -2,10 +2,12 @@
 ZeroMQ control channel as the weights).
 
 client -> server: cache_get (the client's compile key), cache_read (a byte range of one
-                  listed file)
+                  listed file), modelinfo_get
 server -> client: cache_offer (the server's key and factors; when the keys match, the
                   listing: relative path, size and keyed checksum of every file), nack,
-                  cache_data (the range asked for, as a second, binary frame)
+                  cache_data (the range asked for, as a second, binary frame),
+                  modelinfo (vLLM's model-class inspection results, one small JSON
+                  object per class, by file name)
 
 Every decoded message is untrusted: size, type and every field are checked here. Paths
 are validated before anything touches the file system (relative, normalized, no `..`,
@@ -31,6 +33,7 @@ CACHE_DIR = "torch_compile_cache"
 
 _KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_ANY_RE = re.compile(r"^[0-9a-f]{16,128}$")
 _PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _FACTOR_NAME_RE = re.compile(r"^[a-z_]{1,32}$")
 
@@ -170,3 +173,43 @@ def first_difference(ours: dict[str, str], theirs: dict[str, str]) -> str | None
         if a != b:
             return f"{name} {a[:60]} here vs {b[:60]} on the peer"
     return None
+
+
+MAX_MODEL_INFOS = 64
+_MODEL_INFO_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}\.json$")
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def model_info_get_message() -> dict:
+    return {"type": "modelinfo_get"}
+
+
+def model_info_message(files: dict[str, dict]) -> dict:
+    return {"type": "modelinfo", "files": files}
+
+
+def parse_model_info(obj: dict) -> dict[str, dict]:
+    """{file name: {"hash": str, "modelinfo": {field: scalar or list of scalars}}}: the
+    shape vLLM writes under VLLM_CACHE_ROOT/modelinfos (it checks the hash itself)."""
+    expect_fields(obj, "modelinfo", {"files"})
+    files = obj["files"]
+    if not isinstance(files, dict) or len(files) > MAX_MODEL_INFOS:
+        raise ProtocolError(f"files: expected an object of at most {MAX_MODEL_INFOS} entries")
+    for name, info in files.items():
+        if not _MODEL_INFO_NAME_RE.match(name):
+            raise ProtocolError(f"files: unsafe name {name[:80]!r}")
+        if not isinstance(info, dict) or set(info) != {"hash", "modelinfo"}:
+            raise ProtocolError(f"files[{name}]: expected {{hash, modelinfo}}")
+        match_field(f"files[{name}].hash", info["hash"], _DIGEST_ANY_RE)
+        fields = info["modelinfo"]
+        if not isinstance(fields, dict) or len(fields) > 64 or not all(
+            isinstance(k, str) and len(k) <= 64 and _plain(v) for k, v in fields.items()
+        ):
+            raise ProtocolError(f"files[{name}].modelinfo: expected plain fields")
+    return files
+
+
+def _plain(value) -> bool:
+    if isinstance(value, list):
+        return len(value) <= 64 and all(isinstance(v, _SCALAR) for v in value)
+    return isinstance(value, _SCALAR) and not (isinstance(value, str) and len(value) > 200)

@@ -198,7 +198,7 @@ class WeightServer:
                 self._on_hello(identity, protocol.parse_hello(msg), _peer_address(frames[1]))
             elif msg["type"] == "done":
                 self._on_done(identity, protocol.parse_done(msg))
-            elif msg["type"] in ("cache_get", "cache_read"):
+            elif msg["type"] in ("cache_get", "cache_read", "modelinfo_get"):
                 reply, data = answer_cache_request(self.compile_cache, msg, self._keys is not None)
                 self._channel.reply(identity, reply, data)
             else:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
+from loader.integration import compile_cache
 from mesh.security import write_secret_file
 from tests.support.vllm_process import VllmServer, free_port
 
@@ -60,11 +62,17 @@ def instance_a(tiny_checkpoint, secret, tmp_path_factory):
     a.stop()
 
 
-def _wait_offered(a, timeout_s=60.0):
-    import time
-
+def _wait_offered(a, timeout_s=120.0):
+    """Until A offers its entry and has not listed it again for a while: a request that
+    made vLLM compile more (the sampler, on the first requests) is in the offer."""
     deadline = time.monotonic() + timeout_s
-    while "offered to peers" not in a.log_text():
+    listed, since = -1, time.monotonic()
+    while True:
+        count = a.log_text().count("offered to peers")
+        if count != listed:
+            listed, since = count, time.monotonic()
+        if count and time.monotonic() - since > 2.5 * compile_cache.REFRESH_S:
+            return
         assert time.monotonic() < deadline, a.log_tail()
         time.sleep(0.5)
 

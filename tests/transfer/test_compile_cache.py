@@ -204,3 +204,46 @@ def test_a_listing_above_the_size_limit_or_outside_its_entries_is_rejected():
     twice = {**ok, "files": [file, file]}
     with pytest.raises(cache_wire.ProtocolError, match="listed twice"):
         cache_wire.parse_offer(twice, 8 << 20)
+
+
+MODEL_INFO = {"hash": "ab" * 32, "modelinfo": {"is_text_generation_model": True,
+                                                 "supports_pp": False, "default_pooling_type": None}}
+INFO_NAME = "vllm-model_executor-models-llama-LlamaForCausalLM.json"
+
+
+def test_model_inspection_results_move_and_never_replace_a_local_one(tmp_path, keys):
+    from loader.integration.model_info import install
+    from loader.transfer.cache_client import fetch_model_infos
+
+    served = ServedCache(str(tmp_path), cache_wire.CacheOffer(KEY, FACTORS),
+                         {INFO_NAME: MODEL_INFO, "other.json": MODEL_INFO})
+    with _server(keys, served) as server:
+        fetched = fetch_model_infos(server.endpoint, SETTINGS, keys, time.monotonic() + 10)
+    assert fetched.failure is None and fetched.model_infos[INFO_NAME] == MODEL_INFO
+    target = tmp_path / "modelinfos"
+    target.mkdir()
+    (target / "other.json").write_text("vLLM's own")
+    assert install(str(target), fetched.model_infos) == 1
+    assert (target / "other.json").read_text() == "vLLM's own"
+    import json
+
+    assert json.loads((target / INFO_NAME).read_text()) == MODEL_INFO
+    assert sorted(p.name for p in target.iterdir()) == sorted([INFO_NAME, "other.json"])
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"../x.json": MODEL_INFO},
+        {".hidden.json": MODEL_INFO},
+        {"x.txt": MODEL_INFO},
+        {INFO_NAME: {"hash": "ab" * 32}},
+        {INFO_NAME: {"hash": "not hex", "modelinfo": {}}},
+        {INFO_NAME: {"hash": "ab" * 32, "modelinfo": {"f": {"nested": "object"}}}},
+        {INFO_NAME: {"hash": "ab" * 32, "modelinfo": {"f": "x" * 1000}}},
+        {f"f{i}.json": MODEL_INFO for i in range(65)},
+    ],
+)
+def test_malformed_model_inspection_results_are_rejected(files):
+    with pytest.raises(cache_wire.ProtocolError):
+        cache_wire.parse_model_info({"type": "modelinfo", "files": files})
