@@ -71,20 +71,25 @@ def prefetch(extra_config) -> None:
         return
     if keys is None:
         return
+    from loader.transfer.cache_client import fetch_model_infos
+
     started = time.monotonic()
     deadline = started + MODEL_INFO_TIMEOUT_S
-    for source in _sources(config, keys):
-        from loader.transfer.cache_client import fetch_model_infos
-
+    failures = []
+    sources = _sources(config, keys, failures)
+    for source in sources:
         fetched = fetch_model_infos(source, config.settings, keys, deadline)
         if fetched.failure is None:
             written = install(model_info_dir(), fetched.model_infos)
             log.info("netloader: %d of %d model inspection results from %s in %.2fs",
                      written, len(fetched.model_infos), source, time.monotonic() - started)
             return
-        log.debug("netloader: model inspection results from %s: %s", source, fetched.failure)
+        failures.append(f"{source}: {fetched.failure}")
         if time.monotonic() >= deadline:
-            return
+            break
+    log.info("netloader: no model inspection results from peers in %.2fs (%s); vLLM "
+             "inspects the model class itself", time.monotonic() - started,
+             "; ".join(failures) or "no peer offers a compile cache")
 
 
 def install(directory: str, files: dict[str, dict]) -> int:
@@ -111,7 +116,7 @@ def install(directory: str, files: dict[str, dict]) -> int:
     return written
 
 
-def _sources(config: NetloaderConfig, keys) -> list[str]:
+def _sources(config: NetloaderConfig, keys, failures: list[str]) -> list[str]:
     """Weight servers that offer a compile cache (mesh), then every static SOURCE."""
     sources: list[str] = []
     if config.mesh is not None and config.mesh.seeds:
@@ -120,7 +125,7 @@ def _sources(config: NetloaderConfig, keys) -> list[str]:
         try:
             _, rows = query_members(list(config.mesh.seeds), keys, timeout_s=1.5)
         except StatusError as exc:
-            log.debug("netloader: no mesh for model inspection results: %s", exc)
+            failures.append(f"mesh: {exc}")
             rows = []
         for row in rows:
             record = PeerRecord.from_meta(row.get("meta") or {})

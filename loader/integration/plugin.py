@@ -40,6 +40,7 @@ def _prefetch_model_infos() -> None:
         if getattr(self, "load_format", None) == LOAD_FORMAT:
             from loader.integration import model_info
 
+            _route_logs_through_vllm()  # vLLM's handler may exist only now (API server)
             model_info.prefetch(self.model_loader_extra_config)
         return inner(self, *args, **kwargs)
 

@@ -28,6 +28,17 @@ def _kernels(root) -> set[str]:
     return found
 
 
+def _replace(path: str, data: bytes) -> None:
+    """New content under `path` with the old size and times (silent corruption: the
+    source does not list it again), as a new file: A keeps its mapped kernels intact."""
+    st = os.stat(path)
+    tmp = path.split("torch_compile_cache")[0] + "replacing.tmp"  # outside what A lists
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, path)
+
+
 def _logprobs(server):
     return [server.complete(p, max_tokens=4, logprobs=5)["logprobs"] for p in PROMPTS]
 
@@ -91,6 +102,8 @@ def test_b_takes_the_compile_cache_from_the_peer_and_compiles_no_kernel(
         assert result["source"] == "peer" and result["compile_cache"] == "peer", result
         # B's warm-up compiled nothing of its own: every kernel it holds came from A
         assert _kernels(b.cache_root) == instance_a.kernels
+        # and vLLM's API server found the model class inspected already (by A)
+        assert "1 of 1 model inspection results from" in b.log_text()
         assert _logprobs(b) == _logprobs(instance_a)
     finally:
         b.stop()
@@ -103,16 +116,19 @@ def test_an_entry_corrupted_on_the_source_is_refused_and_the_instance_compiles_i
     originals = {}
     for path in sorted(instance_a.kernels):  # wrong bytes in every 4 KiB of every kernel
         full = os.path.join(instance_a.cache_root, path)
-        data = bytearray(open(full, "rb").read())
-        originals[full] = (bytes(data), os.stat(full))
-        for i in range(0, len(data), 4096):
-            data[i] ^= 0xFF
-        open(full, "wb").write(bytes(data))
-        # silent corruption (bit rot): size and times as before, so A does not list it again
-        os.utime(full, ns=(originals[full][1].st_atime_ns, originals[full][1].st_mtime_ns))
+        data = open(full, "rb").read()
+        originals[full] = data
+        corrupt = bytearray(data)
+        for i in range(0, len(corrupt), 4096):
+            corrupt[i] ^= 0xFF
+        _replace(full, bytes(corrupt))
     c = _instance("C", tiny_checkpoint, tmp_path, secret, {"seeds": [instance_a.gossip]}).start()
     try:
-        c.wait_ready()
+        try:
+            c.wait_ready()
+        finally:  # before A answers anything: it may load kernels from its cache then
+            for full, data in originals.items():
+                _replace(full, data)
         [result] = c.result_lines()
         assert result["source"] == "peer", result
         assert result["compile_cache"].startswith("none: "), result
@@ -121,8 +137,6 @@ def test_an_entry_corrupted_on_the_source_is_refused_and_the_instance_compiles_i
         assert _logprobs(c) == _logprobs(instance_a)
     finally:
         c.stop()
-        for full, (data, _) in originals.items():
-            open(full, "wb").write(data)
 
 
 def test_another_config_hash_is_refused_naming_it(instance_a, tiny_checkpoint, secret, tmp_path):
