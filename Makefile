@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit test-e2e test-compat check-vllm-wheel demo bench bench-transfer bench-source bench-mesh bench-scale lint clean
+.PHONY: setup test test-unit test-e2e test-compat check-vllm-wheel demo bench bench-transfer bench-source bench-mesh bench-scale bench-ready lint clean
 
 # vLLM releases tested by `make test-compat`, each in an environment of its own
 COMPAT_VLLM ?= 0.30.0 0.31.0 0.32.0
@@ -73,7 +73,7 @@ $(COMPAT_STAMPS): .venv-vllm-%/.setup-done: pyproject.toml
 	rm -f .venv-vllm-$*.build-start
 	touch $@
 
-bench: bench-transfer bench-source bench-mesh bench-scale
+bench: bench-transfer bench-source bench-mesh bench-scale bench-ready
 
 bench-transfer: setup
 	$(PY) -m tests.bench.bench_transfer
@@ -90,6 +90,10 @@ bench-mesh: setup
 # needs root for network namespaces and tc (falls back to loopback without them)
 bench-scale: setup
 	$(PY) -m tests.bench.bench_scale
+
+# whole vLLM starts with default compilation: cold, from a peer, warm restart
+bench-ready: setup
+	$(PY) -m tests.bench.bench_ready
 
 lint: setup
 	$(VENV)/bin/ruff check mesh loader tests

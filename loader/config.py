@@ -34,6 +34,10 @@ class TransferSettings:
     advertise_host: str | None = None
     secret_file: str | None = None
     max_message_mb: int = 64
+    # compile artifacts (vLLM's torch.compile cache entry) move from the peer too
+    compile_cache: bool = True
+    compile_cache_max_mb: int = 1024
+    compile_cache_timeout_s: float = 30.0
 
     @property
     def bucket_bytes(self) -> int:
@@ -317,6 +321,10 @@ def _parse_settings(obj: dict) -> TransferSettings:
             values[key] = _require_int(key, value, 1, 1024)
         elif key == "max_message_mb":
             values[key] = _require_int(key, value, 1, 1024)
+        elif key == "compile_cache_max_mb":
+            values[key] = _require_int(key, value, 1, 1 << 16)
+        elif key == "compile_cache":
+            values[key] = _require_bool(key, value)
         elif key in ("listen_host", "advertise_host"):
             values[key] = _require_host(key, value)
         else:

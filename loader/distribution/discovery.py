@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 from loader.config import MeshConfig
 from loader.distribution.peer_record import PeerRecord, RankIdentity, TransferState
-from loader.distribution.ranking import Upstream, rank_upstreams, reshard_table, upstream_table
+from loader.distribution.ranking import (
+    Upstream,
+    cache_table,
+    rank_upstreams,
+    reshard_table,
+    upstream_table,
+)
 from mesh.addresses import WILDCARD_HOSTS, join_host_port, split_host_port
 
 log = logging.getLogger(__name__)
@@ -124,6 +130,14 @@ class MeshPresence:
         """Their endpoints, best first (the one ranking rule): resharding sources."""
         return rank_upstreams(self.reshard_rows(), zone=self._mesh.zone)
 
+
+    def cache_sources(self, compile_key: str) -> list[str]:
+        """Endpoints of members that offer the compile cache entry `compile_key`, best first."""
+        agent = self._agent
+        if agent is None:
+            return []
+        return rank_upstreams(cache_table(agent.members(), compile_key), zone=self._mesh.zone)
+
     def members(self) -> list:
         """Every member in this rank's view of the mesh (mesh.member.Member)."""
         agent = self._agent
@@ -220,7 +234,13 @@ def _server_status(server) -> dict:
         "capacity": server.settings.max_concurrent_clients,
         "upstream": None if complete else getattr(server, "upstream", None),
         "retained_bytes": getattr(server, "retained_bytes", 0),
+        "compile_key": _offered_compile_key(server),
     }
+
+
+def _offered_compile_key(server) -> str | None:
+    served = getattr(server, "compile_cache", None)
+    return served.offer.key if served is not None else None
 
 
 def _bind_for_rank(bind: str | None, rank: int) -> str:

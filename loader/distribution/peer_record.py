@@ -7,6 +7,7 @@ keys are fixed (mixed-version meshes and `mesh status --json` readers rely on th
     role, model, fingerprint, tp, pp, rank, ready, vllm, zone, host    who it is
     endpoint, state, progress, load, capacity, upstream, retained_bytes its transfer status
     content                                                            what other shapes match
+    compile_key                                                         the compile cache it offers
 
 `from_meta` reads metadata that came from the network: anything malformed makes the whole
 record unreadable (None) rather than half-trusted.
@@ -57,6 +58,7 @@ class PeerRecord:
     upstream: str | None = None  # the endpoint it receives from
     retained_bytes: int | None = None  # bytes kept only to serve (raw copies)
     content: str | None = None  # layout-independent content id: other shapes reshard from it
+    compile_key: str | None = None  # the compile cache entry it offers (integration.compile_cache)
 
     def to_meta(self) -> dict[str, Any]:
         """The gossip metadata: every field that is set, under its wire key."""
@@ -151,4 +153,5 @@ _READERS = {
     "upstream": _text,
     "retained_bytes": _count,
     "content": _text,
+    "compile_key": _text,
 }

@@ -59,6 +59,15 @@ def reshard_table(members: Iterable[Member], identity: RankIdentity) -> list[Ups
     return _table(members, lambda record: _reshards(record, identity))
 
 
+def cache_table(members: Iterable[Member], compile_key: str) -> list[Upstream]:
+    """The members that offer the compile cache entry `compile_key`, whatever weights they
+    hold: the key covers everything compiled code depends on."""
+    return _table(
+        members,
+        lambda r: r is not None and bool(r.endpoint) and r.compile_key == compile_key,
+    )
+
+
 def _table(members: Iterable[Member], qualifies) -> list[Upstream]:
     members = list(members)
     own = next((m for m in members if m.is_self), None)

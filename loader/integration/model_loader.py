@@ -22,7 +22,7 @@ from loader.distribution.peer_record import RankIdentity
 from loader.distribution.reattach import ReattachPolicy
 from loader.distribution.sources import SourcePlan, plan_sources
 from loader.distribution.upstream_choice import fetch_with_reattach
-from loader.integration import serving, vllm_compat
+from loader.integration import compile_cache, serving, vllm_compat
 from loader.integration.identity import rank_identity
 from loader.integration.process_exit import on_process_exit
 from loader.integration.reshard_stage import rank_layout, reshard_after
@@ -79,6 +79,9 @@ class NetloaderModelLoader(BaseModelLoader):
             )
             result.phases["fingerprint"] = fingerprinted - started
             result.phases["init"] = initialized - fingerprinted
+            fetching = time.monotonic()
+            compiled = self._compile_cache(vllm_config, identity, presence, result)
+            result.phases["compile_cache"] = time.monotonic() - fetching
 
             collecting = time.monotonic()
             gc.collect()
@@ -109,7 +112,42 @@ class NetloaderModelLoader(BaseModelLoader):
             server.retained_bytes = result.retained_bytes
         if presence is not None and server is not None:
             presence.announce(server)
+        if compiled is not None:
+            self._offer_compile_cache(vllm_config, compiled, identity)
         return model.eval()
+
+    def _compile_cache(self, vllm_config, identity: RankIdentity, presence, result: LoadResult):
+        """Fetch this rank's compile cache entry before vLLM compiles; sets the result's
+        `compile_cache`. Returns the compile identity when there is one to offer later."""
+        if not self.config.settings.compile_cache:
+            result.compile_cache = "none: turned off (compile_cache: false)"
+            return None
+        compiled = compile_cache.compile_identity(vllm_config)
+        if isinstance(compiled, str):
+            result.compile_cache = f"none: {compiled}"
+            return None
+        sources = [result.peer] if result.source == "peer" and result.peer else []
+        if presence is not None:
+            sources += presence.cache_sources(compiled.key)
+        sources += self.config.sources_for_rank(identity.rank)
+        result.compile_cache = compile_cache.obtain(
+            compiled, list(dict.fromkeys(sources)), self.config.settings,
+            serving.cluster_keys(self.config),
+        )
+        return compiled
+
+    def _offer_compile_cache(self, vllm_config, compiled, identity: RankIdentity) -> None:
+        if not serving.warm_up.watched:
+            log.info("rank %d: compile cache not offered: vLLM's warm-up is not observable here",
+                     identity.rank)
+            return
+        rank = identity.rank
+        serving.warm_up.after(
+            lambda: compile_cache.offer_when_compiled(
+                vllm_config, compiled, self.config.settings, serving.cluster_keys(self.config),
+                lambda: serving.server_for_rank(rank),
+            )
+        )
 
     def _join_mesh(self, identity: RankIdentity, model_config: ModelConfig) -> MeshPresence | None:
         if self.config.mesh is None:

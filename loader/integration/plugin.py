@@ -22,7 +22,30 @@ def register() -> None:
     register_loader(LOAD_FORMAT, NetloaderModelLoader)  # never raises; logs why it could not
     _route_logs_through_vllm()
     _watch_warm_up()
+    _prefetch_model_infos()
     _registered = True
+
+
+def _prefetch_model_infos() -> None:
+    """Before the API server builds the model config (and vLLM inspects the model class),
+    fetch the inspection results from a peer (loader.integration.model_info)."""
+    from loader.integration.vllm_compat import SURFACE
+
+    engine_args = SURFACE.found.get("EngineArgs")
+    if engine_args is None or getattr(engine_args, "_netloader_prefetches", False):
+        return
+    inner = engine_args.create_model_config
+
+    def create_model_config(self, *args, **kwargs):
+        if getattr(self, "load_format", None) == LOAD_FORMAT:
+            from loader.integration import model_info
+
+            _route_logs_through_vllm()  # vLLM's handler may exist only now (API server)
+            model_info.prefetch(self.model_loader_extra_config)
+        return inner(self, *args, **kwargs)
+
+    engine_args.create_model_config = create_model_config
+    engine_args._netloader_prefetches = True
 
 
 def _watch_warm_up() -> None:

@@ -24,6 +24,8 @@ class LoadResult:
     retained_bytes: int = 0  # kept only to be served (raw copies of replaced parameters)
     vllm: str = field(default_factory=lambda: _vllm_version())  # the vLLM version in use
     peers: list[str] | None = None  # resharded: every source rank used (logged only then)
+    # compile artifacts: "peer" | "local" | "none: <reason>" (loader.integration.compile_cache)
+    compile_cache: str = "none: not looked for"
 
     def to_json(self) -> str:
         fields = asdict(self)

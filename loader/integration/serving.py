@@ -33,16 +33,33 @@ class WarmUp:
     def __init__(self) -> None:
         self._watched = False
         self._warming = threading.Event()
+        self._after: list = []
 
     def watch(self) -> None:
         self._watched = True
+
+    @property
+    def watched(self) -> bool:
+        return self._watched
 
     def begin(self) -> None:
         if self._watched:
             self._warming.set()
 
+    def after(self, callback) -> None:
+        """Call `callback()` once the warm-up is over (vLLM has compiled)."""
+        with _lock:
+            self._after.append(callback)
+
     def done(self) -> None:
         self._warming.clear()
+        with _lock:
+            callbacks, self._after = self._after, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("netloader: after-warm-up step failed")
 
     def refusal(self) -> str | None:
         if self._warming.is_set():
@@ -165,6 +182,12 @@ def _start(
             join_host_port(config.settings.listen_host, port),
         )
     return server
+
+
+def server_for_rank(rank: int):
+    """The weight server this process runs for `rank`, if any."""
+    with _lock:
+        return _servers.get(rank)
 
 
 def stop_server(server) -> None:

@@ -108,6 +108,25 @@ NEEDS: tuple[Need, ...] = (
         call=("model",),
         required=False,
     ),
+    # The compile cache key (loader.integration.compile_cache): what vLLM itself hashes
+    # into its torch.compile cache directory. Optional: without them no cache moves.
+    Need("compile_factors", ("vllm.envs:compile_factors",), call=(), required=False),
+    # where the API server builds the model config (and vLLM inspects the model class):
+    # the plugin fetches the inspection results from a peer first (integration.model_info)
+    Need(
+        "EngineArgs",
+        ("vllm.engine.arg_utils:EngineArgs",),
+        methods={"create_model_config": ()},
+        fields=("load_format", "model_loader_extra_config"),
+        required=False,
+    ),
+    Need(
+        "config_hash",
+        ("vllm.config:VllmConfig", "vllm.config.vllm:VllmConfig"),
+        methods={"compute_hash": ()},
+        fields=("compilation_config", "model_config"),
+        required=False,
+    ),
 )
 
 
@@ -314,6 +333,28 @@ def layer_class(name: str) -> type | None:
     """One of LAYER_NEEDS' classes, or None when this vLLM lacks it."""
     found = SURFACE.found.get(name)
     return found if isinstance(found, type) else None
+
+
+
+
+def vllm_env(name: str, default=None):
+    """One of vLLM's environment settings (vllm.envs resolves defaults lazily)."""
+    try:
+        return getattr(importlib.import_module("vllm.envs"), name)
+    except Exception:
+        return default
+
+
+def compile_cache_surface() -> str | None:
+    """Why this vLLM cannot key a compile cache, or None."""
+    absent = [n for n in ("compile_factors", "config_hash") if n not in SURFACE.found]
+    if absent:
+        return f"vLLM {VLLM_VERSION} lacks {', '.join(absent)}: {SURFACE.problems.get(absent[0], '')}"[:300]
+    return None
+
+
+def compile_factors() -> dict:
+    return SURFACE.found["compile_factors"]()
 
 
 _untested_warned = False

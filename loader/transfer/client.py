@@ -154,7 +154,7 @@ def fetch_from_sources(
             if observer is not None:
                 observer.attempt_failed(source, reason)
     finally:
-        _close_context(context)
+        close_context(context)
     return FetchOutcome(False, None, 0, time.monotonic() - started, failures)
 
 
@@ -202,8 +202,8 @@ class _SourceAttempt:
         except ValueError as exc:
             raise SourceFailure(str(exc)) from None
         t0 = time.monotonic()
-        self._probe(host, port)
-        sock = self._control_socket(host, port)
+        probe_tcp(host, port, self.settings.connect_timeout_s)
+        sock = open_control_socket(self.context, host, port, self.settings, self.keys)
         try:
             ack = self._handshake(sock)
             self.handshake_s = time.monotonic() - t0
@@ -223,35 +223,6 @@ class _SourceAttempt:
                     pass
         finally:
             sock.close(linger=200)
-
-    def _probe(self, host: str, port: int) -> None:
-        """A plain TCP connect, to tell 'refused' and 'unreachable' apart from a silent peer."""
-        timeout_s = self.settings.connect_timeout_s
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-        except ConnectionRefusedError:
-            raise SourceFailure("connection refused") from None
-        except TimeoutError:
-            raise SourceFailure(f"connect timed out after {timeout_s:g}s") from None
-        except OSError as exc:
-            raise SourceFailure(f"connect failed: {exc.strerror or exc}") from None
-
-    def _control_socket(self, host: str, port: int) -> zmq.Socket:
-        from mesh.security import secure_client
-
-        sock = self.context.socket(zmq.DEALER)
-        handshake_ms = int(self.settings.handshake_timeout_s * 1000)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
-        sock.setsockopt(zmq.CONNECT_TIMEOUT, int(self.settings.connect_timeout_s * 1000))
-        sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
-        sock.setsockopt(zmq.SNDTIMEO, handshake_ms)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on completed connections
-        if ":" in host:
-            sock.setsockopt(zmq.IPV6, 1)
-        secure_client(sock, self.keys)
-        sock.connect(zmq_endpoint(join_host_port(host, port)))
-        return sock
 
     def _plan_length(self, bucket_bytes: int) -> int:
         return len(plan_buckets(self.manifest.specs, bucket_bytes))
@@ -340,6 +311,39 @@ class _SourceAttempt:
             receiver.device.synchronize()  # nothing of this attempt still queued on it
 
 
+def probe_tcp(host: str, port: int, timeout_s: float) -> None:
+    """A plain TCP connect, to tell 'refused' and 'unreachable' apart from a silent peer."""
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except ConnectionRefusedError:
+        raise SourceFailure("connection refused") from None
+    except TimeoutError:
+        raise SourceFailure(f"connect timed out after {timeout_s:g}s") from None
+    except OSError as exc:
+        raise SourceFailure(f"connect failed: {exc.strerror or exc}") from None
+
+
+def open_control_socket(
+    context: zmq.Context, host: str, port: int, settings: TransferSettings, keys
+) -> zmq.Socket:
+    """A DEALER connected to a source's control channel (CURVE with `keys`)."""
+    from mesh.security import secure_client
+
+    sock = context.socket(zmq.DEALER)
+    handshake_ms = int(settings.handshake_timeout_s * 1000)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, int(settings.connect_timeout_s * 1000))
+    sock.setsockopt(zmq.HANDSHAKE_IVL, handshake_ms)
+    sock.setsockopt(zmq.SNDTIMEO, handshake_ms)
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on completed connections
+    if ":" in host:
+        sock.setsockopt(zmq.IPV6, 1)
+    secure_client(sock, keys)
+    sock.connect(zmq_endpoint(join_host_port(host, port)))
+    return sock
+
+
 def _source_abort(sock: zmq.Socket, ack: protocol.Ack) -> str | None:
     """The reason of an abort the source sent for this session, if one arrived (other
     and malformed messages are dropped: only the control thread reads this socket)."""
@@ -376,7 +380,7 @@ def _first_line(exc: BaseException) -> str:
     return text[:300]
 
 
-def _close_context(context: zmq.Context) -> None:
+def close_context(context: zmq.Context) -> None:
     from mesh.security import release_context
 
     release_context(context)

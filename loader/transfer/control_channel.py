@@ -35,7 +35,7 @@ class ControlChannel:
         self._max_message_bytes = max_message_bytes
         self._keys = keys
         self._label = label
-        self._outbox: queue.Queue[tuple[bytes, bytes]] = queue.Queue()
+        self._outbox: queue.Queue[list] = queue.Queue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._context: zmq.Context | None = None
@@ -66,9 +66,13 @@ class ControlChannel:
         self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self._thread.start()
 
-    def reply(self, identity: bytes, msg: dict) -> None:
-        """Queue a reply; only the channel's thread touches the ROUTER socket."""
-        self._outbox.put((identity, protocol.encode(msg)))
+    def reply(self, identity: bytes, msg: dict, data: bytes | None = None) -> None:
+        """Queue a reply (with `data`, a binary frame after the message); only the
+        channel's thread touches the ROUTER socket."""
+        frames = [identity, protocol.encode(msg)]
+        if data is not None:
+            frames.append(data)
+        self._outbox.put(frames)
         if threading.current_thread() is not self._thread:
             self._wake()
 
@@ -124,11 +128,11 @@ class ControlChannel:
     def _flush_outbox(self) -> None:
         while True:
             try:
-                identity, payload = self._outbox.get_nowait()
+                frames = self._outbox.get_nowait()
             except queue.Empty:
                 return
             try:
-                self._router.send_multipart([identity, payload], zmq.NOBLOCK)
+                self._router.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.debug("%s: reply dropped: %s", self._label, exc)
 

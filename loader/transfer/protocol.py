@@ -176,8 +176,8 @@ def parse_ranges(name: str, value, limit: int) -> tuple[tuple[int, int], ...]:
         floor = ranges[-1][1] if ranges else 0
         if floor >= limit:
             raise ProtocolError(f"{name}: ranges overlap, are unsorted or exceed {limit}")
-        start = _int(f"{name}[].start", pair[0], floor, limit - 1)
-        ranges.append((start, _int(f"{name}[].stop", pair[1], start + 1, limit)))
+        start = int_field(f"{name}[].start", pair[0], floor, limit - 1)
+        ranges.append((start, int_field(f"{name}[].stop", pair[1], start + 1, limit)))
     return tuple(ranges)
 
 
@@ -191,8 +191,8 @@ def abort_message(session: str, reason: str) -> dict:
 
 def parse_abort(obj: dict) -> tuple[str, str]:
     """(session, reason) of a source's abort message."""
-    _expect(obj, "abort", {"session", "reason"})
-    return _match("session", obj["session"], _SESSION_RE), clean_reason(obj["reason"])
+    expect_fields(obj, "abort", {"session", "reason"})
+    return match_field("session", obj["session"], _SESSION_RE), clean_reason(obj["reason"])
 
 
 def done_message(session: str, ok: bool, reason: str | None) -> dict:
@@ -205,7 +205,7 @@ def done_message(session: str, ok: bool, reason: str | None) -> dict:
 
 
 def parse_hello(obj: dict) -> Hello:
-    _expect(
+    expect_fields(
         obj,
         "hello",
         {"v", "fingerprint", "rank", "manifest", "backend", "max_bucket_bytes"},
@@ -218,11 +218,11 @@ def parse_hello(obj: dict) -> Hello:
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
     return Hello(
-        fingerprint=_match("fingerprint", obj["fingerprint"], _HEX_RE),
-        rank=_int("rank", obj["rank"], 0, 1 << 20),
+        fingerprint=match_field("fingerprint", obj["fingerprint"], _HEX_RE),
+        rank=int_field("rank", obj["rank"], 0, 1 << 20),
         manifest=manifest,
         backend=_choice("backend", obj["backend"], tuple(BACKEND_BY_DEVICE.values())),
-        max_bucket_bytes=_int(
+        max_bucket_bytes=int_field(
             "max_bucket_bytes", obj["max_bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES
         ),
         resume=_parse_resume(obj.get("resume")),
@@ -248,7 +248,7 @@ def _parse_resume(value) -> Resume | None:
     if not isinstance(value, dict) or set(value) != {"bucket_bytes", "have"}:
         raise ProtocolError("resume: expected {bucket_bytes, have}")
     return Resume(
-        bucket_bytes=_int(
+        bucket_bytes=int_field(
             "resume.bucket_bytes", value["bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES
         ),
         have=parse_ranges("resume.have", value["have"], MAX_BUCKETS),
@@ -260,9 +260,9 @@ def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
     bucket size: a checksum list of any other length is refused before it is parsed."""
     kind = obj.get("type")
     if kind in ("nack", "busy"):
-        _expect(obj, kind, {"reason"})
+        expect_fields(obj, kind, {"reason"})
         return Refusal(busy=kind == "busy", reason=clean_reason(obj["reason"]))
-    _expect(
+    expect_fields(
         obj,
         "ack",
         {
@@ -275,7 +275,7 @@ def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
         },
         optional={"skip"},
     )
-    bucket_bytes = _int("bucket_bytes", obj["bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES)
+    bucket_bytes = int_field("bucket_bytes", obj["bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES)
     checksums = obj["checksums"]
     if not isinstance(checksums, list):
         raise ProtocolError("checksums: expected a list")
@@ -287,23 +287,23 @@ def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
         limit = max(1, len(checksums))
         skip = expand_ranges(parse_ranges("skip", obj["skip"], limit), limit)
     return Ack(
-        session=_match("session", obj["session"], _SESSION_RE),
-        store_port=_int("store_port", obj["store_port"], 1, 65535),
+        session=match_field("session", obj["session"], _SESSION_RE),
+        store_port=int_field("store_port", obj["store_port"], 1, 65535),
         bucket_bytes=bucket_bytes,
         algorithm=_choice("algorithm", obj["algorithm"], ALGORITHMS),
-        checksums=tuple(_match("checksums[]", c, _CHECKSUM_RE) for c in checksums),
-        manifest_digest=_match("manifest_digest", obj["manifest_digest"], _HEX_RE),
+        checksums=tuple(match_field("checksums[]", c, _CHECKSUM_RE) for c in checksums),
+        manifest_digest=match_field("manifest_digest", obj["manifest_digest"], _HEX_RE),
         skip=skip,
     )
 
 
 def parse_done(obj: dict) -> Done:
-    _expect(obj, "done", {"session", "ok", "reason"})
+    expect_fields(obj, "done", {"session", "ok", "reason"})
     if not isinstance(obj["ok"], bool):
         raise ProtocolError("ok: expected a boolean")
     reason = obj["reason"]
     return Done(
-        session=_match("session", obj["session"], _SESSION_RE),
+        session=match_field("session", obj["session"], _SESSION_RE),
         ok=obj["ok"],
         reason=None if reason is None else clean_reason(reason),
     )
@@ -316,7 +316,7 @@ def clean_reason(value) -> str:
     return "".join(c if c.isprintable() else "?" for c in value[:MAX_REASON_LEN])
 
 
-def _expect(obj: dict, kind: str, fields: set[str], optional: set[str] = frozenset()) -> None:
+def expect_fields(obj: dict, kind: str, fields: set[str], optional: set[str] = frozenset()) -> None:
     if obj.get("type") != kind:
         raise ProtocolError(f"expected a {kind!r} message, got {str(obj.get('type'))[:40]!r}")
     keys = set(obj) - {"type"} - optional
@@ -325,13 +325,13 @@ def _expect(obj: dict, kind: str, fields: set[str], optional: set[str] = frozens
         raise ProtocolError(f"{kind}: missing fields {missing}, unexpected fields {extra}")
 
 
-def _int(name: str, value, lo: int, hi: int) -> int:
+def int_field(name: str, value, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ProtocolError(f"{name}: expected an integer in {lo}..{hi}")
     return value
 
 
-def _match(name: str, value, pattern: re.Pattern) -> str:
+def match_field(name: str, value, pattern: re.Pattern) -> str:
     if not isinstance(value, str) or not pattern.match(value):
         raise ProtocolError(f"{name}: malformed")
     return value

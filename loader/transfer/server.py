@@ -24,6 +24,7 @@ from loader.transfer import protocol
 from loader.transfer.admission import Admission
 from loader.transfer.bucket_sender import BucketSender
 from loader.transfer.buckets import Bucket
+from loader.transfer.cache_source import ServedCache, answer_cache_request
 from loader.transfer.checksum import algorithm_for_device, checksum_key
 from loader.transfer.control_channel import ControlChannel
 from loader.transfer.device import TransferDevice, device_for, yield_to_inference
@@ -119,6 +120,7 @@ class WeightServer:
         self.bad_messages = 0
         self.admission: Callable[[], str | None] | None = None
         self.retained_bytes = 0  # bytes kept only to be served (reported in the mesh)
+        self.compile_cache: ServedCache | None = None  # offered once vLLM has compiled
         self.endpoint: str | None = None
         self.strategy: ServingStrategy = strategy if strategy is not None else FixedTensors()
         self.strategy.attach(self)
@@ -206,6 +208,9 @@ class WeightServer:
                 self._on_done(identity, protocol.parse_done(msg))
             elif msg["type"] == "layout":
                 self._channel.reply(identity, self.reshard.describe(msg))
+            elif msg["type"] in ("cache_get", "cache_read", "modelinfo_get"):
+                reply, data = answer_cache_request(self.compile_cache, msg, self._keys is not None)
+                self._channel.reply(identity, reply, data)
             else:
                 raise protocol.ProtocolError(f"unexpected message type {msg['type'][:40]!r}")
         except protocol.ProtocolError as exc:

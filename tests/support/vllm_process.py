@@ -48,6 +48,7 @@ class VllmServer:
     env: dict[str, str] | None = None
     proc: subprocess.Popen | None = None
     listen_port: int | None = None
+    enforce_eager: bool = True  # False: vLLM's default compilation (torch.compile, inductor)
 
     @property
     def url(self) -> str:
@@ -60,7 +61,7 @@ class VllmServer:
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--load-format", self.load_format,
-            "--enforce-eager",
+            *(["--enforce-eager"] if self.enforce_eager else []),
             "--max-model-len", "512",
             "--max-num-seqs", "8",
             "--dtype", "float32",

@@ -60,16 +60,16 @@ def empty_like_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def in_process_server(
-    tensors, fingerprint: str = FINGERPRINT, strategy=None, sender_cls=None, **attrs
+    tensors, fingerprint: str = FINGERPRINT, strategy=None, sender_cls=None, keys=None, **attrs
 ) -> Iterator:
     """A started WeightServer on loopback in this process, stopped on exit, serving with
-    `strategy` and sending with `sender_cls` (test faults; default: the real ones);
-    `attrs` are set on it before it starts (test knobs)."""
+    `strategy` and sending with `sender_cls` (test faults; default: the real ones), with
+    CURVE `keys` if given; `attrs` are set on it before it starts (test knobs)."""
     from loader.transfer.bucket_sender import BucketSender
     from loader.transfer.server import WeightServer
 
     server = WeightServer(
-        tensors, fingerprint, 0, FAST, host="127.0.0.1", strategy=strategy,
+        tensors, fingerprint, 0, FAST, keys=keys, host="127.0.0.1", strategy=strategy,
         sender_cls=sender_cls or BucketSender,
     )
     for key, value in attrs.items():
