@@ -22,7 +22,7 @@ import zmq
 
 from loader.config import TransferSettings, parse_host_port
 from loader.transfer import protocol
-from loader.transfer.client import FetchOutcome, _close_context, _SourceAttempt
+from loader.transfer.client import FetchOutcome, close_context, _SourceAttempt
 from loader.transfer.layout import ShardLayout
 from loader.transfer.manifest import build_manifest
 from loader.transfer.pieces import piece_views
@@ -104,7 +104,7 @@ def fetch_resharded(
         failures.append(("reshard", f"unexpected {type(exc).__name__}: {str(exc)[:300]}"))
         ok = False
     finally:
-        _close_context(run.context)
+        close_context(run.context)
     seconds = time.monotonic() - started
     if not ok:
         return FetchOutcome(False, None, 0, seconds, failures)
