@@ -15,7 +15,7 @@ def test_result_line_is_one_parseable_json_object_with_contract_fields(caplog):
     payload = json.loads(RESULT_LINE.search(line).group(1))
     assert payload == {"rank": 3, "source": "peer", "peer": "10.0.0.5:47003", "bytes": 1234,
                        "seconds": 1.235, "fallback_reason": None, "retained_bytes": 0, "vllm": VLLM_VERSION,
-                       "lookup_s": 0.1, "transfer_s": 0.9}
+                       "compile_cache": "none: not looked for", "lookup_s": 0.1, "transfer_s": 0.9}
 
 
 def test_disk_result_carries_the_reason():

@@ -63,6 +63,19 @@ def fake_vllm(version: str = "0.29.0") -> dict[str, SimpleNamespace]:
         device_config: object = None
         load_config: object = None
         parallel_config: object = None
+        compilation_config: object = None
+        model_config: object = None
+
+        def compute_hash(self):
+            return "0" * 10
+
+    @dataclass
+    class EngineArgs:
+        load_format: str = "auto"
+        model_loader_extra_config: dict = field(default_factory=dict)
+
+        def create_model_config(self):
+            return ModelConfig()
 
     def register_model_loader(load_format):
         return lambda cls: cls
@@ -84,6 +97,8 @@ def fake_vllm(version: str = "0.29.0") -> dict[str, SimpleNamespace]:
             finalize_layerwise_processing=lambda model, model_config: None
         ),
         "vllm.utils.torch_utils": SimpleNamespace(set_default_torch_dtype=lambda dtype: None),
+        "vllm.envs": SimpleNamespace(compile_factors=lambda: {}),
+        "vllm.engine.arg_utils": SimpleNamespace(EngineArgs=EngineArgs),
         "vllm.config": SimpleNamespace(
             LoadConfig=LoadConfig, ModelConfig=ModelConfig, VllmConfig=VllmConfig
         ),

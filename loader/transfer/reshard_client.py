@@ -22,7 +22,13 @@ import zmq
 
 from loader.config import TransferSettings, parse_host_port
 from loader.transfer import protocol
-from loader.transfer.client import FetchOutcome, close_context, _SourceAttempt
+from loader.transfer.client import (
+    FetchOutcome,
+    _SourceAttempt,
+    close_context,
+    open_control_socket,
+    probe_tcp,
+)
 from loader.transfer.layout import ShardLayout
 from loader.transfer.manifest import build_manifest
 from loader.transfer.pieces import piece_views
@@ -52,9 +58,12 @@ class _ReshardAttempt(_SourceAttempt):
 
     def describe(self) -> ShardLayout:
         """The source's layout (SourceFailure when it cannot or will not say)."""
-        host, port = parse_host_port("source", self.source)
-        self._probe(host, port)
-        sock = self._control_socket(host, port)
+        try:
+            host, port = parse_host_port("source", self.source)
+        except ValueError as exc:
+            raise SourceFailure(str(exc)) from None
+        probe_tcp(host, port, self.settings.connect_timeout_s)
+        sock = open_control_socket(self.context, host, port, self.settings, self.keys)
         timeout_s = self.settings.handshake_timeout_s
         try:
             try:
