@@ -2,8 +2,7 @@
 
 Every "host" runs in its own network namespace with a tc-shaped veth link (falls back
 to unshaped loopback, with a message, where namespaces cannot be created). The real
-WeightServer and client move a synthetic checkpoint; vLLM is not started. Waves, all
-in one run with the same processes:
+WeightServer and client move a synthetic checkpoint; vLLM is not started. Modes:
 
     single      one client alone                       -> single_seconds
     serial      N clients, source serves one at a time -> Netloader's behaviour
@@ -13,14 +12,23 @@ in one run with the same processes:
                 the wave's gossip mesh shows it (loader.distribution.discovery.MeshPresence, the
                 vLLM loader's code path), and forward buckets as soon as they
                 verified them (pipelined chain)
+    kill        chained with all clients, and one mid-chain relay SIGKILLed once it has
+                forwarded half the checkpoint: its downstream re-attaches elsewhere
 
-    python -m tests.bench.bench_scale [--clients 8] [--mib 192] [--rate-mbit 250]
+Repetitions (--reps, each a fleet of fresh processes): the first runs every mode for
+N = 1, 2, 4, ... --clients (the plot); every one runs single, chained for 8 and for
+--clients, and kill. Then the same on a fast link (--fast-rate-mbit, --fast-clients),
+where a hop's fixed costs are no longer hidden behind a slow link's bucket time.
 
-The last stdout line is one JSON object; ratio = best makespan of concurrent/chained
-divided by single_seconds (both measured in this run). A PNG of every client's
-verified bytes over time is written (path printed). Also reported: how long a chain
-link's "receiving" status takes to reach the gossip tables (gossip_*_seconds_median)
-and how many times an agent suspected a member (none fails here: all false).
+    python -m tests.bench.bench_scale [--clients 16] [--mib 192] [--rate-mbit 250]
+
+The last stdout line is one JSON object; ratio_N = best makespan of concurrent/chained
+for N clients divided by single_seconds of the same repetition (median over the
+repetitions, with min/max beside it); relay_kill_growth = kill makespan / chained
+makespan of the same repetition. The plot (path printed) and the JSON carry the same
+run id. Also reported: how long a chain link's "receiving" status takes to reach the
+gossip tables (gossip_*_seconds_median) and how many times an agent suspected a member
+that was alive (false_suspicions).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import json
 import statistics
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from tests.fleet.checkpoint import total_bytes
@@ -37,16 +46,41 @@ from tests.fleet.harness import run_waves
 from tests.fleet.netns import LoopbackNetwork, NetnsNetwork, netns_unavailable_reason
 
 MIB = float(1 << 20)
+MODES = ("serial", "concurrent", "chained")
 
 
-def waves_for(clients: int) -> list[dict]:
-    names = [f"c{i}" for i in range(1, clients + 1)]
-    return [
-        {"id": "single", "mode": "serial", "capacity": 1, "clients": ["c1"]},
-        {"id": "serial", "mode": "serial", "capacity": 1, "clients": names},
-        {"id": "concurrent", "mode": "concurrent", "capacity": clients, "clients": names},
-        {"id": "chained", "mode": "chained", "capacity": 1, "clients": names},
-    ]
+def sizes_up_to(clients: int) -> list[int]:
+    """1, 2, 4, ... and `clients` itself."""
+    sizes, n = [], 1
+    while n < clients:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, clients]
+
+
+def wave(mode: str, n: int, rep: int, **extra) -> dict:
+    names = [f"c{i}" for i in range(1, n + 1)]
+    capacity = n if mode == "concurrent" else 1
+    node_mode = "chained" if mode == "kill" else mode
+    wave_id = "single" if n == 1 and mode == "serial" else f"{mode}-{n}"
+    return {"id": f"{wave_id}-r{rep}", "mode": node_mode, "capacity": capacity,
+            "clients": names, **extra}
+
+
+def waves_for(clients: int, rep: int, sweep: bool, kill_after: int | None) -> list[dict]:
+    """One repetition's waves; the kill wave last (its victim's process is gone after)."""
+    waves = [wave("serial", 1, rep)]
+    if sweep:
+        for n in sizes_up_to(clients)[1:]:
+            waves += [wave(mode, n, rep) for mode in MODES]
+    else:
+        waves += [wave("chained", n, rep) for n in sorted({min(8, clients), clients}) if n > 1]
+    if kill_after is not None and clients >= 3:
+        # a client in the middle by name; where it sits in the chain is the gossip's
+        # choice, so the JSON says whose upstream it was and whether it had a downstream
+        victim = f"c{clients // 2}"
+        waves.append(wave("kill", clients, rep, victim=victim, die_after_forwarded=kill_after))
+    return waves
 
 
 def chain_depths(results: dict[str, dict]) -> dict[str, int]:
@@ -109,140 +143,281 @@ def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
-def plot(waves: dict[str, dict], single_s: float, path: Path) -> None:
+def spread(values: list[float]) -> dict:
+    """median/min/max of one figure over the repetitions (None when never measured)."""
+    if not values:
+        return {"median": None, "min": None, "max": None}
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3)}
+
+
+def host_name(network, endpoint: str | None, hosts: int) -> str | None:
+    """The fleet node at `endpoint` (host 0 is the source, host i client ci); None on
+    loopback, where every host shares one address."""
+    if endpoint is None or not network.shaped:
+        return None
+    host = endpoint.rsplit(":", 1)[0]
+    for i in range(hosts):
+        if network.address(i) == host:
+            return "source" if i == 0 else f"c{i}"
+    return None
+
+
+def analyse(waves: dict[str, dict], rep: int, clients: int, network) -> dict:
+    """One repetition's figures: ratios against its own single client, the chain's
+    per-hop delay, the kill's growth."""
+    single = waves[f"single-r{rep}"]["results"]["c1"]["seconds"]
+
+    def best(n: int) -> tuple[str, float] | None:
+        found = [(m, waves[f"{m}-{n}-r{rep}"]["makespan"]) for m in ("concurrent", "chained")
+                 if f"{m}-{n}-r{rep}" in waves]
+        return min(found, key=lambda mf: mf[1]) if found else None
+
+    chained = waves[f"chained-{clients}-r{rep}"]
+    depths = chain_depths(chained["results"])
+    longest = max(depths.values())
+    ends = [r["end"] for r in chained["results"].values()]
+    out = {
+        "single": single,
+        "ratios": {n: best(n)[1] / single for n in {min(8, clients), clients} if best(n)},
+        "best": best(clients),
+        "chained": chained["makespan"],
+        "depth": longest,
+        # the chain's first and last instance finish (depth - 1) hops apart
+        "per_hop": (max(ends) - min(ends)) / (longest - 1) if longest > 1 else None,
+        "delays": gossip_delays(chained["results"]),
+        "verified": all(w["all_verified"] for w in waves.values()),
+        "suspicions": sum(len(w["suspicions"]) for w in waves.values()),
+    }
+    kill = waves.get(f"kill-{clients}-r{rep}")
+    if kill is not None:
+        victim = kill["results"].get(f"c{clients // 2}")
+        killed = kill["killed"]
+        out["kill"] = {
+            "rep": rep,
+            "victim": f"c{clients // 2}",
+            "killed": killed is not None,
+            "victim_upstream": host_name(network, killed["upstream"], clients + 1)
+            if killed else (victim or {}).get("upstream"),
+            "lost_upstream": sorted(
+                n for n, r in kill["results"].items()
+                if any("busy" not in why for _, why in r["failures"])
+            ),
+            "makespan_s": round(kill["makespan"], 3),
+            "growth": kill["makespan"] / chained["makespan"] if killed else None,
+            "survivors_verified": kill["all_verified"],
+        }
+    return out
+
+
+def plot(waves: dict[str, dict], clients: int, run_id: str, title: str, path: Path) -> None:
+    """Makespan against N for each mode (the first repetition's sweep), and the verified
+    bytes over time of each client in the chained and the kill wave."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = ("serial", "concurrent", "chained")
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
-    for ax, mode in zip(axes, modes, strict=True):
-        wave = waves[mode]
-        for name, r in sorted(wave["results"].items(), key=lambda kv: int(kv[0][1:])):
-            samples = r["samples"]
-            if not samples:
-                continue
-            xs = [t - wave["t0"] for t, _ in samples]
-            ys = [b / MIB for _, b in samples]
-            ax.plot(xs, ys, label=name, linewidth=1.2)
-        ax.axvline(single_s, color="grey", linestyle="--", linewidth=1, label="single client")
-        ax.set_title(f"{mode}: makespan {wave['makespan']:.1f}s")
-        ax.set_xlabel("seconds since start")
+    single = waves["single-r0"]["results"]["c1"]["seconds"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    sizes = sizes_up_to(clients)
+    for mode in MODES:
+        xs = [n for n in sizes if n == 1 or f"{mode}-{n}-r0" in waves]
+        ys = [single if n == 1 else waves[f"{mode}-{n}-r0"]["makespan"] for n in xs]
+        axes[0].plot(xs, ys, marker="o", label=mode)
+    axes[0].axhline(1.25 * single, color="grey", linestyle=":", label="1.25 x single")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xticks(sizes, [str(n) for n in sizes])
+    axes[0].set_xlabel("clients started together (N)")
+    axes[0].set_ylabel("makespan, seconds")
+    axes[0].legend(fontsize=8)
+    for ax, wid in zip(axes[1:], (f"chained-{clients}-r0", f"kill-{clients}-r0"), strict=True):
+        wave = waves.get(wid)
+        if wave is None:
+            ax.set_visible(False)
+            continue
+        for _, r in sorted(wave["results"].items(), key=lambda kv: int(kv[0][1:])):
+            if r["samples"]:
+                ax.plot([t - wave["t0"] for t, _ in r["samples"]],
+                        [b / MIB for _, b in r["samples"]], linewidth=1.0)
+        if wave.get("killed"):
+            ax.axvline(wave["killed"]["time"] - wave["t0"], color="red", linewidth=1,
+                       label="relay killed")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.axvline(single, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(f"{wid}: makespan {wave['makespan']:.2f}s")
+        ax.set_xlabel("seconds since the first client started")
+        ax.set_ylabel("verified MiB")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("verified MiB")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    axes[0].set_title(f"first repetition; single {single:.2f}s")
+    fig.suptitle(f"bench-scale run {run_id}: {title}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def report(wave_id: str, wave: dict) -> None:
+    per = sorted(r["seconds"] for r in wave["results"].values())
+    retries = sum(1 for r in wave["results"].values() for f in r["failures"] if "busy" not in f[1])
+    killed = "  relay killed" if wave.get("killed") else ""
+    print(
+        f"{wave_id:>16}: makespan {wave['makespan']:6.2f}s  client times "
+        f"{per[0]:.2f}..{per[-1]:.2f}s  verified={wave['all_verified']}  "
+        f"failed attempts={retries}  false suspicions={len(wave['suspicions'])}{killed}",
+        flush=True,
+    )
+    for t, observer, member, state in wave["suspicions"]:
+        print(f"    {t - wave['t0']:+.2f}s {observer} saw {member} {state}", flush=True)
+
+
+def open_network(hosts: int, rate_mbit: int, loopback: bool):
+    reason = "--loopback given" if loopback else netns_unavailable_reason()
+    if reason is None:
+        return NetnsNetwork(hosts, rate_mbit)
+    print(
+        f"WARNING: network namespaces unavailable ({reason}); falling back to plain "
+        "loopback: links are unshaped, so this machine's CPU, not the per-host link, "
+        "is the bottleneck and the ratios do not model a cluster",
+        flush=True,
+    )
+    return LoopbackNetwork(hosts)
+
+
+def run_link(args, clients: int, rate_mbit: int, sweep: bool, kill: bool):
+    """Every repetition on one network; returns (all waves, per-repetition figures)."""
+    network = open_network(clients + 1, rate_mbit, args.loopback)
+    print(f"network: {network.description}", flush=True)
+    base = {"size_mib": args.mib, "bucket_mb": args.bucket_mb}
+    buckets = total_bytes(args.mib) // (args.bucket_mb << 20)
+    all_waves: dict[str, dict] = {}
+    reps = []
+    with network:
+        for rep in range(args.reps):
+            waves = waves_for(clients, rep, sweep and rep == 0, buckets // 2 if kill else None)
+            got = run_waves(network, clients, base, waves, args.timeout, on_wave=report)
+            all_waves.update(got)
+            reps.append(analyse(got, rep, clients, network))
+    return network, all_waves, reps
+
+
+def summary(reps: list[dict], clients: int, bucket_wire_s: float) -> dict:
+    per_hop = [r["per_hop"] for r in reps if r["per_hop"] is not None]
+    delays = {k: [v for r in reps for v in r["delays"][k]] for k in reps[0]["delays"]}
+    out = {
+        "single_seconds": spread([r["single"] for r in reps])["median"],
+        "makespan_seconds": spread([r["best"][1] for r in reps])["median"],
+        "chained_makespan_seconds": spread([r["chained"] for r in reps])["median"],
+        "chain_depth": max(r["depth"] for r in reps),
+        "per_hop_delay_s": spread(per_hop),
+        "bucket_wire_s": round(bucket_wire_s, 3),
+        "per_hop_overhead_beyond_bucket_s": spread([p - bucket_wire_s for p in per_hop]),
+        "gossip_advertised_seconds_median": _median(delays["advertised"]),
+        "gossip_visible_seconds_median": _median(delays["visible"]),
+        "gossip_attach_seconds_median": _median(delays["attach"]),
+        "all_verified": all(r["verified"] for r in reps),
+        "false_suspicions": sum(r["suspicions"] for r in reps),
+    }
+    for n in sorted({min(8, clients), clients}):
+        ratios = spread([r["ratios"][n] for r in reps if n in r["ratios"]])
+        out[f"ratio_{n}"] = ratios["median"]
+        out[f"ratio_{n}_min"], out[f"ratio_{n}_max"] = ratios["min"], ratios["max"]
+    return out
+
+
 def main() -> None:  # long: the benchmark's phases in the order they run, one script
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mib", type=int, default=192, help="checkpoint size")
     parser.add_argument("--bucket-mb", type=int, default=4)
     parser.add_argument(
-        "--rate-mbit",
-        type=int,
-        default=250,
+        "--rate-mbit", type=int, default=250,
         help="per-host link rate; low enough that the link, not this machine's CPU, "
         "is the bottleneck (as on a real cluster)",
+    )
+    parser.add_argument(
+        "--fast-rate-mbit", type=int, default=2000,
+        help="the fast-link run (0: none); chained only, with --fast-clients",
+    )
+    parser.add_argument(
+        "--fast-clients", type=int, default=4,
+        help="few enough that the hops' checksums (~0.75 CPU-s/GiB each) fit in this "
+        "machine's two cores at the fast rate",
     )
     parser.add_argument("--plot", default="out/bench_scale.png")
     parser.add_argument("--timeout", type=float, default=300.0, help="per wave")
     parser.add_argument("--loopback", action="store_true", help="skip namespaces")
     args = parser.parse_args()
+    if args.clients < 2 or args.reps < 1:
+        parser.error("--clients must be >= 2 and --reps >= 1")
 
-    reason = "--loopback given" if args.loopback else netns_unavailable_reason()
-    hosts = args.clients + 1
-    if reason is None:
-        network = NetnsNetwork(hosts, args.rate_mbit)
-    else:
-        network = LoopbackNetwork(hosts)
-        print(
-            f"WARNING: network namespaces unavailable ({reason}); falling back to plain "
-            "loopback: links are unshaped, so this machine's CPU, not the per-host link, "
-            "is the bottleneck and the ratios do not model a cluster",
-            flush=True,
-        )
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     size = total_bytes(args.mib)
-    print(f"network: {network.description}", flush=True)
     print(
-        f"checkpoint: {size / MIB:.0f} MiB, {args.bucket_mb} MiB buckets; "
-        f"{args.clients} clients; the per-host rate is set low on purpose: this 2-core "
-        "machine is shared, and the link must be the bottleneck, not the CPU",
+        f"run {run_id}: checkpoint {size / MIB:.0f} MiB, {args.bucket_mb} MiB buckets; "
+        f"{args.clients} clients, {args.reps} repetitions; the per-host rate is set low on "
+        "purpose: this 2-core machine is shared, and the link must be the bottleneck, "
+        "not the CPU",
         flush=True,
     )
     started = time.time()
-
-    def report(wave_id: str, wave: dict) -> None:
-        per = sorted(r["seconds"] for r in wave["results"].values())
-        retries = sum(
-            1 for r in wave["results"].values() for f in r["failures"] if "busy" not in f[1]
-        )
-        print(
-            f"{wave_id:>10}: makespan {wave['makespan']:6.2f}s  client times "
-            f"{per[0]:.2f}..{per[-1]:.2f}s  verified={wave['all_verified']}  "
-            f"failed attempts={retries}  false suspicions={len(wave['suspicions'])}",
-            flush=True,
-        )
-        for t, observer, member, state in wave["suspicions"]:
-            print(f"    {t - wave['t0']:+.2f}s {observer} saw {member} {state}", flush=True)
-
-    base = {"size_mib": args.mib, "bucket_mb": args.bucket_mb}
-    with network:
-        waves = run_waves(
-            network, args.clients, base, waves_for(args.clients), args.timeout, on_wave=report
-        )
-    single = waves["single"]["results"]["c1"]["seconds"]
-    serial = waves["serial"]["makespan"]
-    best_mode = min(("concurrent", "chained"), key=lambda m: waves[m]["makespan"])
-    makespan = waves[best_mode]["makespan"]
-    chained = waves["chained"]
-    depths = chain_depths(chained["results"])
-    longest = max(depths.values())
-    ends = [r["end"] for r in chained["results"].values()]
-    # the chain's first and last instance finish (depth - 1) hops apart
-    per_hop = (max(ends) - min(ends)) / (longest - 1) if longest > 1 else None
-    chain = " -> ".join(["source", *sorted(depths, key=depths.get)])
-    print(f"chained topology (by depth): {chain}; depth {longest}")
-    if per_hop is not None:
-        print(f"per-hop delay (last - first finish in the chain) / (depth - 1): {per_hop:.3f}s")
-    delays = gossip_delays(chained["results"])
-    print(
-        "gossip per chain link, from the upstream's transfer start (it is receiving): "
-        f"in its own agent's meta {_stats(delays['advertised'])}; "
-        f"first seen receiving by another client {_stats(delays['visible'])}; "
-        f"by its downstream {_stats(delays['downstream'])}; "
-        f"downstream's transfer from it started {_stats(delays['attach'])}"
-    )
-    suspicions = sum(len(w["suspicions"]) for w in waves.values())
+    network, waves, reps = run_link(args, args.clients, args.rate_mbit, sweep=True, kill=True)
+    bucket_wire_s = (args.bucket_mb << 20) * 8 / (args.rate_mbit * 1e6) if network.shaped else 0.0
+    main_figures = summary(reps, args.clients, bucket_wire_s)
+    kills = [r["kill"] for r in reps if "kill" in r]
+    sweep = {m: {n: round(waves[f"{m}-{n}-r0"]["makespan"], 3)
+                 for n in sizes_up_to(args.clients)[1:]} for m in MODES}
+    single0 = reps[0]["single"]
     plot_path = Path(args.plot)
-    plot(waves, single, plot_path)
-    print(f"plot: {plot_path.resolve()}")
+    plot(waves, args.clients, run_id,
+         f"{args.rate_mbit} Mbit/s per host, {size / MIB:.0f} MiB" if network.shaped
+         else "loopback (unshaped)", plot_path)
+
+    fast = None
+    if args.fast_rate_mbit and network.shaped:
+        fast_net, _, fast_reps = run_link(
+            args, args.fast_clients, args.fast_rate_mbit, sweep=False, kill=False
+        )
+        fast_wire = (args.bucket_mb << 20) * 8 / (args.fast_rate_mbit * 1e6)
+        fast = {"link_mbit": args.fast_rate_mbit, "clients": args.fast_clients,
+                **summary(fast_reps, args.fast_clients, fast_wire)}
+
+    print(f"run {run_id}: per-hop delay {main_figures['per_hop_delay_s']} "
+          f"(one bucket's wire time {bucket_wire_s:.3f}s)")
+    for k in kills:
+        print(f"kill (rep {k['rep']}): {k}")
+    print(f"plot: {plot_path.resolve()} (run {run_id})")
     print(f"bench wall time {time.time() - started:.0f}s", flush=True)
+    growth = spread([k["growth"] for k in kills if k["growth"] is not None])
     line = {
+        "run_id": run_id,
         "clients": args.clients,
-        "single_seconds": round(single, 3),
-        "makespan_seconds": round(makespan, 3),
-        "serial_makespan_seconds": round(serial, 3),
-        "ratio": round(makespan / single, 3),
-        "all_verified": all(w["all_verified"] for w in waves.values()),
-        "makespan_mode": best_mode,
-        "concurrent_makespan_seconds": round(waves["concurrent"]["makespan"], 3),
-        "chained_makespan_seconds": round(chained["makespan"], 3),
-        "serial_ratio": round(serial / single, 3),
-        "chain_depth": longest,
-        "per_hop_overhead_seconds": None if per_hop is None else round(per_hop, 3),
-        "gossip_advertised_seconds_median": _median(delays["advertised"]),
-        "gossip_visible_seconds_median": _median(delays["visible"]),
-        "gossip_attach_seconds_median": _median(delays["attach"]),
-        "false_suspicions": suspicions,
+        "reps": args.reps,
+        **{k: v for k, v in main_figures.items()
+           if k not in ("per_hop_delay_s", "per_hop_overhead_beyond_bucket_s")},
+        "ratio": main_figures[f"ratio_{args.clients}"],
+        "ratio_16": main_figures.get("ratio_16"),
+        "relay_kill_growth": growth["median"],
+        "relay_kill_growth_min": growth["min"],
+        "relay_kill_growth_max": growth["max"],
+        "kills": kills,
+        "all_verified": main_figures["all_verified"]
+        and all(k["survivors_verified"] for k in kills)
+        and (fast is None or fast["all_verified"]),
+        "makespan_mode": reps[0]["best"][0],
+        "serial_makespan_seconds": sweep["serial"][args.clients],
+        "concurrent_makespan_seconds": sweep["concurrent"][args.clients],
+        "serial_ratio": round(sweep["serial"][args.clients] / single0, 3),
+        "sweep_makespan_seconds": sweep,
+        "per_hop_delay_s": main_figures["per_hop_delay_s"]["median"],
+        "per_hop_delay_s_min": main_figures["per_hop_delay_s"]["min"],
+        "per_hop_delay_s_max": main_figures["per_hop_delay_s"]["max"],
+        "per_hop_overhead_beyond_bucket_s": main_figures["per_hop_overhead_beyond_bucket_s"]["median"],
         "checkpoint_mib": round(size / MIB, 1),
         "link_mbit": args.rate_mbit if network.shaped else None,
         "network": "netns+tc" if network.shaped else "loopback",
+        "fast_link": fast,
         "plot": str(plot_path.resolve()),
     }
     print(json.dumps(line))

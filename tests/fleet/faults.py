@@ -49,6 +49,7 @@ class CrashingRelay(Relay):
     crashed host) when about to forward bucket number `die_after_forwarded + 1`."""
 
     die_after_forwarded: int | None = None
+    on_die = None  # called just before the kill (the bench records when and where)
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,6 +61,8 @@ class CrashingRelay(Relay):
             self.die_after_forwarded is not None
             and self.buckets_forwarded > self.die_after_forwarded
         ):
+            if self.on_die is not None:
+                self.on_die()
             os.kill(os.getpid(), signal.SIGKILL)
         # (upstream attempt number, bucket index): what was forwarded while receiving from whom
         self.forwarded_indices.append([session.generation, bucket.index])

@@ -206,7 +206,9 @@ def run_waves(
     network, clients: int, base_cfg: dict, waves: list[dict], timeout_s: float, on_wave=None
 ) -> dict[str, dict]:
     """Start one source and `clients` clients, run each wave in turn (its clients start
-    together), and return per wave: t0, makespan, all_verified and per-client results."""
+    together), and return per wave: t0, makespan, all_verified, per-client results and,
+    for a wave with a victim, `killed` (when it died and its upstream; None if it lived).
+    A killed victim's process is gone: a wave with a victim comes last."""
     names = [f"c{i}" for i in range(1, clients + 1)]
     out: dict[str, dict] = {}
     with Fleet(network, base_cfg, waves) as fleet:
@@ -218,10 +220,18 @@ def run_waves(
             wid = wave["id"]
             fleet.wait_joined(wid, wave["clients"])
             t0 = fleet.go(wid)
-            results = fleet.wait_results(wid, wave["clients"], timeout_s)
+            victim = wave.get("victim")
+            survivors = [c for c in wave["clients"] if c != victim]
+            results = fleet.wait_results(wid, survivors, timeout_s)
+            killed = fleet.dir / wid / f"{victim}.killed.json"
+            if victim is not None and not killed.exists():  # it had no downstream: lived
+                results.update(fleet.wait_results(wid, [victim], timeout_s))
             fleet.end_wave(wid)
-            # no node fails in these waves: any suspicion of a member is a false one
-            suspicions = fleet.mesh_events(t0, time.time())
+            # suspicions of anyone but a killed victim are false ones
+            suspicions = [
+                e for e in fleet.mesh_events(t0, time.time())
+                if victim is None or not killed.exists() or node.node_name(e[2]) != victim
+            ]
             first_start = min(r["start"] for r in results.values())
             out[wid] = {
                 "mode": wave["mode"],
@@ -233,6 +243,7 @@ def run_waves(
                 "all_verified": all(r["verified"] for r in results.values()),
                 "results": results,
                 "suspicions": suspicions,
+                "killed": json.loads(killed.read_text()) if victim and killed.exists() else None,
             }
             if on_wave is not None:
                 on_wave(wid, out[wid])

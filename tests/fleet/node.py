@@ -16,9 +16,11 @@ of the wave alive and the root as a source), `go` (its clients start together),
 role, name, dir, host, size_mib, bucket_mb, secret_file (the fleet's cluster secret: gossip
 and transfers are authenticated), gossip ({wave id: {"bind", "seeds"}}),
 waves ([{"id", "mode": "serial"|"concurrent"|"chained", "capacity", "clients",
-optional "model" (share another wave's fingerprint)}]); test knobs: bucket_delay_s,
-corrupt_bucket (source), die_after_forwarded and after_receiving (client: start
-fetching once that instance shows as receiving in the gossip table).
+optional "model" (share another wave's fingerprint), optional "victim" and
+"die_after_forwarded" (that client dies, SIGKILL, once it forwarded that many buckets in
+this wave; it writes `<name>.killed.json` first)}]); test knobs: bucket_delay_s,
+corrupt_bucket (source), die_after_forwarded (every chained wave) and after_receiving
+(client: start fetching once that instance shows as receiving in the gossip table).
 """
 
 from __future__ import annotations
@@ -267,6 +269,11 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:  # long: one w
     if mode == "chained":  # every instance relays from the start, like a vLLM rank
         crashing = CrashingRelay()
         crashing.die_after_forwarded = cfg.get("die_after_forwarded")
+        if wave.get("victim") == name:
+            crashing.die_after_forwarded = wave["die_after_forwarded"]
+            crashing.on_die = lambda: write_json(
+                wd / f"{name}.killed.json", {"time": time.time(), "upstream": relay.upstream}
+            )
         relay = relay_server(
             dest, fingerprint, 0, settings, crashing, keys=cluster_keys(cfg), host=cfg["host"]
         )
