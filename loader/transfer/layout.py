@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from loader.transfer.manifest import MAX_DIMS, MAX_NAME_LEN, MAX_TENSORS
+from loader.transfer.manifest import MAX_DIMS, MAX_NAME_LEN, bounded_list, name_pairs
 
 MAX_SEGMENTS = 64  # per parameter: a fused layer has a handful of components
 MAX_REASON = 200
@@ -145,23 +145,14 @@ class ShardLayout:
         tp, pp, rank = (_count(f"layout.{k}", obj[k], 0, 1 << 20) for k in ("tp", "pp", "rank"))
         if tp < 1 or pp < 1:
             raise ValueError("layout.tp/pp: expected at least 1")
-        params, unsupported = obj["params"], obj["unsupported"]
-        if not isinstance(params, list) or len(params) > MAX_TENSORS:
-            raise ValueError("layout.params: expected a list of bounded length")
-        if not isinstance(unsupported, list) or len(unsupported) > MAX_TENSORS:
-            raise ValueError("layout.unsupported: expected a list of bounded length")
+        params = bounded_list("layout.params", obj["params"])
+        unsupported = bounded_list("layout.unsupported", obj["unsupported"])
         parsed = tuple(_param_from_wire(i, item) for i, item in enumerate(params))
         if len({p.name for p in parsed}) != len(parsed):
             raise ValueError("layout.params: a name appears twice")
-        pairs = []
-        for i, item in enumerate(unsupported):
-            if (
-                not isinstance(item, list) or len(item) != 2
-                or not all(isinstance(x, str) and 0 < len(x) <= MAX_NAME_LEN for x in item)
-            ):
-                raise ValueError(f"layout.unsupported[{i}]: expected [name, reason]")
-            pairs.append((item[0], item[1][:MAX_REASON]))
-        return cls(content, tp, pp, rank, parsed, tuple(pairs))
+        pairs = name_pairs("layout.unsupported", unsupported, "[name, reason]")
+        return cls(content, tp, pp, rank, parsed,
+                   tuple((name, reason[:MAX_REASON]) for name, reason in pairs))
 
 
 def _count(name: str, value, lo: int, hi: int) -> int:

@@ -48,22 +48,10 @@ class Manifest:
         """Validate an untrusted manifest; ValueError on any malformed field."""
         if not isinstance(obj, dict) or set(obj) != {"tensors", "aliases"}:
             raise ValueError("manifest: expected an object with 'tensors' and 'aliases'")
-        tensors, aliases = obj["tensors"], obj["aliases"]
-        if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
-            raise ValueError("manifest.tensors: expected a list of bounded length")
-        if not isinstance(aliases, list) or len(aliases) > MAX_TENSORS:
-            raise ValueError("manifest.aliases: expected a list of bounded length")
+        tensors = bounded_list("manifest.tensors", obj["tensors"])
+        aliases = bounded_list("manifest.aliases", obj["aliases"])
         specs = tuple(_spec_from_wire(i, item) for i, item in enumerate(tensors))
-        pairs = []
-        for i, item in enumerate(aliases):
-            if (
-                not isinstance(item, list)
-                or len(item) != 2
-                or not all(_valid_name(x) for x in item)
-            ):
-                raise ValueError(f"manifest.aliases[{i}]: expected [alias, target]")
-            pairs.append((item[0], item[1]))
-        return cls(specs, tuple(pairs))
+        return cls(specs, name_pairs("manifest.aliases", aliases, "[alias, target]"))
 
     def first_difference(self, other: Manifest) -> str | None:
         """None when equal, else a reason naming the first differing tensor.
@@ -128,6 +116,21 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _valid_name(x) -> bool:
     return isinstance(x, str) and 0 < len(x) <= MAX_NAME_LEN
+
+
+def bounded_list(where: str, value) -> list:
+    """`value` if it is a list of at most MAX_TENSORS items (untrusted wire input)."""
+    if not isinstance(value, list) or len(value) > MAX_TENSORS:
+        raise ValueError(f"{where}: expected a list of bounded length")
+    return value
+
+
+def name_pairs(where: str, items: list, expected: str) -> tuple[tuple[str, str], ...]:
+    """`items` as pairs of names (each a non-empty string of at most MAX_NAME_LEN)."""
+    for i, item in enumerate(items):
+        if not isinstance(item, list) or len(item) != 2 or not all(map(_valid_name, item)):
+            raise ValueError(f"{where}[{i}]: expected {expected}")
+    return tuple((a, b) for a, b in items)
 
 
 def _spec_from_wire(i: int, item) -> TensorSpec:
