@@ -233,3 +233,27 @@ def test_reattach_gives_up_at_the_deadline_even_while_busy_answers_come():
             now += decision.seconds
     assert decision == GiveUp(f"no upstream served us within 3s ({state.refusals} busy refusals)")
     assert delays[-1] > 8 * delays[0] and state.busy_rounds == state.refusals
+
+
+def test_a_candidate_that_began_to_receive_from_us_meanwhile_is_not_tried(monkeypatch):
+    # the table offered [a, b]; while the attempt at a failed, b attached to us: trying b
+    # now would make a cycle (b waits for our buckets, we for b's)
+    me = "10.0.0.9:5000"
+    table = [upstream("a"), upstream("b")]
+    tried = []
+
+    def from_sources(self, sources):
+        tried.extend(sources)
+        if sources == ["a:1"]:
+            table[1] = Upstream("b", "b:1", TransferState.RECEIVING, progress=0.1, load=0,
+                                capacity=1, upstream=me, zone=None, rtt_s=None)
+            return SimpleNamespace(ok=False, failures=[("a:1", "transfer failed: reset")])
+        return SimpleNamespace(ok=True, failures=[], seconds=0.0)
+
+    monkeypatch.setattr(FetchRequest, "from_sources", from_sources)
+    outcome = fetch_with_reattach(
+        lambda: list(table), me, FetchRequest("f" * 64, {}, 0, SETTINGS),
+        ReattachPolicy(idle_s=0.3, deadline_s=5),
+    )
+    assert tried == ["a:1"]  # never b, which now receives from us; a is suspect for 10 s
+    assert not outcome.ok and outcome.failures[0] == ("a:1", "transfer failed: reset")

@@ -2,7 +2,8 @@
 the gossip table, the clock and past outcomes (no sockets, no sleeping, no clock reads),
 driven by `upstream_choice.fetch_with_reattach`.
 
-- Try the table's usable upstreams, best first (`rank_upstreams`), skipping for
+- Try the table's usable upstreams, best first (`rank_upstreams`), each only while the
+  table still offers it (`offers`: never one that has begun to receive from us), skipping for
   `suspect_s` any that failed for a reason other than busy / not receiving yet (a dead
   hop may linger in the table until gossip declares it dead).
 - After rounds in which every upstream said "busy", wait exponentially longer, with
@@ -88,6 +89,11 @@ class Reattach:
             return Wait(self._resume_at - now)
         self._last_offer = now
         return Attempt(candidates)
+
+    def offers(self, candidate: str, table: list[Upstream]) -> bool:
+        """Whether `table` still ranks `candidate` as an upstream for us (it may since have
+        begun to receive from us)."""
+        return candidate in rank_upstreams(table, self.self_endpoint, self.policy.zone)
 
     def record(self, now: float, failures: list[tuple[str, str]]) -> None:
         """The failures of an attempt that did not succeed."""

@@ -35,7 +35,7 @@ def fetch_with_reattach(
         if not isinstance(decision, Attempt):
             time.sleep(decision.seconds)
             continue
-        outcome = request.from_sources(decision.candidates)
+        outcome = _try_in_turn(decision.candidates, read_table, state, request)
         if outcome.ok:
             outcome.failures[:0] = state.failures
             outcome.seconds = time.monotonic() - started
@@ -49,3 +49,20 @@ def fetch_with_reattach(
                 )
             return outcome
         state.record(time.monotonic(), outcome.failures)
+
+
+def _try_in_turn(candidates, read_table, state: Reattach, request: FetchRequest) -> FetchOutcome:
+    """Each candidate in order while a fresh table still offers it: a failing attempt can
+    take seconds, and meanwhile a candidate further down may have begun to receive from
+    us (attaching to it then would make a cycle in which both wait for the other)."""
+    started = time.monotonic()
+    failures: list[tuple[str, str]] = []
+    for candidate in candidates:
+        if not state.offers(candidate, read_table()):
+            continue
+        outcome = request.from_sources([candidate])
+        if outcome.ok:
+            outcome.failures[:0] = failures
+            return outcome
+        failures += outcome.failures
+    return FetchOutcome(False, None, 0, time.monotonic() - started, failures)

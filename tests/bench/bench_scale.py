@@ -269,6 +269,14 @@ def report(wave_id: str, wave: dict) -> None:
     )
     for t, observer, member, state in wave["suspicions"]:
         print(f"    {t - wave['t0']:+.2f}s {observer} saw {member} {state}", flush=True)
+    if wave.get("killed"):  # how the chain re-formed: each failed attempt and when
+        print(f"    relay killed at {wave['killed']['time'] - wave['t0']:+.2f}s", flush=True)
+        for name, r in sorted(wave["results"].items()):
+            for t, kind, source in r["events"]:
+                print(f"    {t - wave['t0']:+.2f}s {name}: {kind} {source}", flush=True)
+            for source, why in r["failures"]:
+                if "busy" not in why:
+                    print(f"    {name}: {source}: {why[:160]}", flush=True)
 
 
 def open_network(hosts: int, rate_mbit: int, loopback: bool):

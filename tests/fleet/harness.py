@@ -125,6 +125,14 @@ class Fleet:
     def end_wave(self, wave_id: str) -> None:
         (self.dir / wave_id / "stop").write_text("1")
 
+    def wait_left(self, wave_id: str, names, timeout_s: float = 60) -> None:
+        """Until the nodes `names` have left the wave's mesh (and the root has too)."""
+        self._wait(
+            lambda: all((self.dir / wave_id / f"{n}.left").exists() for n in [ROOT, *names]),
+            timeout_s,
+            f"wave {wave_id}: nodes {list(names)} did not leave its mesh",
+        )
+
     def observer(self, wave_id: str):
         """A MeshPresence of this (test) process in the wave's mesh, to read its gossip
         table. Loopback only: the namespaces' addresses are not reachable from here."""
@@ -226,10 +234,13 @@ def run_waves(
             killed = fleet.dir / wid / f"{victim}.killed.json"
             if victim is not None and not killed.exists():  # it had no downstream: lived
                 results.update(fleet.wait_results(wid, [victim], timeout_s))
+            ended = time.time()
             fleet.end_wave(wid)
+            # (before the next wave starts: members leaving this mesh are not its events)
+            fleet.wait_left(wid, [n for n in results if n != victim or not killed.exists()])
             # suspicions of anyone but a killed victim are false ones
             suspicions = [
-                e for e in fleet.mesh_events(t0, time.time())
+                e for e in fleet.mesh_events(t0, ended)
                 if victim is None or not killed.exists() or node.node_name(e[2]) != victim
             ]
             first_start = min(r["start"] for r in results.values())

@@ -11,7 +11,8 @@ wave's mesh when it reaches that wave and leaves once the wave is over.
 
 Wave `w` has its own directory `dir/w`: `<name>.joined` (the client sees every node
 of the wave alive and the root as a source), `go` (its clients start together),
-`<name>.result.json` and `stop` (relays of that wave stop serving).
+`<name>.result.json`, `stop` (relays of that wave stop serving, every node leaves
+its mesh) and `<name>.left` (it has).
 `dir/<name>.armed` says a node is ready, `dir/stop` ends the process. Config keys:
 role, name, dir, host, size_mib, bucket_mb, secret_file (the fleet's cluster secret: gossip
 and transfers are authenticated), gossip ({wave id: {"bind", "seeds"}}),
@@ -116,11 +117,25 @@ def run_source(cfg: dict, d: Path) -> None:
         presence.announce(server)  # what a loaded instance does: ready, state complete
         presences.append(presence)
     (d / f"{cfg['name']}.armed").write_text("1")
+    leaving = [
+        threading.Thread(target=_leave_when_over, args=(cfg, d / wave["id"], presence), daemon=True)
+        for wave, presence in zip(cfg["waves"], presences, strict=True)
+    ]
+    for thread in leaving:
+        thread.start()
     wait_for(d / "stop", cfg.get("deadline_s", 900))
     for presence in presences:
         presence.stop()
     for server in servers:
         server.stop()
+
+
+def _leave_when_over(cfg: dict, wd: Path, presence: MeshPresence) -> None:
+    """The root leaves a wave's mesh once the wave is over, so that nothing it sees there
+    later (its clients leaving) is counted against the next wave."""
+    if wait_for(wd / "stop", cfg.get("deadline_s", 900)):
+        presence.stop()
+        (wd / f"{cfg['name']}.left").write_text("1")
 
 
 def wave_fingerprint(wave: dict) -> str:
@@ -332,6 +347,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:  # long: one w
     presence.stop()
     if relay is not None:
         relay.stop()
+    (wd / f"{name}.left").write_text("1")
 
 
 def run_client(cfg: dict, d: Path) -> None:
