@@ -146,3 +146,17 @@ def test_in_process_agents_find_nearest_ready_source(secret):
         assert select_sources(members, other_tp) == [] and select_sources(members, other_model) == []
         me = next(m for m in client.members() if m.is_self)
         assert me.name == "client" and me.state == "alive"
+
+
+def test_a_chain_that_leads_back_to_us_through_several_hops_is_never_chosen():
+    # me <- a <- b <- c: attaching to c (or b, or a) would close a cycle; d is clean
+    from loader.distribution.peer_record import TransferState
+    from loader.distribution.ranking import Upstream, rank_upstreams
+
+    def row(name, upstream):
+        return Upstream(name, f"{name}:1", TransferState.RECEIVING, progress=0.5, load=0,
+                        capacity=1, upstream=upstream, zone=None, rtt_s=None)
+
+    table = [row("a", "me:1"), row("b", "a:1"), row("c", "b:1"), row("d", "root:1"),
+             row("e", "e2:1"), row("e2", "e:1")]  # e and e2 in a loop of their own
+    assert rank_upstreams(table, "me:1") == ["d:1", "e:1", "e2:1"]  # ties: by name

@@ -7,7 +7,8 @@ an endpoint, and is ready (complete) or receiving (relaying the buckets it verif
 Peers that gossip no transfer state count as complete. For resharding
 (`reshard_table`): complete members with this rank's content id in another shape.
 
-In which order (`rank_upstreams`), never ourselves nor our own downstream (a cycle):
+In which order (`rank_upstreams`), never ourselves nor anyone whose chain of upstreams
+leads back to us (a cycle):
 
     instances already at capacity last (they answer "busy"); then same host, same zone,
     RTT within a factor of two counting as equally near, least loaded, complete before
@@ -125,9 +126,11 @@ def rank_upstreams(
     table: Iterable[Upstream], self_endpoint: str | None = None, zone: str | None = None
 ) -> list[str]:
     """Endpoints to try, best first."""
+    table = list(table)
+    upstream_of = {row.endpoint: row.upstream for row in table}
     rows = []
     for u in table:
-        if self_endpoint and self_endpoint in (u.endpoint, u.upstream):
+        if self_endpoint and _receives_from(u, self_endpoint, upstream_of):
             continue  # ourselves, or it receives from us: attaching would make a cycle
         rows.append(
             (
@@ -143,3 +146,16 @@ def rank_upstreams(
             )
         )
     return list(dict.fromkeys(row[-1] for row in sorted(rows)))  # best row per endpoint
+
+
+def _receives_from(u: Upstream, endpoint: str, upstream_of: dict[str, str | None]) -> bool:
+    """Whether `u` is `endpoint` or, as far as the table shows (`upstream_of`: endpoint ->
+    its upstream), receives from it through any number of hops."""
+    seen: set[str] = set()
+    hop: str | None = u.endpoint
+    while hop is not None and hop not in seen:
+        if hop == endpoint:
+            return True
+        seen.add(hop)
+        hop = u.upstream if hop == u.endpoint else upstream_of.get(hop)
+    return False
