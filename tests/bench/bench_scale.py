@@ -132,17 +132,6 @@ def gossip_delays(results: dict[str, dict]) -> dict[str, list[float]]:
     return out
 
 
-def _stats(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    values = sorted(values)
-    return f"median {statistics.median(values):.3f}s, min {values[0]:.3f}s, max {values[-1]:.3f}s"
-
-
-def _median(values: list[float]) -> float | None:
-    return round(statistics.median(values), 3) if values else None
-
-
 def spread(values: list[float]) -> dict:
     """median/min/max of one figure over the repetitions (None when never measured)."""
     if not values:
@@ -320,9 +309,9 @@ def summary(reps: list[dict], clients: int, bucket_wire_s: float) -> dict:
         "per_hop_delay_s": spread(per_hop),
         "bucket_wire_s": round(bucket_wire_s, 3),
         "per_hop_overhead_beyond_bucket_s": spread([p - bucket_wire_s for p in per_hop]),
-        "gossip_advertised_seconds_median": _median(delays["advertised"]),
-        "gossip_visible_seconds_median": _median(delays["visible"]),
-        "gossip_attach_seconds_median": _median(delays["attach"]),
+        "gossip_advertised_seconds_median": spread(delays["advertised"])["median"],
+        "gossip_visible_seconds_median": spread(delays["visible"])["median"],
+        "gossip_attach_seconds_median": spread(delays["attach"])["median"],
         "all_verified": all(r["verified"] for r in reps),
         "false_suspicions": sum(r["suspicions"] for r in reps),
     }

@@ -229,19 +229,19 @@ def run_waves(
             fleet.wait_joined(wid, wave["clients"])
             t0 = fleet.go(wid)
             victim = wave.get("victim")
-            survivors = [c for c in wave["clients"] if c != victim]
-            results = fleet.wait_results(wid, survivors, timeout_s)
-            killed = fleet.dir / wid / f"{victim}.killed.json"
-            if victim is not None and not killed.exists():  # it had no downstream: lived
+            results = fleet.wait_results(wid, [c for c in wave["clients"] if c != victim], timeout_s)
+            kill_record = fleet.dir / wid / f"{victim}.killed.json"
+            killed = json.loads(kill_record.read_text()) if victim and kill_record.exists() else None
+            if victim is not None and killed is None:  # it had no downstream: lived
                 results.update(fleet.wait_results(wid, [victim], timeout_s))
             ended = time.time()
             fleet.end_wave(wid)
             # (before the next wave starts: members leaving this mesh are not its events)
-            fleet.wait_left(wid, [n for n in results if n != victim or not killed.exists()])
+            fleet.wait_left(wid, list(results))  # a killed victim has no result
             # suspicions of anyone but a killed victim are false ones
             suspicions = [
                 e for e in fleet.mesh_events(t0, ended)
-                if victim is None or not killed.exists() or node.node_name(e[2]) != victim
+                if killed is None or node.node_name(e[2]) != victim
             ]
             first_start = min(r["start"] for r in results.values())
             out[wid] = {
@@ -254,7 +254,7 @@ def run_waves(
                 "all_verified": all(r["verified"] for r in results.values()),
                 "results": results,
                 "suspicions": suspicions,
-                "killed": json.loads(killed.read_text()) if victim and killed.exists() else None,
+                "killed": killed,
             }
             if on_wave is not None:
                 on_wave(wid, out[wid])
