@@ -16,6 +16,7 @@ from typing import Any
 from mesh.addresses import parse_seed_list, split_host_port, valid_host
 
 ENV_MESH_SEEDS = "NETLOADER_MESH_SEEDS"
+MAX_STREAMS = 8  # connections per Gloo transfer (process_group.fence_gloo closes each)
 ENV_MESH_SECRET_FILE = "NETLOADER_MESH_SECRET_FILE"
 
 
@@ -28,6 +29,9 @@ class TransferSettings:
     pg_setup_timeout_s: float = 30.0
     bucket_timeout_s: float = 60.0
     bucket_mb: int = 64
+    # TCP connections a Gloo transfer spreads its buckets over (the source decides; NCCL
+    # and HCCL pick their own channels): one connection's kernel copy is a core's work
+    streams: int = 2
     max_concurrent_clients: int = 4
     progress_interval_s: float = 5.0
     listen_host: str = "0.0.0.0"
@@ -317,6 +321,8 @@ def _parse_settings(obj: dict) -> TransferSettings:
             values[key] = _require_seconds(key, value)
         elif key == "bucket_mb":
             values[key] = _require_int(key, value, 1, 4096)
+        elif key == "streams":
+            values[key] = _require_int(key, value, 1, MAX_STREAMS)
         elif key == "max_concurrent_clients":
             values[key] = _require_int(key, value, 1, 1024)
         elif key == "max_message_mb":

@@ -76,6 +76,7 @@ class Relay:
         self._source: str | None = None
         self._plan: list[Bucket] | None = None
         self._checksums: tuple[str, ...] = ()
+        self._algorithm = ""
         self._bucket_bytes = 0
         self._verified: list[bool] = []
         self._verified_bytes = 0
@@ -93,12 +94,10 @@ class Relay:
 
     def transfer_started(self, source: str, ack, plan: list[Bucket]) -> None:
         with self._cond:
-            if ack.algorithm != self._server.plans.algorithm:
-                log.warning("relay: upstream checksum algorithm %s unsupported", ack.algorithm)
-                return
             self._source = source
             self._plan = list(plan)
             self._checksums = tuple(ack.checksums)
+            self._algorithm = ack.algorithm  # passed on as the upstream announced it
             self._bucket_bytes = ack.bucket_bytes
             self._verified = [False] * len(plan)
             self._verified_bytes = 0
@@ -187,7 +186,9 @@ class Relay:
         with self._cond:
             generation = self._generation
             if self._plan is not None and bucket_bytes == self._bucket_bytes:
-                return RelaySession(ServedPlan(self._plan, self._checksums), generation)
+                return RelaySession(
+                    ServedPlan(self._plan, self._checksums, self._algorithm), generation
+                )
             complete = self._complete
         if complete:
             return RelaySession(self._server.plans.plan_for(bucket_bytes, device), generation)

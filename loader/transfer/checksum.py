@@ -9,11 +9,12 @@ checksums, so cannot make altered bytes match. Without a cluster secret (insecur
 static peers without secret_file) the key is public: checksums still catch corruption,
 and BLAKE3 still resists forgery, but the device hash does not.
 
-- CPU tensors: "nh64-blake3" (loader.transfer.nh_hash): NH over 1 KiB blocks with a
+- CPU tensors: "nh32t2-blake3" (loader.transfer.nh_hash): NH over 1 KiB blocks with a
   derived key, then keyed BLAKE3 over the block outputs; reads each byte once at about
-  memory speed and releases the GIL, so verification overlaps the next receive. Keyed
-  BLAKE3 over the whole bucket ("blake3-keyed", ~0.7 CPU-s/GiB on a 2 GHz core, more
-  than receiving the bytes) is still verified when an older source announces it.
+  memory speed and releases the GIL, so verification overlaps the next receive. What
+  older sources announce is still verified: "nh64-blake3" (the scalar NH of 64-bit
+  words) and keyed BLAKE3 over the whole bucket ("blake3-keyed", ~0.25-0.7 CPU-s/GiB,
+  about as much as receiving the bytes).
 - Accelerator tensors: "mlh31", a keyed multilinear hash computed on the device with
   plain integer tensor ops, so no device-to-host copy of the bucket is needed. Each
   16-bit word m_i is multiplied by a per-position key k_i (< p = 2**31 - 1, derived from
@@ -29,9 +30,10 @@ import blake3
 import torch
 
 BLAKE3_KEYED = "blake3-keyed"
+NH32T2_BLAKE3 = "nh32t2-blake3"
 NH64_BLAKE3 = "nh64-blake3"
 MLH31 = "mlh31"
-ALGORITHMS = (NH64_BLAKE3, BLAKE3_KEYED, MLH31)
+ALGORITHMS = (NH32T2_BLAKE3, NH64_BLAKE3, BLAKE3_KEYED, MLH31)
 KEY_BYTES = 32
 
 _P = (1 << 31) - 1
@@ -53,7 +55,7 @@ def checksum_key(cluster_keys) -> bytes:
 
 
 def algorithm_for_device(device_type: str) -> str:
-    return NH64_BLAKE3 if device_type == "cpu" else MLH31
+    return NH32T2_BLAKE3 if device_type == "cpu" else MLH31
 
 
 def digest(data: torch.Tensor, algorithm: str, key: bytes) -> str:
@@ -62,6 +64,10 @@ def digest(data: torch.Tensor, algorithm: str, key: bytes) -> str:
         raise ValueError("checksum input must be a 1-D uint8 tensor")
     if len(key) != KEY_BYTES:
         raise ValueError(f"checksum key must be {KEY_BYTES} bytes")
+    if algorithm == NH32T2_BLAKE3:
+        from loader.transfer.nh_hash import nh32t2_digest
+
+        return nh32t2_digest(_host_bytes(data), key)
     if algorithm == NH64_BLAKE3:
         from loader.transfer.nh_hash import nh64_digest
 
@@ -74,11 +80,11 @@ def digest(data: torch.Tensor, algorithm: str, key: bytes) -> str:
 
 
 def warm_up(algorithm: str) -> None:
-    """Prepare `algorithm` (compile NH64's kernel) before the first bucket needs it."""
-    if algorithm == NH64_BLAKE3:
-        from loader.transfer.nh_hash import warm_up as nh64_warm_up
+    """Prepare `algorithm` (compile the NH kernels) before the first bucket needs it."""
+    if algorithm in (NH32T2_BLAKE3, NH64_BLAKE3):
+        from loader.transfer.nh_hash import warm_up as nh_warm_up
 
-        nh64_warm_up()
+        nh_warm_up()
 
 
 def _host_bytes(data: torch.Tensor):

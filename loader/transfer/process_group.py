@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -29,6 +30,8 @@ from datetime import timedelta
 
 import torch
 from torch.distributed import PrefixStore, ProcessGroup, TCPStore
+
+from loader.config import MAX_STREAMS
 
 SOURCE_RANK = 0
 CLIENT_RANK = 1
@@ -47,6 +50,9 @@ _JOINED_KEY = "client-joined"
 # tags at and above this are never bucket tags (those are below 2**30)
 FENCE_TAG_BASE = 1 << 30
 _FENCE_TRIES = 4
+# a multiple of every stream count n <= MAX_STREAMS: fences on MAX_STREAMS consecutive
+# residues of it fall on every residue modulo n, i.e. on every context
+_FENCE_MODULUS = math.lcm(*range(1, MAX_STREAMS + 1))
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +77,13 @@ def create_transfer_group(
     setup_timeout_s: float,
     op_timeout_s: float,
     listen_socket: socket.socket | None = None,
+    streams: int = 1,
 ) -> ProcessGroup:
     """Rendezvous with the peer under the session's secret prefix and build the group.
 
     The source passes the listening socket it bound (the store takes it over); the
-    client connects to host:port."""
+    client connects to host:port. A Gloo group spreads its operations over `streams`
+    connections (both ranks must ask for the same number: the source announces it)."""
     backend = backend_for_device(device_type)
     setup_timeout = timedelta(seconds=setup_timeout_s)
     store = _tcp_store(host, port, rank, setup_timeout, listen_socket)
@@ -88,7 +96,7 @@ def create_transfer_group(
         prefix_store.set(_JOINED_KEY, b"1")
     op_timeout = timedelta(seconds=op_timeout_s)
     if backend == "gloo":
-        return _gloo_group(prefix_store, rank, op_timeout)
+        return _gloo_group(prefix_store, rank, op_timeout, streams)
     # NCCL/HCCL constructors only read their settings (communicators come up lazily, at
     # the first operation), so the env lock is never held while waiting for the peer
     with _abort_only_env(backend):
@@ -117,11 +125,20 @@ def _tcp_store(host, port, rank, timeout, listen_socket) -> TCPStore:
     return TCPStore(host, port, WORLD_SIZE, False, timeout, wait_for_workers=False)
 
 
-def _gloo_group(prefix_store, rank, timeout) -> ProcessGroup:
+def _gloo_group(prefix_store, rank, timeout, streams: int) -> ProcessGroup:
+    """One Gloo context per stream, each on a device (a connection and an I/O thread) of
+    its own: Gloo runs an operation tagged t on context t % streams, so consecutive
+    buckets (consecutive tags) travel side by side and each connection's kernel copy
+    runs on its own thread."""
     from torch.distributed.distributed_c10d import ProcessGroupGloo
 
+    if not 1 <= streams <= MAX_STREAMS:
+        raise ValueError(f"streams must be in 1..{MAX_STREAMS}, got {streams}")
+    options = ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [ProcessGroupGloo.create_default_device() for _ in range(streams)]
     pg = ProcessGroup(prefix_store, rank, WORLD_SIZE)
-    backend = ProcessGroupGloo(prefix_store, rank, WORLD_SIZE, timeout=timeout)
+    backend = ProcessGroupGloo(prefix_store, rank, WORLD_SIZE, options)
     backend._set_sequence_number_for_group()
     pg._set_default_backend(ProcessGroup.BackendType.GLOO)
     pg._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, backend)
@@ -191,17 +208,27 @@ def fence_gloo(pg: ProcessGroup) -> bool:
     receive that times out in wait() does both: Gloo closes every pair of the context
     (taking each pair's lock, so no read is in progress when wait() raises), pending
     operations fail, their waiters wake. So post a receive on a random tag no bucket
-    uses and wait for it for a millisecond. Should the peer complete it (it would have to
-    guess a 30-bit tag ahead of time), another tag is tried."""
+    uses and wait for it for a millisecond, once per context: a group of n streams runs
+    tag t on context t % n, and fences on MAX_STREAMS consecutive tags (modulo a multiple
+    of n) reach every context whatever n is. Should the peer complete a fence (it would have to guess a 30-bit tag
+    ahead of time), another tag of that residue is tried."""
+    closed = all(_fence_context(pg, residue) for residue in range(MAX_STREAMS))
+    if not closed:
+        log.error("netloader: could not close a gloo transfer group: its peer completed every fence")
+    return closed
+
+
+def _fence_context(pg: ProcessGroup, residue: int) -> bool:
+    """Fence the context that runs tags congruent to `residue` modulo the stream count."""
+    steps = FENCE_TAG_BASE // _FENCE_MODULUS
     for _ in range(_FENCE_TRIES):
-        tag = FENCE_TAG_BASE + secrets.randbelow(FENCE_TAG_BASE - 1)
+        tag = FENCE_TAG_BASE + _FENCE_MODULUS * secrets.randbelow(steps - 1) + residue
         try:
             peer = WORLD_SIZE - 1 - pg.rank()
             pill = pg.recv([torch.empty(1, dtype=torch.uint8)], peer, tag)
             pill.wait(timedelta(milliseconds=1))
         except Exception:
             return True  # timed out (pairs now closed), or already closed
-    log.error("netloader: could not close a gloo transfer group: its peer completed every fence")
     return False
 
 

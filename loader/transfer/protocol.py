@@ -4,7 +4,7 @@ client -> server: hello (identity, manifest, largest bucket size, optionally the
                   it already holds verified: `resume`), done (result)
 server -> client: ack (session id = the secret store prefix, store port, bucket size,
                   checksum algorithm and keyed checksums, optionally the buckets it will
-                  not send: `skip`), nack (reason), busy, abort (the session failed on the
+                  not send: `skip`, and the connections of the transfer: `streams`), nack (reason), busy, abort (the session failed on the
                   source before its first bucket: the reason, at once)
 Every decoded message is untrusted: size, type and every field are checked here.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from loader.config import MAX_STREAMS
 from loader.transfer.checksum import ALGORITHMS
 from loader.transfer.manifest import Manifest
 from loader.transfer.process_group import BACKEND_BY_DEVICE
@@ -77,6 +78,7 @@ class Ack:
     checksums: tuple[str, ...]
     manifest_digest: str
     skip: frozenset[int] = frozenset()
+    streams: int = 1  # connections of the transfer group (Gloo); absent on the wire: 1
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ def ack_message(ack: Ack) -> dict:
     }
     if ack.skip:
         msg["skip"] = to_ranges(ack.skip)
+    if ack.streams != 1:
+        msg["streams"] = ack.streams
     return msg
 
 
@@ -273,7 +277,7 @@ def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
             "checksums",
             "manifest_digest",
         },
-        optional={"skip"},
+        optional={"skip", "streams"},
     )
     bucket_bytes = int_field("bucket_bytes", obj["bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES)
     checksums = obj["checksums"]
@@ -294,6 +298,7 @@ def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
         checksums=tuple(match_field("checksums[]", c, _CHECKSUM_RE) for c in checksums),
         manifest_digest=match_field("manifest_digest", obj["manifest_digest"], _HEX_RE),
         skip=skip,
+        streams=int_field("streams", obj.get("streams", 1), 1, MAX_STREAMS),
     )
 
 

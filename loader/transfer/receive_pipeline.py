@@ -4,7 +4,7 @@ ones arrive) and only then published into the destination through the attempt's
 WriteGate. A failed source may go on sending (a backend cannot cancel a posted receive),
 but nothing it sends can reach live weights:
 
-- staged buckets (packed ones, and every bucket on accelerators) land in staging slots
+- staged buckets (packed ones, and every bucket on accelerators) land in staging buffers
   nobody reads again, and are copied into the destination tensors once verified;
 - when the caller relies on nothing in the destination but what its resume state holds
   verified (a model just built: Destination.in_place) and the backend can be fenced
@@ -45,6 +45,10 @@ from loader.transfer.write_gate import WriteGate
 log = logging.getLogger(__name__)
 
 RECV_DEPTH = 4  # receives posted ahead of the one being verified
+# staging buffers when most buckets are received in place (only the packed ones are
+# staged): fresh host memory costs page faults (the kernel zeroes every page) and
+# verification keeps up, so two are enough; otherwise one per receive posted ahead
+IN_PLACE_STAGING_DEPTH = 2
 
 
 class ChecksumMismatch(Exception):
@@ -88,15 +92,16 @@ class Destination:
 class _Posted:
     bucket: Bucket
     work: object
-    target: torch.Tensor  # where the bytes land: a staging slot or their place
+    target: torch.Tensor  # where the bytes land: a staging buffer or their place
     slot: int
     in_place: bool
+    staging: int | None  # the staging buffer's index
 
 
 class _ReceiveRing:
-    """The receives posted ahead: bucket i uses slot i % depth (its staging buffer, if
-    staged, and its verification), and a slot is posted again only once the bucket that
-    used it last was verified and published."""
+    """The receives posted ahead: bucket i uses slot i % depth (its verification), the
+    k-th staged bucket staging buffer k % staging depth, and a slot or buffer is used
+    again only once the bucket that used it last was verified and published."""
 
     def __init__(self, plan: list[Bucket], destination: Destination, device: TransferDevice) -> None:
         self.plan = plan
@@ -105,8 +110,11 @@ class _ReceiveRing:
         self.depth = min(RECV_DEPTH, len(plan))
         self.device = device
         self.staged_bytes = max_bucket_bytes([b for b in plan if not self._lands_in_place(b)])
-        # allocated on first use: in-place buckets need none (fresh memory costs page faults)
-        self.slots: list[torch.Tensor | None] = [None] * self.depth
+        # allocated on first use: in-place buckets need none
+        staging_depth = min(IN_PLACE_STAGING_DEPTH, self.depth) if self.in_place else self.depth
+        self.staging: list[torch.Tensor | None] = [None] * staging_depth
+        self.staging_users: list[Future | None] = [None] * staging_depth
+        self.staged_count = 0
         self.verifying: list[Future | None] = [None] * self.depth
         self.posted: deque[_Posted] = deque()
         self.next_post = 0
@@ -121,23 +129,40 @@ class _ReceiveRing:
         """Post receives into every free slot, up to the plan's end."""
         while self.next_post < len(self.plan) and len(self.posted) < self.depth:
             slot = self.next_post % self.depth
-            previous = self.verifying[slot]
-            if previous is not None and not previous.done() and self.posted:
-                break  # wait for a receive first; the slot frees up meanwhile
-            if previous is not None:
-                previous.result()  # raises the verification failure, if any
             bucket = self.plan[self.next_post]
             in_place = self._lands_in_place(bucket)
+            staging = None if in_place else self.staged_count % len(self.staging)
+            if not self._free(self.verifying[slot]):
+                break
+            if staging is not None and not self._free(self.staging_users[staging]):
+                break
             if in_place:
                 self.destination.resume.forget(bucket.index)  # its bytes change from now on
                 target = self.destination.place_of(bucket)
             else:
-                if self.slots[slot] is None:
-                    self.slots[slot] = self.device.empty(self.staged_bytes)
-                target = self.slots[slot][: bucket.nbytes]
+                if self.staging[staging] is None:
+                    self.staging[staging] = self.device.empty(self.staged_bytes)
+                target = self.staging[staging][: bucket.nbytes]
+                self.staged_count += 1
             work = pg.recv([target], SOURCE_RANK, bucket_tag(bucket))
-            self.posted.append(_Posted(bucket, work, target, slot, in_place))
+            self.posted.append(_Posted(bucket, work, target, slot, in_place, staging))
             self.next_post += 1
+
+    def _free(self, last_user: Future | None) -> bool:
+        """Whether what `last_user` (a verification) used may be used again now: at once
+        if it is done, after waiting for it if no receive is posted (nothing else to wait
+        for); False to wait for a receive first (it frees up meanwhile)."""
+        if last_user is None:
+            return True
+        if not last_user.done() and self.posted:
+            return False
+        last_user.result()  # raises the verification failure, if any
+        return True
+
+    def verification_started(self, posted: _Posted, future: Future) -> None:
+        self.verifying[posted.slot] = future
+        if posted.staging is not None:
+            self.staging_users[posted.staging] = future
 
     def take_oldest(self) -> _Posted:
         return self.posted.popleft()
@@ -210,6 +235,7 @@ class ReceivePipeline:
             self.ack.session,
             settings.pg_setup_timeout_s,
             settings.bucket_timeout_s,
+            streams=self.ack.streams,
         )
         watchdog.check()
         self.setup_s = time.monotonic() - t0
@@ -224,7 +250,7 @@ class ReceivePipeline:
             ring.post_ahead(self.pg)
             posted = ring.take_oldest()
             self._await_bucket(posted.bucket, posted.work, watchdog)
-            ring.verifying[posted.slot] = verifier.submit(self._verify_and_write, posted)
+            ring.verification_started(posted, verifier.submit(self._verify_and_write, posted))
             progress.advance(posted.bucket.nbytes)
         watchdog.phase("checksum verification", settings.bucket_timeout_s)
         ring.wait_verified()

@@ -34,6 +34,7 @@ class ServedPlan:
 
     buckets: list[Bucket]
     checksums: tuple[str, ...]
+    algorithm: str  # the checksums'
 
 
 class ServedPlans:
@@ -76,7 +77,7 @@ class ServedPlans:
                 data = reader.read(bucket, scratch)
                 device.synchronize()  # packed before hashed, whatever stream the hash uses
                 checksums.append(digest(data, self.algorithm, self._key))
-            self._plans[bucket_bytes] = ServedPlan(plan, tuple(checksums))
+            self._plans[bucket_bytes] = ServedPlan(plan, tuple(checksums), self.algorithm)
             return self._plans[bucket_bytes]
 
     def precompute(self, bucket_bytes: int) -> None:

@@ -288,6 +288,7 @@ class WeightServer:
                 self.settings.pg_setup_timeout_s,
                 self.settings.bucket_timeout_s,
                 listen_socket=store_socket,
+                streams=self._streams(),
             )
             store_socket = None  # owned by the TCPStore now
             self._sessions.mark_group_up(session)
@@ -317,14 +318,18 @@ class WeightServer:
             session=session.session_id,
             store_port=store_port,
             bucket_bytes=session.bucket_bytes,
-            algorithm=self.plans.algorithm,
+            algorithm=served.plan.algorithm,
             checksums=served.plan.checksums,
             manifest_digest=(
                 session.pieces.manifest.digest() if session.pieces else self._manifest_digest
             ),
             skip=skip,
+            streams=self._streams(),
         )
         self._channel.reply(session.identity, protocol.ack_message(ack))
+
+    def _streams(self) -> int:
+        return self.settings.streams if backend_for_device(self._device.type) == "gloo" else 1
 
     def _open_session(self, session: Session, device: TransferDevice):
         """(plan, sender) of a session: the strategy's, or the requested pieces'."""

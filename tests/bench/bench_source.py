@@ -89,11 +89,11 @@ def fetch_main(net, endpoint: str, served: dict, fetches: int, results) -> None:
     import torch
 
     from loader.config import TransferSettings
-    from loader.transfer.checksum import NH64_BLAKE3, warm_up
+    from loader.transfer.checksum import algorithm_for_device, warm_up
     from loader.transfer.client import fetch_from_sources
     from loader.transfer.manifest import Manifest
 
-    warm_up(NH64_BLAKE3)
+    warm_up(algorithm_for_device("cpu"))
     manifest = Manifest.from_wire(served["manifest"])
     dest = {s.name: torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in manifest.specs}
     settings = TransferSettings(bucket_timeout_s=120.0)

@@ -170,10 +170,10 @@ def client_main(args, info, to_source, from_source, to_parent) -> None:
     import vllm.distributed.utils  # noqa: F401
 
     from loader.config import TransferSettings
-    from loader.transfer.checksum import NH64_BLAKE3, warm_up
+    from loader.transfer.checksum import algorithm_for_device, warm_up
     from loader.transfer.client import fetch_from_sources
 
-    warm_up(NH64_BLAKE3)  # as a vLLM worker does while it builds the model
+    warm_up(algorithm_for_device("cpu"))  # as a vLLM worker does while it builds the model
     rss_before = _peak_rss()
     dest = make_tensors(args.mib, empty=True)  # zeros: pages touched, as in a built model
     weights = sum(t.numel() * t.element_size() for t in dest.values())

@@ -7,6 +7,7 @@ from loader.transfer.checksum import (
     BLAKE3_KEYED,
     KEY_BYTES,
     MLH31,
+    NH32T2_BLAKE3,
     NH64_BLAKE3,
     algorithm_for_device,
     digest,
@@ -15,7 +16,7 @@ from loader.transfer.checksum import (
 KEY = bytes(range(32))
 
 
-@pytest.mark.parametrize("algorithm", [NH64_BLAKE3, BLAKE3_KEYED, MLH31])
+@pytest.mark.parametrize("algorithm", [NH32T2_BLAKE3, NH64_BLAKE3, BLAKE3_KEYED, MLH31])
 @pytest.mark.parametrize("n", [1, 7, 1024, 1025, 8192, 8192 * 3 + 5, 100_003, (1 << 21) + 3])
 def test_any_single_byte_change_is_detected(algorithm, n):
     g = torch.Generator().manual_seed(n)
@@ -28,7 +29,7 @@ def test_any_single_byte_change_is_detected(algorithm, n):
         assert digest(corrupted, algorithm, KEY) != reference
 
 
-@pytest.mark.parametrize("algorithm", [NH64_BLAKE3, BLAKE3_KEYED, MLH31])
+@pytest.mark.parametrize("algorithm", [NH32T2_BLAKE3, NH64_BLAKE3, BLAKE3_KEYED, MLH31])
 def test_the_checksum_depends_on_the_key(algorithm):
     data = torch.randint(0, 256, (10_000,), dtype=torch.uint8)
     assert digest(data, algorithm, KEY) != digest(data, algorithm, secrets.token_bytes(KEY_BYTES))
@@ -83,7 +84,7 @@ def test_device_checksum_temporaries_stay_bounded():
 
 
 def test_algorithm_choice_and_input_checks():
-    assert algorithm_for_device("cpu") == NH64_BLAKE3
+    assert algorithm_for_device("cpu") == NH32T2_BLAKE3
     assert algorithm_for_device("cuda") == MLH31 == algorithm_for_device("npu")
     with pytest.raises(ValueError):
         digest(torch.zeros(4), BLAKE3_KEYED, KEY)
@@ -124,3 +125,64 @@ def test_nh64_detects_a_change_that_keeps_every_word_sum():
     forged.view(torch.int64)[0] = 1
     forged.view(torch.int64)[64] = -1
     assert digest(data, NH64_BLAKE3, KEY) != digest(forged, NH64_BLAKE3, KEY)
+
+
+def _nh32t2_reference(data: bytes, key: bytes) -> str:
+    """NH32T2-BLAKE3 as its docstring defines it, in plain Python integers."""
+    import blake3
+
+    from loader.transfer import nh_hash
+
+    words = blake3.blake3(key, derive_key_context=nh_hash._NH32_CONTEXT).digest(length=8 * 129)
+    k = [int.from_bytes(words[4 * i : 4 * i + 4], "little") for i in range(258)]
+    a, b = k[:129], k[129:]
+    padded = data + bytes(-len(data) % 1024)
+    outputs = b""
+    for start in range(0, len(padded), 1024):
+        m = [int.from_bytes(padded[start + 4 * i : start + 4 * i + 4], "little") for i in range(256)]
+        for t in range(2):
+            nh = sum(
+                ((m[j] + a[j + t]) % 2**32) * ((m[j + 128] + b[j + t]) % 2**32) for j in range(128)
+            )
+            outputs += (nh % 2**64).to_bytes(8, "little")
+    final_key = blake3.blake3(key, derive_key_context=nh_hash._NH32_FINAL_CONTEXT).digest()
+    return blake3.blake3(outputs + len(data).to_bytes(8, "little"), key=final_key).hexdigest()
+
+
+@pytest.mark.parametrize("n", [1, 1023, 1024, 3000])
+def test_nh32t2_kernel_computes_the_documented_hash(n):
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    assert digest(data, NH32T2_BLAKE3, KEY) == _nh32t2_reference(bytes(data.numpy()), KEY)
+
+
+def test_nh32t2_detects_a_change_that_keeps_plain_word_sums():
+    """Moving one unit between pair partners keeps plain sums; NH's products do not."""
+    data = torch.zeros(2048, dtype=torch.uint8)
+    forged = data.clone()
+    forged.view(torch.int32)[0] = 1
+    forged.view(torch.int32)[128] = -1
+    assert digest(data, NH32T2_BLAKE3, KEY) != digest(forged, NH32T2_BLAKE3, KEY)
+
+
+def test_nh32t2_second_iteration_catches_what_the_first_cannot_see():
+    """Someone who knew the key could swap a pair's two factors of iteration 0, which
+    keeps that iteration's sum; the Toeplitz-shifted keys of iteration 1 still differ."""
+    from loader.transfer import nh_hash
+
+    key_a, key_b, _ = nh_hash._nh32_keys(KEY)
+    a, b = int(key_a[0]), int(key_b[0])
+    data = torch.zeros(1024, dtype=torch.uint8)
+    m, n = 5, 7
+    data.view(torch.int32)[0], data.view(torch.int32)[128] = m, n
+    forged = data.clone()
+    m2, n2 = (n + b - a) % 2**32, (m + a - b) % 2**32
+    assert ((m2 + a) % 2**32) * ((n2 + b) % 2**32) == ((m + a) % 2**32) * ((n + b) % 2**32)
+    words = forged.numpy().view("<u4")
+    words[0], words[128] = m2, n2
+    assert digest(data, NH32T2_BLAKE3, KEY) != digest(forged, NH32T2_BLAKE3, KEY)
+
+
+def test_the_hash_older_sources_announce_is_a_different_function():
+    """A checksum is only ever compared under the algorithm its source announced."""
+    data = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+    assert digest(data, NH32T2_BLAKE3, KEY) != digest(data, NH64_BLAKE3, KEY)

@@ -34,7 +34,7 @@ from tests.transfer.test_late_writes import (
 pytestmark = pytest.mark.timeout(180)
 
 
-def _group_pair() -> tuple[object, object]:
+def _group_pair(streams: int = 1) -> tuple[object, object]:
     """Both ranks of a gloo transfer group, in this process."""
     store = bind_store_socket("127.0.0.1")
     port = store.getsockname()[1]
@@ -43,7 +43,7 @@ def _group_pair() -> tuple[object, object]:
     def join(rank: int) -> None:
         groups[rank] = create_transfer_group(
             "cpu", "127.0.0.1", port, rank, "f" * 32, 10.0, 10.0,
-            listen_socket=store if rank == 0 else None,
+            listen_socket=store if rank == 0 else None, streams=streams,
         )
 
     threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
@@ -55,24 +55,28 @@ def _group_pair() -> tuple[object, object]:
 
 
 @pytest.mark.parametrize("close", ["fence", "abort"])
-def test_only_the_fence_disarms_a_posted_receive(close):
-    source, client = _group_pair()
-    target = torch.zeros(1 << 20, dtype=torch.uint8)
-    armed = client.recv([target], 0, 7)  # kept alive, as an abandoned thread would
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_only_the_fence_disarms_a_posted_receive(close, streams):
+    """On every connection of the group: a receive is armed on each of its contexts."""
+    source, client = _group_pair(streams)
+    targets = [torch.zeros(1 << 20, dtype=torch.uint8) for _ in range(streams)]
+    tags = [7 + i for i in range(streams)]  # tag t runs on context t % streams
+    armed = [client.recv([t], 0, tag) for t, tag in zip(targets, tags)]  # kept alive
     if close == "fence":
         assert fence_gloo(client)
     else:
         client.abort()
-    try:
-        source.send([torch.full((1 << 20,), 0x5A, dtype=torch.uint8)], 1, 7).wait()
-        if close == "abort":
-            armed.wait()
-    except Exception:
-        pass  # the fenced group's peer sees its connection closed
-    landed = bool(target.any())
+    for tag, work in zip(tags, armed):
+        try:
+            source.send([torch.full((1 << 20,), 0x5A, dtype=torch.uint8)], 1, tag).wait()
+            if close == "abort":
+                work.wait()
+        except Exception:
+            pass  # the fenced group's peer sees its connection closed
+    landed = [bool(t.any()) for t in targets]
     destroy_group(source)
     destroy_group(client)
-    assert landed == (close == "abort")
+    assert landed == [close == "abort"] * streams
 
 
 @pytest.fixture
