@@ -136,13 +136,25 @@ def _gloo_group(prefix_store, rank, timeout, streams: int) -> ProcessGroup:
         raise ValueError(f"streams must be in 1..{MAX_STREAMS}, got {streams}")
     options = ProcessGroupGloo._Options()
     options._timeout = timeout
-    options._devices = [ProcessGroupGloo.create_default_device() for _ in range(streams)]
+    options._devices = _gloo_devices(streams)
     pg = ProcessGroup(prefix_store, rank, WORLD_SIZE)
     backend = ProcessGroupGloo(prefix_store, rank, WORLD_SIZE, options)
     backend._set_sequence_number_for_group()
     pg._set_default_backend(ProcessGroup.BackendType.GLOO)
     pg._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, backend)
     return pg
+
+
+def _gloo_devices(count: int) -> list:
+    """`count` Gloo devices, on the interfaces GLOO_SOCKET_IFNAME lists (in turn) or, when
+    it is unset, on the address the hostname resolves to: as torch's own constructor
+    picks its device."""
+    from torch.distributed.distributed_c10d import ProcessGroupGloo
+
+    interfaces = [i for i in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if i]
+    if not interfaces:
+        return [ProcessGroupGloo.create_default_device() for _ in range(count)]
+    return [ProcessGroupGloo.create_device(interface=interfaces[i % len(interfaces)]) for i in range(count)]
 
 
 def _nccl_group(prefix_store, rank, timeout) -> ProcessGroup:

@@ -82,3 +82,48 @@ def test_gloo_pair_moves_data_under_the_session_prefix():
     pair["client"].recv([got], SOURCE_RANK, 7).wait()
     send.wait()
     assert torch.equal(got, data)
+
+
+def test_gloo_streams_use_the_interfaces_gloo_socket_ifname_names(monkeypatch):
+    """Inside a network namespace the hostname resolves to 127.0.0.1: operators (and the
+    fleet simulation) name the interface in GLOO_SOCKET_IFNAME, as for torch's own groups."""
+    from torch.distributed.distributed_c10d import ProcessGroupGloo
+
+    made: list[str] = []
+    monkeypatch.setattr(
+        ProcessGroupGloo, "create_device", lambda interface="": made.append(interface) or interface
+    )
+    monkeypatch.setattr(ProcessGroupGloo, "create_default_device", lambda: made.append("") or "")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0,eth1")
+    assert pg_module._gloo_devices(3) == ["eth0", "eth1", "eth0"]
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    assert pg_module._gloo_devices(2) == ["", ""]
+
+
+def test_a_two_stream_group_on_a_named_interface_moves_bytes(monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    sock = bind_store_socket("127.0.0.1")
+    port = sock.getsockname()[1]
+    out: dict = {}
+
+    def source():
+        out["source"] = create_transfer_group(
+            "cpu", "127.0.0.1", port, SOURCE_RANK, "cd" * 16, 10, 10, listen_socket=sock, streams=2
+        )
+
+    thread = threading.Thread(target=source)
+    thread.start()
+    client = create_transfer_group("cpu", "127.0.0.1", port, CLIENT_RANK, "cd" * 16, 10, 10, streams=2)
+    thread.join(20)
+    import torch
+
+    sent = [torch.full((1000,), i + 1, dtype=torch.uint8) for i in range(2)]
+    got = [torch.zeros(1000, dtype=torch.uint8) for _ in range(2)]
+    receives = [client.recv([g], SOURCE_RANK, tag) for tag, g in enumerate(got)]  # both contexts
+    for tag, t in enumerate(sent):
+        out["source"].send([t], CLIENT_RANK, tag).wait()
+    for r in receives:
+        r.wait()
+    assert all(torch.equal(a, b) for a, b in zip(sent, got))
+    pg_module.destroy_group(client)
+    pg_module.destroy_group(out["source"])
