@@ -26,6 +26,7 @@ from loader.transfer import protocol
 from loader.transfer.buckets import plan_buckets
 from loader.transfer.checksum import checksum_key
 from loader.transfer.device import WorkTimeout
+from loader.transfer.liveness import SourceLiveness
 from loader.transfer.manifest import Manifest, build_manifest, unique_tensors
 from loader.transfer.process_group import backend_for_device, destroy_group
 from loader.transfer.receive_pipeline import ChecksumMismatch, Destination, ReceivePipeline
@@ -295,7 +296,9 @@ class _SourceAttempt:
         )
         try:
             Watchdog().run(
-                receiver.run, on_timeout=receiver.abort, interrupt=lambda: _source_abort(sock, ack)
+                receiver.run, on_timeout=receiver.abort, interrupt=SourceLiveness(
+                    sock, ack, self.settings.ping_interval_s, self.settings.source_silence_timeout_s
+                ).poll,
             )
         except (
             ChecksumMismatch, Interrupted, GateClosed, WorkTimeout, PhaseTimeout, RuntimeError
@@ -342,22 +345,6 @@ def open_control_socket(
     secure_client(sock, keys)
     sock.connect(zmq_endpoint(join_host_port(host, port)))
     return sock
-
-
-def _source_abort(sock: zmq.Socket, ack: protocol.Ack) -> str | None:
-    """The reason of an abort the source sent for this session, if one arrived (other
-    and malformed messages are dropped: only the control thread reads this socket)."""
-    while True:
-        try:
-            payload = sock.recv(zmq.NOBLOCK)
-        except zmq.ZMQError:
-            return None
-        try:
-            session, reason = protocol.parse_abort(protocol.decode(payload, 1 << 16))
-        except protocol.ProtocolError:
-            continue
-        if session == ack.session:
-            return reason
 
 
 def _failure_reason(exc: Exception) -> str:

@@ -2,9 +2,12 @@
 
 client -> server: hello (identity, manifest, largest bucket size, optionally the buckets
                   it already holds verified: `resume`), done (result)
+client -> server during a transfer: ping (session); server -> client: pong, or abort
+                  when it holds no such session (loader.transfer.liveness)
 server -> client: ack (session id = the secret store prefix, store port, bucket size,
                   checksum algorithm and keyed checksums, optionally the buckets it will
-                  not send: `skip`, and the connections of the transfer: `streams`), nack (reason), busy, abort (the session failed on the
+                  not send: `skip`, the connections of the transfer: `streams`, and
+                  whether it answers pings: `ping`), nack (reason), busy, abort (the session failed on the
                   source before its first bucket: the reason, at once)
 Every decoded message is untrusted: size, type and every field are checked here.
 """
@@ -79,6 +82,7 @@ class Ack:
     manifest_digest: str
     skip: frozenset[int] = frozenset()
     streams: int = 1  # connections of the transfer group (Gloo); absent on the wire: 1
+    ping: bool = False  # the source answers pings (loader.transfer.liveness)
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,8 @@ def ack_message(ack: Ack) -> dict:
         msg["skip"] = to_ranges(ack.skip)
     if ack.streams != 1:
         msg["streams"] = ack.streams
+    if ack.ping:
+        msg["ping"] = True
     return msg
 
 
@@ -191,6 +197,24 @@ def nack_message(reason: str, busy: bool = False) -> dict:
 
 def abort_message(session: str, reason: str) -> dict:
     return {"type": "abort", "session": session, "reason": reason[:MAX_REASON_LEN]}
+
+
+def ping_message(session: str) -> dict:
+    return {"type": "ping", "session": session}
+
+
+def pong_message(session: str) -> dict:
+    return {"type": "pong", "session": session}
+
+
+def parse_ping(obj: dict) -> str:
+    expect_fields(obj, "ping", {"session"})
+    return match_field("session", obj["session"], _SESSION_RE)
+
+
+def parse_pong(obj: dict) -> str:
+    expect_fields(obj, "pong", {"session"})
+    return match_field("session", obj["session"], _SESSION_RE)
 
 
 def parse_abort(obj: dict) -> tuple[str, str]:
@@ -277,7 +301,7 @@ def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
             "checksums",
             "manifest_digest",
         },
-        optional={"skip", "streams"},
+        optional={"skip", "streams", "ping"},
     )
     bucket_bytes = int_field("bucket_bytes", obj["bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES)
     checksums = obj["checksums"]
@@ -299,6 +323,7 @@ def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
         manifest_digest=match_field("manifest_digest", obj["manifest_digest"], _HEX_RE),
         skip=skip,
         streams=int_field("streams", obj.get("streams", 1), 1, MAX_STREAMS),
+        ping=_bool_field("ping", obj.get("ping", False)),
     )
 
 
@@ -339,6 +364,12 @@ def int_field(name: str, value, lo: int, hi: int) -> int:
 def match_field(name: str, value, pattern: re.Pattern) -> str:
     if not isinstance(value, str) or not pattern.match(value):
         raise ProtocolError(f"{name}: malformed")
+    return value
+
+
+def _bool_field(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{name}: expected a boolean")
     return value
 
 

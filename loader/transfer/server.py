@@ -206,6 +206,8 @@ class WeightServer:
                 self._on_hello(identity, protocol.parse_hello(msg), _peer_address(frames[1]))
             elif msg["type"] == "done":
                 self._on_done(identity, protocol.parse_done(msg))
+            elif msg["type"] == "ping":
+                self._on_ping(identity, protocol.parse_ping(msg))
             elif msg["type"] == "layout":
                 self._channel.reply(identity, self.reshard.describe(msg))
             elif msg["type"] in ("cache_get", "cache_read", "modelinfo_get"):
@@ -245,6 +247,13 @@ class WeightServer:
             daemon=True,
         )
         session.thread.start()
+
+    def _on_ping(self, identity: bytes, session_id: str) -> None:
+        if self._sessions.get(session_id) is None:
+            reply = protocol.abort_message(session_id, "the source holds no such session")
+        else:
+            reply = protocol.pong_message(session_id)
+        self._channel.reply(identity, reply)
 
     def _on_done(self, identity: bytes, done: protocol.Done) -> None:
         session = self._sessions.get(done.session)
@@ -325,6 +334,7 @@ class WeightServer:
             ),
             skip=skip,
             streams=self._streams(),
+            ping=True,
         )
         self._channel.reply(session.identity, protocol.ack_message(ack))
 

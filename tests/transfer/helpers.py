@@ -86,7 +86,8 @@ class SourceSpec:
     seed: int = 0
     fingerprint: str = FINGERPRINT
     settings: TransferSettings = field(default_factory=lambda: FAST)
-    fault: str | None = None  # "kill_mid_transfer" | "hang_after_ack" | "corrupt_after_checksums"
+    # "kill_mid_transfer" | "freeze_mid_transfer" | "hang_after_ack" | "corrupt_after_checksums"
+    fault: str | None = None
     secret_file: str | None = None
     tensor_kwargs: dict = field(default_factory=dict)
 
@@ -106,13 +107,16 @@ def _source_main(spec: SourceSpec, endpoint_queue, stop_conn) -> None:
     )
     server.start()
     server.wait_ready(60)
-    if spec.fault == "kill_mid_transfer":
+    if spec.fault in ("kill_mid_transfer", "freeze_mid_transfer"):
+        # killed: the kernel closes its connections; frozen (SIGSTOP): nothing at all
+        # reaches the client any more, as from a crashed host
         original, sent = BucketReader.read, [0]
+        stop = signal.SIGKILL if spec.fault == "kill_mid_transfer" else signal.SIGSTOP
 
         def read_then_die(self, *args, **kwargs):
             sent[0] += 1
             if sent[0] > 5:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), stop)
             return original(self, *args, **kwargs)
 
         BucketReader.read = read_then_die
@@ -144,6 +148,8 @@ class SourceProcess:
         return self.endpoint
 
     def __exit__(self, *exc) -> None:
+        if self.spec.fault == "freeze_mid_transfer":
+            self.process.kill()  # a stopped process never reads its stop pipe
         self._stop.close()
         self.process.join(15)
         if self.process.is_alive():

@@ -152,6 +152,23 @@ def test_source_killed_mid_transfer(healthy_source):
     assert_identical(dest, reference)
 
 
+def test_a_source_that_goes_silent_mid_transfer_is_left_long_before_the_bucket_timeout():
+    """A frozen source (SIGSTOP: no FIN, no RST, no answer, as a crashed host) is presumed
+    dead once it answers no ping; the next source resumes. Without pings the attempt
+    would end only at the bucket timeout, with a "Timed out" reason."""
+    many = {"small": 1500}
+    patient = TransferSettings(
+        **{**FAST.__dict__, "bucket_timeout_s": 150.0, "source_silence_timeout_s": 2.0}
+    )
+    with SourceProcess(fault="freeze_mid_transfer", tensor_kwargs=many) as frozen:
+        with SourceProcess(tensor_kwargs=many) as healthy_big:
+            outcome, dest, reference = fetch([frozen, healthy_big], settings=patient, **many)
+    assert outcome.ok and outcome.peer == healthy_big
+    [(source, reason)] = outcome.failures
+    assert source == frozen and "presumed dead" in reason, reason
+    assert_identical(dest, reference)
+
+
 def test_source_that_hangs_after_the_handshake(healthy_source):
     short = TransferSettings(**{**FAST.__dict__, "bucket_timeout_s": 2.0})
     with SourceProcess(fault="hang_after_ack") as hanging:
