@@ -28,10 +28,11 @@ class TransferSettings:
     handshake_timeout_s: float = 10.0
     pg_setup_timeout_s: float = 30.0
     bucket_timeout_s: float = 60.0
-    # a transfer's source that answers no ping for this long is presumed dead
+    # a transfer's source that answers no ping for this long is presumed dead, and a
+    # source ends the session of a client that stopped pinging as long
     # (loader.transfer.liveness): a crashed host sends no FIN, and no RST
     ping_interval_s: float = 0.25
-    source_silence_timeout_s: float = 2.0
+    silence_timeout_s: float = 2.0
     bucket_mb: int = 64
     # TCP connections a Gloo transfer spreads its buckets over (the source decides; NCCL
     # and HCCL pick their own channels): one connection's kernel copy is a core's work

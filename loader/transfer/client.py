@@ -297,7 +297,7 @@ class _SourceAttempt:
         try:
             Watchdog().run(
                 receiver.run, on_timeout=receiver.abort, interrupt=SourceLiveness(
-                    sock, ack, self.settings.ping_interval_s, self.settings.source_silence_timeout_s
+                    sock, ack, self.settings.ping_interval_s, self.settings.silence_timeout_s
                 ).poll,
             )
         except (

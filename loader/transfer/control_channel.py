@@ -16,13 +16,15 @@ from loader.transfer import protocol
 
 log = logging.getLogger(__name__)
 
-_POLL_MS = 1000
+_TICK_S = 0.25
+_POLL_MS = int(_TICK_S * 1000)
 
 
 class ControlChannel:
     """`on_message(frames)` runs on the channel's thread for every message;
     `reply()` may be called from any thread. With `keys` (mesh.security.ClusterKeys)
-    the socket requires CURVE auth."""
+    the socket requires CURVE auth. `on_tick()` runs on the channel's thread at least
+    every _TICK_S."""
 
     def __init__(
         self,
@@ -30,8 +32,10 @@ class ControlChannel:
         max_message_bytes: int,
         keys,
         label: str,
+        on_tick: Callable[[], None] = lambda: None,
     ) -> None:
         self._on_message = on_message
+        self._on_tick = on_tick
         self._max_message_bytes = max_message_bytes
         self._keys = keys
         self._label = label
@@ -102,6 +106,7 @@ class ControlChannel:
         # pyzmq reports a plain socket by its file descriptor, not the object registered
         wake_fd = self._wake_r.fileno()
         poller.register(wake_fd, zmq.POLLIN)
+        next_tick = time.monotonic() + _TICK_S
         while not self._stopping.is_set():
             try:
                 events = dict(poller.poll(_POLL_MS))
@@ -111,6 +116,10 @@ class ControlChannel:
                 if self._router in events:
                     self._handle_incoming()
                     self._flush_outbox()  # refusals are answered from this thread
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + _TICK_S
+                    self._on_tick()
             except Exception:
                 if self._stopping.is_set():
                     break

@@ -4,9 +4,11 @@ bucket timeout (60 s by default) before the load moves on. So while a transfer r
 client pings the source over the control channel every `ping_interval_s`; the source's
 control thread answers at once (whatever its sending thread is blocked on: a relay
 waiting for its own upstream still answers), and a source silent for
-`source_silence_timeout_s` is presumed dead. The attempt then ends like any failed one:
+`silence_timeout_s` is presumed dead. The attempt then ends like any failed one:
 its group is fenced, and the next source resumes from the buckets verified so far, so a
 false alarm costs little. Sources that predate pings (no `ping` in the ack) are not pinged.
+The other way round, a source ends the session of a client that pinged and then fell
+silent as long (WeightServer, on its control thread), freeing the slot at once.
 """
 
 from __future__ import annotations

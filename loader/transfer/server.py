@@ -115,7 +115,8 @@ class WeightServer:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._channel = ControlChannel(
-            self._on_message, settings.max_message_bytes, keys, f"netloader server rank {rank}"
+            self._on_message, settings.max_message_bytes, keys, f"netloader server rank {rank}",
+            on_tick=self._end_silent_sessions,
         )
         self.bad_messages = 0
         self.admission: Callable[[], str | None] | None = None
@@ -249,11 +250,22 @@ class WeightServer:
         session.thread.start()
 
     def _on_ping(self, identity: bytes, session_id: str) -> None:
-        if self._sessions.get(session_id) is None:
-            reply = protocol.abort_message(session_id, "the source holds no such session")
-        else:
+        if self._sessions.heard_from(session_id, time.monotonic()):
             reply = protocol.pong_message(session_id)
+        else:
+            reply = protocol.abort_message(session_id, "the source holds no such session")
         self._channel.reply(identity, reply)
+
+    def _end_silent_sessions(self) -> None:
+        """A client that pinged and fell silent is gone (crashed, or cut off): end its
+        session now rather than at the bucket timeout, so its slot serves someone else."""
+        for session in self._sessions.silent(time.monotonic(), self.settings.silence_timeout_s):
+            log.warning(
+                "netloader server rank %d: client of session %s silent for %gs: ending it",
+                self.rank, session.session_id, self.settings.silence_timeout_s,
+            )
+            session.done.set()
+            destroy_group(session.pg)
 
     def _on_done(self, identity: bytes, done: protocol.Done) -> None:
         session = self._sessions.get(done.session)

@@ -24,6 +24,7 @@ class Session:
     pg: object | None = None
     thread: threading.Thread | None = None
     pieces: object | None = None  # reshard_serving.Pieces: a client of another shape
+    last_ping: float | None = None  # monotonic time of the client's last ping, if it pings
 
 
 class Sessions:
@@ -55,6 +56,22 @@ class Sessions:
     def __len__(self) -> int:
         with self._lock:
             return len(self._by_id)
+
+    def heard_from(self, session_id: str, now: float) -> bool:
+        """Note a ping of `session_id`; False if no such session runs."""
+        with self._lock:
+            session = self._by_id.get(session_id)
+            if session is not None:
+                session.last_ping = now
+            return session is not None
+
+    def silent(self, now: float, timeout_s: float) -> list[Session]:
+        """Running sessions whose client pinged before, but not for `timeout_s`."""
+        with self._lock:
+            return [
+                s for s in self._by_id.values()
+                if s.last_ping is not None and now - s.last_ping > timeout_s and not s.done.is_set()
+            ]
 
     def abort_all(self) -> list[Session]:
         """End every running session (its client sees the transfer fail); returns them."""

@@ -143,3 +143,35 @@ def test_the_source_answers_a_ping_for_a_session_it_does_not_hold_with_an_abort(
             sock.close(0)
             context.term()
     assert protocol.parse_abort(reply) == (OTHER, "the source holds no such session")
+
+
+def test_a_source_ends_the_sessions_of_clients_that_stopped_pinging_and_only_those():
+    from loader.transfer.sessions import Session
+    from tests.transfer.helpers import FAST, in_process_server, make_tensors
+
+    destroyed = []
+    with in_process_server(make_tensors(0)) as server:
+        import loader.transfer.server as server_module
+
+        real = server_module.destroy_group
+        server_module.destroy_group = destroyed.append
+        try:
+            sessions = {
+                name: Session(sid * 16, b"id", None, 1 << 20, pg=name)
+                for name, sid in (("silent", "11"), ("pinging", "22"), ("old client", "33"))
+            }
+            for s in sessions.values():
+                server._sessions.admit(s, lambda running: None)
+            import time
+
+            now = time.monotonic()
+            sessions["silent"].last_ping = now - FAST.silence_timeout_s - 1
+            server._sessions.heard_from("22" * 16, now)
+            server._end_silent_sessions()
+        finally:
+            server_module.destroy_group = real
+            for s in sessions.values():
+                server._sessions.remove(s)
+    assert destroyed == ["silent"]
+    assert sessions["silent"].done.is_set()
+    assert not sessions["pinging"].done.is_set() and not sessions["old client"].done.is_set()

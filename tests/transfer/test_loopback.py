@@ -158,7 +158,7 @@ def test_a_source_that_goes_silent_mid_transfer_is_left_long_before_the_bucket_t
     would end only at the bucket timeout, with a "Timed out" reason."""
     many = {"small": 1500}
     patient = TransferSettings(
-        **{**FAST.__dict__, "bucket_timeout_s": 150.0, "source_silence_timeout_s": 2.0}
+        **{**FAST.__dict__, "bucket_timeout_s": 150.0, "silence_timeout_s": 2.0}
     )
     with SourceProcess(fault="freeze_mid_transfer", tensor_kwargs=many) as frozen:
         with SourceProcess(tensor_kwargs=many) as healthy_big:
