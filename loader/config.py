@@ -340,7 +340,13 @@ def _parse_settings(obj: dict) -> TransferSettings:
             values[key] = _require_host(key, value)
         else:
             values[key] = _require_str(key, value)
-    return TransferSettings(**values)
+    settings = TransferSettings(**values)
+    if 2 * settings.ping_interval_s > settings.silence_timeout_s:
+        raise ValueError(
+            f"ping_interval_s: {settings.ping_interval_s:g} must be at most half of "
+            f"silence_timeout_s ({settings.silence_timeout_s:g}), or every source is presumed dead"
+        )
+    return settings
 
 
 _SETTINGS_KEYS = {f.name for f in dataclasses.fields(TransferSettings)}

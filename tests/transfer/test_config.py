@@ -97,6 +97,13 @@ def test_json_string_none_and_empty_are_accepted():
         ({"bucket_mb": 0}, "bucket_mb"),
         ({"bucket_mb": 1.5}, "bucket_mb"),
         ({"max_concurrent_clients": 0}, "max_concurrent_clients"),
+        ({"streams": 0}, "streams"),
+        ({"streams": 9}, "streams"),
+        ({"streams": "2"}, "streams"),
+        ({"ping_interval_s": 0}, "ping_interval_s"),
+        ({"ping_interval_s": 1.5}, "ping_interval_s"),  # over half the 2 s silence timeout
+        ({"ping_interval_s": 3, "silence_timeout_s": 5}, "ping_interval_s"),
+        ({"silence_timeout_s": "2"}, "silence_timeout_s"),
         ({"listen_host": "not a host"}, "listen_host"),
         ({"secret_file": 7}, "secret_file"),
     ],
