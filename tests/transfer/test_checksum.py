@@ -94,22 +94,52 @@ def test_algorithm_choice_and_input_checks():
         digest(torch.zeros(4, dtype=torch.uint8), BLAKE3_KEYED, b"short")
 
 
-def _nh64_reference(data: bytes, key: bytes) -> str:
-    """NH64-BLAKE3 as its docstring defines it, in plain Python integers."""
+def _words(data: bytes, width: int) -> list[int]:
+    return [int.from_bytes(data[i : i + width], "little") for i in range(0, len(data), width)]
+
+
+def _nh_reference(data: bytes, key: bytes, nh_context: str, final_context: str, block) -> str:
+    """Keyed BLAKE3 over `block(padded 1 KiB block, level-1 key bytes)` of every block,
+    then the length: both NH constructions, in plain Python integers."""
     import blake3
 
+    nh_key = blake3.blake3(key, derive_key_context=nh_context).digest(length=1032)
+    padded = data + bytes(-len(data) % 1024)
+    outputs = b"".join(block(padded[i : i + 1024], nh_key) for i in range(0, len(padded), 1024))
+    final_key = blake3.blake3(key, derive_key_context=final_context).digest()
+    return blake3.blake3(outputs + len(data).to_bytes(8, "little"), key=final_key).hexdigest()
+
+
+def _nh64_block(block: bytes, nh_key: bytes) -> bytes:
+    """NH64 as nh_hash's docstring defines it: 64-bit words, word j paired with j + 64."""
+    m, k = _words(block, 8), _words(nh_key[:1024], 8)
+    nh = sum(((m[i] + k[i]) % 2**64) * ((m[i + 64] + k[i + 64]) % 2**64) for i in range(64))
+    return (nh % 2**128).to_bytes(16, "little")
+
+
+def _nh32t2_block(block: bytes, nh_key: bytes) -> bytes:
+    """NH32T2: 32-bit words, j paired with j + 128, key arrays A and B shifted by t."""
+    m, k = _words(block, 4), _words(nh_key, 4)
+    a, b = k[:129], k[129:]
+    out = b""
+    for t in range(2):
+        nh = sum(((m[j] + a[j + t]) % 2**32) * ((m[j + 128] + b[j + t]) % 2**32) for j in range(128))
+        out += (nh % 2**64).to_bytes(8, "little")
+    return out
+
+
+def _nh64_reference(data: bytes, key: bytes) -> str:
     from loader.transfer import nh_hash
 
-    nh_key = blake3.blake3(key, derive_key_context=nh_hash._NH_CONTEXT).digest(length=1024)
-    k = [int.from_bytes(nh_key[8 * i : 8 * i + 8], "little") for i in range(128)]
-    padded = data + bytes(-len(data) % 1024)
-    outputs = b""
-    for start in range(0, len(padded), 1024):
-        m = [int.from_bytes(padded[start + 8 * i : start + 8 * i + 8], "little") for i in range(128)]
-        nh = sum(((m[i] + k[i]) % 2**64) * ((m[i + 64] + k[i + 64]) % 2**64) for i in range(64))
-        outputs += (nh % 2**128).to_bytes(16, "little")
-    final_key = blake3.blake3(key, derive_key_context=nh_hash._FINAL_CONTEXT).digest()
-    return blake3.blake3(outputs + len(data).to_bytes(8, "little"), key=final_key).hexdigest()
+    return _nh_reference(data, key, nh_hash._NH_CONTEXT, nh_hash._FINAL_CONTEXT, _nh64_block)
+
+
+def _nh32t2_reference(data: bytes, key: bytes) -> str:
+    from loader.transfer import nh_hash
+
+    return _nh_reference(
+        data, key, nh_hash._NH32_CONTEXT, nh_hash._NH32_FINAL_CONTEXT, _nh32t2_block
+    )
 
 
 @pytest.mark.parametrize("n", [1, 1023, 1024, 3000])
@@ -125,28 +155,6 @@ def test_nh64_detects_a_change_that_keeps_every_word_sum():
     forged.view(torch.int64)[0] = 1
     forged.view(torch.int64)[64] = -1
     assert digest(data, NH64_BLAKE3, KEY) != digest(forged, NH64_BLAKE3, KEY)
-
-
-def _nh32t2_reference(data: bytes, key: bytes) -> str:
-    """NH32T2-BLAKE3 as its docstring defines it, in plain Python integers."""
-    import blake3
-
-    from loader.transfer import nh_hash
-
-    words = blake3.blake3(key, derive_key_context=nh_hash._NH32_CONTEXT).digest(length=8 * 129)
-    k = [int.from_bytes(words[4 * i : 4 * i + 4], "little") for i in range(258)]
-    a, b = k[:129], k[129:]
-    padded = data + bytes(-len(data) % 1024)
-    outputs = b""
-    for start in range(0, len(padded), 1024):
-        m = [int.from_bytes(padded[start + 4 * i : start + 4 * i + 4], "little") for i in range(256)]
-        for t in range(2):
-            nh = sum(
-                ((m[j] + a[j + t]) % 2**32) * ((m[j + 128] + b[j + t]) % 2**32) for j in range(128)
-            )
-            outputs += (nh % 2**64).to_bytes(8, "little")
-    final_key = blake3.blake3(key, derive_key_context=nh_hash._NH32_FINAL_CONTEXT).digest()
-    return blake3.blake3(outputs + len(data).to_bytes(8, "little"), key=final_key).hexdigest()
 
 
 @pytest.mark.parametrize("n", [1, 1023, 1024, 3000])
