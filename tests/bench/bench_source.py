@@ -113,7 +113,7 @@ def fetch_main(net, endpoint: str, served: dict, fetches: int, results) -> None:
 
 
 def start_source(net, checkpoint: Path, http_port: int, listen_port: int, served_path: Path,
-                 log_path: Path, yield_cpu: bool) -> subprocess.Popen:
+                 log_path: Path, yield_cpu: bool, streams: int) -> subprocess.Popen:
     env = dict(os.environ)
     if not yield_cpu:
         env["NETLOADER_BENCH_NO_YIELD"] = "1"
@@ -126,7 +126,7 @@ def start_source(net, checkpoint: Path, http_port: int, listen_port: int, served
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
         "--host", "127.0.0.1", "--port", str(http_port), "--load-format", "netloader",
         "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "4", "--dtype", "float32",
-        "--model-loader-extra-config", json.dumps({"LISTEN_PORT": listen_port}),
+        "--model-loader-extra-config", json.dumps({"LISTEN_PORT": listen_port, "streams": streams}),
     ]
     if net.shaped:
         env["GLOO_SOCKET_IFNAME"] = "eth0"
@@ -219,7 +219,7 @@ def run(args) -> dict:  # long: the benchmark's phases in the order they run
         served_path.unlink(missing_ok=True)
         http_port, listen_port = 18500, 47500
         source = start_source(net, checkpoint, http_port, listen_port, served_path,
-                              work / "source.log", not args.no_yield)
+                              work / "source.log", not args.no_yield, args.streams)
         try:
             t = time.monotonic()
             served = wait_source_ready(net, source, http_port, served_path)
@@ -274,6 +274,7 @@ def summarize(result: dict, args) -> dict:
         "fetch_gib_s": [round(g, 3) for g in gib_s], "bytes": windows[0]["bytes"],
         "shaped": result["shaped"], "rate_mbit": args.rate_mbit if result["shaped"] else None,
         "serving_nice": None if args.no_yield else 19,
+        "streams": args.streams,
         "load_avg_idle": round(result["load_idle"], 2),
         "load_avg_serving": round(result["load_serving"], 2),
     }
@@ -286,6 +287,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=17)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--fetches", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=2, help="the source's Gloo connections per transfer")
     parser.add_argument("--idle-s", type=float, default=25.0, help="each idle phase")
     parser.add_argument("--work", default=str(REPO / "out" / "bench_source"))
     parser.add_argument("--no-yield", action="store_true",
