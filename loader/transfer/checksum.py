@@ -80,11 +80,11 @@ def digest(data: torch.Tensor, algorithm: str, key: bytes) -> str:
 
 
 def warm_up(algorithm: str) -> None:
-    """Prepare `algorithm` (compile the NH kernels) before the first bucket needs it."""
+    """Prepare `algorithm` (compile its NH kernel) before the first bucket needs it."""
     if algorithm in (NH32T2_BLAKE3, NH64_BLAKE3):
-        from loader.transfer.nh_hash import warm_up as nh_warm_up
+        from loader.transfer import nh_hash
 
-        nh_warm_up()
+        nh_hash.warm_up(nh_hash.nh32t2_digest if algorithm == NH32T2_BLAKE3 else nh_hash.nh64_digest)
 
 
 def _host_bytes(data: torch.Tensor):

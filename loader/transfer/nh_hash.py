@@ -128,11 +128,10 @@ def _kernel(which: int):
         return _kernels[which]
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the kernels now, off the transfer's path."""
-    sample = np.zeros(BLOCK_BYTES + 1, dtype=np.uint8)
-    nh32t2_digest(sample, bytes(32))
-    nh64_digest(sample, bytes(32))
+def warm_up(digest) -> None:
+    """Compile (or load from numba's cache) the kernel of `digest` (nh32t2_digest or
+    nh64_digest) now, off the transfer's path."""
+    digest(np.zeros(BLOCK_BYTES + 1, dtype=np.uint8), bytes(32))
 
 
 @lru_cache(maxsize=16)

@@ -222,8 +222,8 @@ def fence_gloo(pg: ProcessGroup) -> bool:
     operations fail, their waiters wake. So post a receive on a random tag no bucket
     uses and wait for it for a millisecond, once per context: a group of n streams runs
     tag t on context t % n, and fences on MAX_STREAMS consecutive tags (modulo a multiple
-    of n) reach every context whatever n is. Should the peer complete a fence (it would have to guess a 30-bit tag
-    ahead of time), another tag of that residue is tried."""
+    of n) reach every context whatever n is. Should the peer complete a fence (it would
+    have to guess a 30-bit tag ahead of time), another tag of that residue is tried."""
     closed = all(_fence_context(pg, residue) for residue in range(MAX_STREAMS))
     if not closed:
         log.error("netloader: could not close a gloo transfer group: its peer completed every fence")

@@ -208,12 +208,16 @@ def pong_message(session: str) -> dict:
 
 
 def parse_ping(obj: dict) -> str:
-    expect_fields(obj, "ping", {"session"})
-    return match_field("session", obj["session"], _SESSION_RE)
+    return _session_of(obj, "ping")
 
 
 def parse_pong(obj: dict) -> str:
-    expect_fields(obj, "pong", {"session"})
+    return _session_of(obj, "pong")
+
+
+def _session_of(obj: dict, kind: str) -> str:
+    """The session id of a message of `kind` that carries nothing else."""
+    expect_fields(obj, kind, {"session"})
     return match_field("session", obj["session"], _SESSION_RE)
 
 
@@ -329,12 +333,11 @@ def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
 
 def parse_done(obj: dict) -> Done:
     expect_fields(obj, "done", {"session", "ok", "reason"})
-    if not isinstance(obj["ok"], bool):
-        raise ProtocolError("ok: expected a boolean")
+    ok = _bool_field("ok", obj["ok"])
     reason = obj["reason"]
     return Done(
         session=match_field("session", obj["session"], _SESSION_RE),
-        ok=obj["ok"],
+        ok=ok,
         reason=None if reason is None else clean_reason(reason),
     )
 
