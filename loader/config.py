@@ -29,7 +29,7 @@ class TransferSettings:
     pg_setup_timeout_s: float = 30.0
     bucket_timeout_s: float = 60.0
     # a transfer's source that answers no ping for this long is presumed dead, and a
-    # source ends the session of a client that stopped pinging as long
+    # source ends the session of a client that stopped pinging 4 times as long
     # (loader.transfer.liveness): a crashed host sends no FIN, and no RST
     ping_interval_s: float = 0.25
     silence_timeout_s: float = 2.0

@@ -4,11 +4,16 @@ bucket timeout (60 s by default) before the load moves on. So while a transfer r
 client pings the source over the control channel every `ping_interval_s`; the source's
 control thread answers at once (whatever its sending thread is blocked on: a relay
 waiting for its own upstream still answers), and a source silent for
-`silence_timeout_s` is presumed dead. The attempt then ends like any failed one:
+`silence_timeout_s` is presumed dead: silence counts from the oldest ping still unanswered,
+not from the last pong, so a client that could not run for a while (a busy host, its
+GIL held elsewhere) sends a ping before it can blame the source. The attempt then ends like any failed one:
 its group is fenced, and the next source resumes from the buckets verified so far, so a
 false alarm costs little. Sources that predate pings (no `ping` in the ack) are not pinged.
 The other way round, a source ends the session of a client that pinged and then fell
-silent as long (WeightServer, on its control thread), freeing the slot at once.
+silent for CLIENT_SILENCE_FACTOR times as long (WeightServer, on its control thread),
+freeing its slot: the source cannot tell a dead client from one that could not run, so it
+waits longer (ending a live client's session costs a retry; holding a dead one's slot a
+little longer costs nothing).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import zmq
 from loader.transfer import protocol
 
 _MAX_REPLY_BYTES = 1 << 16
+CLIENT_SILENCE_FACTOR = 4
 
 
 class SourceLiveness:
@@ -35,7 +41,7 @@ class SourceLiveness:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._clock = clock
-        self._last_heard = clock()
+        self._unanswered_since: float | None = None  # when the oldest unanswered ping left
         self._last_sent = float("-inf")
 
     def poll(self) -> str | None:
@@ -43,10 +49,12 @@ class SourceLiveness:
         if reason is not None or not self._ack.ping:
             return reason
         now = self._clock()
-        if now - self._last_heard > self._timeout_s:
+        if self._unanswered_since is not None and now - self._unanswered_since > self._timeout_s:
             return f"source silent for {self._timeout_s:g}s (no answer to pings): presumed dead"
         if now - self._last_sent >= self._interval_s:
             self._last_sent = now
+            if self._unanswered_since is None:
+                self._unanswered_since = now
             try:
                 self._sock.send(protocol.encode(protocol.ping_message(self._ack.session)), zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -65,7 +73,7 @@ class SourceLiveness:
                 msg = protocol.decode(payload, _MAX_REPLY_BYTES)
                 if msg["type"] == "pong":
                     if protocol.parse_pong(msg) == self._ack.session:
-                        self._last_heard = self._clock()
+                        self._unanswered_since = None
                     continue
                 session, reason = protocol.parse_abort(msg)
             except protocol.ProtocolError:

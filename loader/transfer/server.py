@@ -29,6 +29,7 @@ from loader.transfer.checksum import algorithm_for_device, checksum_key
 from loader.transfer.control_channel import ControlChannel
 from loader.transfer.device import TransferDevice, device_for, yield_to_inference
 from loader.transfer.layout import ShardLayout
+from loader.transfer.liveness import CLIENT_SILENCE_FACTOR
 from loader.transfer.manifest import build_manifest, unique_tensors
 from loader.transfer.process_group import (
     SOURCE_RANK,
@@ -259,10 +260,11 @@ class WeightServer:
     def _end_silent_sessions(self) -> None:
         """A client that pinged and fell silent is gone (crashed, or cut off): end its
         session now rather than at the bucket timeout, so its slot serves someone else."""
-        for session in self._sessions.silent(time.monotonic(), self.settings.silence_timeout_s):
+        timeout_s = CLIENT_SILENCE_FACTOR * self.settings.silence_timeout_s
+        for session in self._sessions.silent(time.monotonic(), timeout_s):
             log.warning(
                 "netloader server rank %d: client of session %s silent for %gs: ending it",
-                self.rank, session.session_id, self.settings.silence_timeout_s,
+                self.rank, session.session_id, timeout_s,
             )
             session.done.set()
             destroy_group(session.pg)
