@@ -8,6 +8,7 @@ because they are sent several times a second by every member.
 Message types (all carry "v" (version), "t" (type); member messages also "f" (sender
 name) and, when the receiver may answer, "fa" (sender "host:port")):
   ping  q (seq) tg (target name) [u (entries)]      Ping
+        [h (view hash: the sender's Sync, riding on the probe)]
   ack   q [u]                                        Ack
   preq  q tg ta (target addr)                        PingReq
   nack  q                                            Nack
@@ -19,7 +20,9 @@ name) and, when the receiver may answer, "fa" (sender "host:port")):
   qry   q                                            StatusQuery (from a non-member)
   qres  q self ms (member rows)                      StatusReply
 An entry is {"n": name, "a": addr, "i": incarnation, "s": state, ["m": meta (alive only)],
-["f": accuser (suspect only)]}. "u" on preq and nack is accepted (and validated) for
+["f": accuser (suspect only)]}; in "u" of gos only, a metadata change may come as
+{"n", "i", "s": 0, "mb": base incarnation, "md": changed keys (null: removed)} instead
+(a MetaUpdate: no address, no whole meta). "u" on preq and nack is accepted (and validated) for
 compatibility, and ignored.
 """
 
@@ -29,7 +32,7 @@ from collections import Counter
 
 import orjson
 
-from .entries import ALIVE, Entry
+from .entries import ALIVE, Entry, MetaUpdate
 from .fields import (
     MAX_HASH,
     MAX_INCARNATION,
@@ -72,7 +75,9 @@ MAX_PIGGYBACK_ENTRIES = 64
 # ---------------------------------------------------------------- encoding
 
 
-def entry_wire(entry: Entry) -> dict:
+def entry_wire(entry: Entry | MetaUpdate) -> dict:
+    if type(entry) is MetaUpdate:
+        return {"n": entry.name, "i": entry.incarnation, "s": ALIVE, "mb": entry.base, "md": entry.changes}
     wire = {"n": entry.name, "a": entry.addr, "i": entry.incarnation, "s": entry.state}
     if entry.state == ALIVE and entry.meta:
         wire["m"] = entry.meta
@@ -81,7 +86,7 @@ def entry_wire(entry: Entry) -> dict:
     return wire
 
 
-def entry_size(entry: Entry) -> int:
+def entry_size(entry: Entry | MetaUpdate) -> int:
     """Bytes `entry` takes on the wire."""
     return len(orjson.dumps(entry_wire(entry)))
 
@@ -99,6 +104,8 @@ def _ping_wire(m: Ping) -> dict:
             "tg": m.target}
     if m.updates:
         wire["u"] = _updates(m.updates)
+    if m.view_hash is not None:
+        wire["h"] = m.view_hash
     return wire
 
 
@@ -211,9 +218,21 @@ def _entry(value) -> Entry:
     return Entry(name, addr, incarnation, state, meta, accuser)
 
 
-def _entries(value, limit: int) -> tuple[Entry, ...]:
+def _meta_update(value: dict) -> MetaUpdate:
+    if set(value) != {"n", "i", "s", "mb", "md"} or value["s"] != ALIVE:
+        raise Invalid("meta update")
+    name, incarnation = check_name(value["n"]), check_int(value["i"], 1, MAX_INCARNATION)
+    base = check_int(value["mb"], 0, incarnation - 1)
+    return MetaUpdate(name, incarnation, base, validate_meta(value["md"]))
+
+
+def _entries(value, limit: int, meta_updates: bool = False) -> tuple[Entry | MetaUpdate, ...]:
     check_list(value, limit)
-    return tuple([_entry(e) for e in value]) if value else ()
+    if not value:
+        return ()
+    if meta_updates:
+        return tuple([_meta_update(e) if isinstance(e, dict) and "md" in e else _entry(e) for e in value])
+    return tuple([_entry(e) for e in value])
 
 
 def _digest_row(value) -> tuple[str, int, int]:
@@ -266,7 +285,8 @@ def _optional_addr(raw: dict) -> str | None:
 def _ping(raw: dict) -> Ping:
     sender, addr = check_name(raw.get("f")), check_addr(raw.get("fa"))
     updates = _piggyback(raw)
-    return Ping(sender, addr, check_int(raw.get("q")), check_name(raw.get("tg")), updates)
+    view_hash = check_int(raw["h"], 0, MAX_HASH) if "h" in raw else None
+    return Ping(sender, addr, check_int(raw.get("q")), check_name(raw.get("tg")), updates, view_hash)
 
 
 def _ack(raw: dict) -> Ack:
@@ -290,7 +310,8 @@ def _nack(raw: dict) -> Nack:
 
 def _gossip(raw: dict) -> Gossip:
     sender, addr = check_name(raw.get("f")), _optional_addr(raw)
-    return Gossip(sender, _piggyback(raw), addr)
+    updates = _entries(raw["u"], MAX_PIGGYBACK_ENTRIES, meta_updates=True) if "u" in raw else ()
+    return Gossip(sender, updates, addr)
 
 
 def _sync(raw: dict) -> Sync:

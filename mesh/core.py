@@ -19,9 +19,12 @@ module of its own:
 - dissemination: updates piggybacked on pings/acks and gossiped to `gossip_fanout`
   members every `gossip_interval_s` while any are pending, each sent
   retransmit_mult*ceil(log10(N+1)) times; nothing is gossiped when nothing changed
-  (mesh/rumors.py);
-- anti-entropy every `sync_interval_s`: one 64-bit view hash, and only on a mismatch a
-  digest and then the differing entries (mesh/antientropy.py);
+  (mesh/rumors.py); a metadata change travels as its changed keys (a MetaUpdate, on
+  gossip messages only), which a member holding the previous incarnation rebuilds and
+  any other asks the sender for whole (a Delta naming it);
+- anti-entropy every `sync_interval_s`: one 64-bit view hash (on the next probe's ping
+  when the chosen member is alive, in a Sync of its own to a dead one), and only on a
+  mismatch a digest and then the differing entries (mesh/antientropy.py);
 - join by pushing our entry to seeds, graceful leave (`left`), tombstones expire;
 - claims from the network are untrusted: incredible incarnation jumps and address
   changes of live members are refused and counted in `dropped` (mesh/claims.py).
@@ -36,9 +39,9 @@ from dataclasses import replace
 from . import antientropy
 from .awareness import Awareness
 from .claims import ClaimFilter
-from .codec import MAX_INCARNATION, validate_meta
+from .codec import MAX_INCARNATION, Invalid, entry_size, validate_meta
 from .config import ProtocolConfig
-from .entries import ALIVE, DEAD, LEFT, SUSPECT, Entry
+from .entries import ALIVE, DEAD, LEFT, SUSPECT, Entry, MetaUpdate, meta_changes
 from .messages import (
     Ack,
     Delta,
@@ -78,6 +81,10 @@ class MeshCore:
         self.view = View(name)
         self.rumors = RumorQueue(c.retransmit_mult, c.piggyback_bytes)
         self.suspicions = Suspicions()
+        self.asked: dict[str, int] = {}  # member -> incarnation whose whole entry we asked for
+        # the metadata of members suspected at the incarnation we held them alive at (the
+        # suspect entry carries none): the base of the empty MetaUpdate a refutation sends
+        self.suspect_meta: dict[str, tuple[int, dict]] = {}
         self.awareness = Awareness(c.awareness_max, enabled=c.lifeguard)
         self.claims = ClaimFilter(name)
         self.dropped = self.claims.dropped  # refused claims by reason
@@ -149,18 +156,25 @@ class MeshCore:
             info.last_heard = now
         self.joined = True
         if type(msg) in _PIGGYBACKED:
-            for entry in msg.updates:
-                self._apply(now, entry, gossip=True)
+            unresolved = [entry.name for entry in msg.updates if not self._apply(now, entry, gossip=True)]
+            unresolved = [name for name in unresolved if self._first_ask(name, msg)]
+            if unresolved:
+                self._ask_whole_entries(msg, unresolved, out)
         handler(now, msg, out)
+        if type(msg) is Ping and msg.view_hash is not None:
+            self._on_sync(now, Sync(msg.sender, msg.sender_addr, msg.view_hash), out)
         return out
 
     def advertise(self, now: float, meta: dict) -> list[Out]:
         """Replace our metadata; spread it with a higher incarnation, to a few members at
         once (a starting instance waits on these updates), at most once per gossip
         interval; later ticks carry it on."""
+        previous = self.view.entries[self.name]
         self.meta = validate_meta(dict(meta))
         self._bump_incarnation(self.incarnation)
-        self._install(now, self._own_entry(), rumor=True)
+        entry = self._own_entry()
+        self._install(now, entry, rumor=False)
+        self._queue_rumor(self._meta_update(previous, entry))
         out: list[Out] = []
         if now - self.last_advertise_push >= self.config.gossip_interval_s:
             self.last_advertise_push = now
@@ -224,6 +238,37 @@ class MeshCore:
             if entry is not None and entry.state == SUSPECT and entry.incarnation == incarnation:
                 self._install(now, Entry(name, entry.addr, entry.incarnation, DEAD), rumor=True)
 
+    def _first_ask(self, name: str, msg: Gossip) -> bool:
+        """Ask once per incarnation: the same change arrives from several members."""
+        incarnation = next(u.incarnation for u in msg.updates if u.name == name)
+        if self.asked.get(name, -1) >= incarnation:
+            return False
+        if len(self.asked) >= self.config.max_members:
+            self.asked.clear()  # names a member invented need not be remembered forever
+        self.asked[name] = incarnation
+        return True
+
+    def _ask_whole_entries(self, msg: MemberMessage, names: list[str], out: list[Out]) -> None:
+        """Metadata changes we hold no base for: ask their sender for the whole entries."""
+        addr = msg.sender_addr
+        if addr is None:
+            known = self.view.entries.get(msg.sender)
+            addr = known.addr if known is not None else None
+        if addr is not None:
+            out.append((addr, Delta(self.name, self.addr, (), tuple(names))))
+
+    @staticmethod
+    def _meta_update(previous: Entry, entry: Entry) -> Entry | MetaUpdate:
+        """How to gossip our new `entry`: as its metadata change from `previous` when
+        that is smaller than the whole entry."""
+        if previous.state != ALIVE or previous.addr != entry.addr:
+            return entry
+        changes = meta_changes(previous.meta, entry.meta)
+        if changes is None:
+            return entry
+        update = MetaUpdate(entry.name, entry.incarnation, previous.incarnation, changes)
+        return update if entry_size(update) < entry_size(entry) else entry
+
     def _gossip_tick(self, now: float, out: list[Out]) -> None:
         if now < self.next_gossip_at:
             return
@@ -233,12 +278,12 @@ class MeshCore:
         for target in self.view.sample(self.rng, self.config.gossip_fanout, states=(ALIVE, SUSPECT)):
             if not self.rumors:
                 break
-            out.append((self.view.entries[target].addr, Gossip(self.name, self.rumors.take())))
+            out.append((self.view.entries[target].addr, Gossip(self.name, self.rumors.take(meta_updates=True))))
 
     def _push_rumors(self, out: list[Out], count: int) -> None:
         """Send pending rumors to `count` random members now, outside the gossip tick."""
         for target in self.view.sample(self.rng, count, states=(ALIVE, SUSPECT)):
-            out.append((self.view.entries[target].addr, Gossip(self.name, self.rumors.take())))
+            out.append((self.view.entries[target].addr, Gossip(self.name, self.rumors.take(meta_updates=True))))
 
     def _sync_tick(self, now: float, out: list[Out]) -> None:
         c = self.config
@@ -248,7 +293,11 @@ class MeshCore:
         for name in self.view.expired_tombstones(now, c.tombstone_ttl_s):
             self._remove(now, name)
         target = antientropy.sync_target(self.view, self.rng, c.reconnect_probability)
-        if target is not None:
+        if target is None:
+            return
+        if self.view.entries[target].state == ALIVE:
+            self.prober.sync_due = True  # rides on the next probe (to a random member too)
+        else:
             out.append((self.view.entries[target].addr, Sync(self.name, self.addr, self.view.hash)))
 
     def _join_tick(self, now: float, out: list[Out]) -> None:
@@ -264,10 +313,48 @@ class MeshCore:
 
     # ------------------------------------------------------------- state merge
 
-    def _apply(self, now: float, entry: Entry, gossip: bool) -> None:
+    def _apply(self, now: float, entry: Entry | MetaUpdate, gossip: bool) -> bool:
+        """Merge one update; False only for a metadata change we hold no base for (and
+        that is news to us), whose whole entry the caller asks for."""
+        if type(entry) is MetaUpdate:
+            return self._apply_meta_update(now, entry, gossip)
         if entry.name == self.name:
             self._apply_own(now, entry)
-            return
+            return True
+        self._merge(now, entry, gossip)
+        return True
+
+    def _apply_meta_update(self, now: float, update: MetaUpdate, gossip: bool) -> bool:
+        current = self.view.entries.get(update.name)
+        if update.name == self.name:
+            # only its incarnation can be news: a claim that we run a newer one
+            self._apply_own(now, Entry(update.name, self.addr, update.incarnation, ALIVE, self.meta))
+            return True
+        if current is not None and (current.incarnation, current.state) >= (update.incarnation, ALIVE):
+            return True  # nothing new
+        entry = update.resolve(self._meta_base(current))
+        if entry is None:
+            if not self.claims.credible(update.incarnation, None if current is None else current.incarnation):
+                return True  # an incredible claim is not worth asking about
+            self.dropped["meta update without base"] += 1
+            return False
+        try:
+            validate_meta(entry.meta)
+        except Invalid:
+            self.dropped["meta update too large"] += 1
+            return True
+        self._merge(now, entry, gossip, rumor_form=update)
+        return True
+
+    def _meta_base(self, current: Entry | None) -> Entry | None:
+        """The alive entry a MetaUpdate about `current`'s member may build on."""
+        if current is not None and current.state == SUSPECT:
+            incarnation, meta = self.suspect_meta.get(current.name, (None, None))
+            if incarnation == current.incarnation:
+                return Entry(current.name, current.addr, incarnation, ALIVE, meta)
+        return current
+
+    def _merge(self, now: float, entry: Entry, gossip: bool, rumor_form: MetaUpdate | None = None) -> None:
         current = self.view.entries.get(entry.name)
         full = len(self.view.entries) >= self.config.max_members
         if current is None and (entry.state != ALIVE or full):
@@ -292,6 +379,17 @@ class MeshCore:
             ):
                 self._queue_rumor(entry)
             return
+        if rumor_form is not None:
+            self._install(now, entry, rumor=False)
+            if gossip:
+                self._queue_rumor(rumor_form)
+            return
+        if not gossip and current is not None and entry.state == ALIVE:
+            # news from anti-entropy, passed on: while the same change is still gossiped
+            # as a MetaUpdate, a whole entry would spread it a second time, at full size
+            self._install(now, entry, rumor=False)
+            self._queue_rumor(self._meta_update(self._meta_base(current), entry))
+            return
         self._install(now, entry, rumor=gossip or current is not None)
 
     def _apply_own(self, now: float, claim: Entry) -> None:
@@ -312,10 +410,17 @@ class MeshCore:
         self.incarnation = min(max(self.incarnation, above) + 1, MAX_INCARNATION)
 
     def _refute(self, now: float, claim: Entry) -> None:
+        previous = self.view.entries[self.name]
         self._bump_incarnation(claim.incarnation)
         if claim.state != ALIVE:
             self.awareness.adjust(1)
-        self._install(now, self._own_entry(), rumor=True)
+        entry = self._own_entry()
+        self._install(now, entry, rumor=False)
+        if claim.state == SUSPECT and claim.incarnation == previous.incarnation:
+            # members that took the suspicion kept our metadata aside: an empty change does
+            self._queue_rumor(self._meta_update(previous, entry))
+        else:
+            self._queue_rumor(entry)
 
     def _accuse(self, now: float, name: str) -> None:
         entry = self.view.get(name)
@@ -332,6 +437,10 @@ class MeshCore:
         old = self.view.install(now, entry)
         if old is None and name != self.name:
             self.prober.member_added(name)
+        if entry.state == SUSPECT and old is not None and old.state == ALIVE and old.incarnation == entry.incarnation:
+            self.suspect_meta[name] = (old.incarnation, old.meta)
+        elif entry.state != SUSPECT:
+            self.suspect_meta.pop(name, None)
         if entry.state == SUSPECT:
             self.suspicions.start(now, entry, suspicion_bounds(self.config, self.view.alive_count))
             if entry.accuser != self.name and (old is None or old.state != SUSPECT):
@@ -346,9 +455,11 @@ class MeshCore:
     def _remove(self, now: float, name: str) -> None:
         self.view.remove(now, name)
         self.rumors.pop(name, None)
+        self.asked.pop(name, None)
+        self.suspect_meta.pop(name, None)
         self.suspicions.pop(name, None)
 
-    def _queue_rumor(self, entry: Entry) -> None:
+    def _queue_rumor(self, entry: Entry | MetaUpdate) -> None:
         self.rumors.add(entry, len(self.view.entries))
 
     def _own_entry(self) -> Entry:

@@ -53,6 +53,39 @@ class Entry:
         return meta_blob(self.meta) > meta_blob(other.meta)
 
 
+@dataclass(frozen=True, slots=True)
+class MetaUpdate:
+    """An alive member's new metadata as its change from the entry at incarnation `base`
+    (key -> new value, None: key removed): what gossip carries when a member's metadata
+    changes, a fraction of the whole entry. Only a receiver holding that member alive at
+    `base` can rebuild the entry (`resolve`); any other asks for the whole entry."""
+
+    name: str
+    incarnation: int
+    base: int
+    changes: dict
+    state: int = ALIVE
+
+    def resolve(self, current: Entry | None) -> Entry | None:
+        if current is None or current.state != ALIVE or current.incarnation != self.base:
+            return None
+        meta = {**current.meta, **self.changes}
+        for key, value in self.changes.items():
+            if value is None:
+                del meta[key]
+        return Entry(self.name, current.addr, self.incarnation, ALIVE, meta)
+
+
+def meta_changes(old: dict, new: dict) -> dict | None:
+    """What turns `old` into `new` (MetaUpdate.changes); None when a change cannot be
+    written so (a key newly set to None, which would read as its removal)."""
+    changes = {k: v for k, v in new.items() if k not in old or old[k] != v or type(old[k]) is not type(v)}
+    if any(v is None for v in changes.values()):
+        return None
+    changes.update({k: None for k in old if k not in new})
+    return changes
+
+
 def entry_digest(name: str, incarnation: int, state: int) -> int:
     """64-bit digest of an entry's version; XOR of these summarises a whole view."""
     raw = hashlib.blake2b(

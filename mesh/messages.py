@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .entries import Entry
+from .entries import Entry, MetaUpdate
 
 # (name, incarnation, state) of one member: what anti-entropy compares
 DigestRow = tuple[str, int, int]
@@ -18,13 +18,16 @@ DigestRow = tuple[str, int, int]
 
 @dataclass(frozen=True, slots=True)
 class Ping:
-    """Direct probe of `target`; answered with an Ack carrying the same `seq`."""
+    """Direct probe of `target`; answered with an Ack carrying the same `seq`. With
+    `view_hash`, also an anti-entropy Sync: the sender's view hash, riding on a probe
+    instead of a message of its own."""
 
     sender: str
     sender_addr: str
     seq: int
     target: str
     updates: tuple[Entry, ...] = ()
+    view_hash: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +62,11 @@ class Nack:
 
 @dataclass(frozen=True, slots=True)
 class Gossip:
-    """Pending updates, sent to a few members while any are pending."""
+    """Pending updates, sent to a few members while any are pending; the only message
+    whose updates may be MetaUpdates."""
 
     sender: str
-    updates: tuple[Entry, ...] = ()
+    updates: tuple[Entry | MetaUpdate, ...] = ()
     sender_addr: str | None = None
 
 

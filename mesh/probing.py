@@ -59,6 +59,7 @@ class Prober:
         self.helping: dict[int, HelpRequest] = {}
         self.order: list[str] = []  # the rest of the current round, next target last
         self.seq = rng.randrange(1 << 24)
+        self.sync_due = False  # the next probe carries our view hash (anti-entropy)
         self.next_probe_at = now + rng.uniform(0, config.probe_interval_s)
 
     # ------------------------------------------------------------ the round
@@ -149,7 +150,8 @@ class Prober:
         self.next_probe_at = now + c.probe_interval_s * multiplier
         entry = self.view.entries[target]
         first = [entry] if entry.state == SUSPECT else []  # buddy system: tell the suspect first
-        out.append((entry.addr, Ping(self.name, self.addr, seq, target, self.rumors.take(first))))
+        view_hash, self.sync_due = (self.view.hash if self.sync_due else None), False
+        out.append((entry.addr, Ping(self.name, self.addr, seq, target, self.rumors.take(first), view_hash)))
 
     # ------------------------------------------------------------- messages
 

@@ -244,3 +244,28 @@ def test_metadata_update_is_pushed_at_once_but_at_most_once_per_gossip_interval(
     assert all(isinstance(msg, Gossip) for _, msg in first)
     assert core.advertise(sim.now, {"state": "complete"}) == []  # the next tick carries it
     assert core.advertise(sim.now + 1.01 * core.config.gossip_interval_s, {"state": "x"}) != []
+
+
+def test_the_anti_entropy_hash_rides_on_the_next_probe_and_a_mismatch_gets_a_digest():
+    from mesh.codec import Decoder, encode
+    from mesh.messages import Digest, Ping, Sync
+
+    sim = cluster(5)
+    core = sim.nodes["n1"].core
+    now = core.next_sync_at
+    out = core.tick(now)
+    assert not [m for _, m in out if isinstance(m, Sync)]  # every member alive: no Sync of its own
+    assert core.prober.sync_due
+    pings = []
+    while core.prober.sync_due and len(pings) < 10:  # (a probe already running ends first)
+        pings += [m for _, m in core.tick(core.prober.next_deadline()) if isinstance(m, Ping)]
+    ping = pings[-1]
+    assert ping.view_hash == core.view_hash and not core.prober.sync_due
+    assert all(p.view_hash is None for p in pings[:-1])
+    assert Decoder().decode(encode(ping)) == ping
+    other = sim.nodes["n2"].core
+    stale = Ping(ping.sender, ping.sender_addr, ping.seq, other.name, (), other.view_hash ^ 1)
+    replies = other.handle(now, stale)
+    assert [type(m) for _, m in replies] == [Ack, Digest]
+    assert [type(m) for _, m in other.handle(now, Ping(ping.sender, ping.sender_addr, 7, other.name, (),
+                                                         other.view_hash))] == [Ack]
