@@ -156,10 +156,10 @@ class MeshCore:
             info.last_heard = now
         self.joined = True
         if type(msg) in _PIGGYBACKED:
-            unresolved = [entry.name for entry in msg.updates if not self._apply(now, entry, gossip=True)]
-            unresolved = [name for name in unresolved if self._first_ask(name, msg)]
-            if unresolved:
-                self._ask_whole_entries(msg, unresolved, out)
+            unresolved = [entry for entry in msg.updates if not self._apply(now, entry, gossip=True)]
+            wanted = [update.name for update in unresolved if self._first_ask(update)]
+            if wanted:
+                self._ask_whole_entries(msg, wanted, out)
         handler(now, msg, out)
         if type(msg) is Ping and msg.view_hash is not None:
             self._on_sync(now, Sync(msg.sender, msg.sender_addr, msg.view_hash), out)
@@ -238,14 +238,13 @@ class MeshCore:
             if entry is not None and entry.state == SUSPECT and entry.incarnation == incarnation:
                 self._install(now, Entry(name, entry.addr, entry.incarnation, DEAD), rumor=True)
 
-    def _first_ask(self, name: str, msg: Gossip) -> bool:
+    def _first_ask(self, update: MetaUpdate) -> bool:
         """Ask once per incarnation: the same change arrives from several members."""
-        incarnation = next(u.incarnation for u in msg.updates if u.name == name)
-        if self.asked.get(name, -1) >= incarnation:
+        if self.asked.get(update.name, -1) >= update.incarnation:
             return False
         if len(self.asked) >= self.config.max_members:
             self.asked.clear()  # names a member invented need not be remembered forever
-        self.asked[name] = incarnation
+        self.asked[update.name] = update.incarnation
         return True
 
     def _ask_whole_entries(self, msg: MemberMessage, names: list[str], out: list[Out]) -> None:
