@@ -18,7 +18,6 @@ asynchronous fake (tests/transfer/fake_device.py) through `device_for`.
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import torch
@@ -73,21 +72,6 @@ class TransferDevice:
         """Block until everything enqueued on the transfer stream has run."""
         if self.stream is not None:
             self.stream.synchronize()
-
-
-SERVING_NICE = 19
-
-
-def yield_to_inference() -> None:
-    """Lower the calling thread's CPU priority to the least (nice 19), for a thread that
-    serves a transfer beside a running model. Linux priorities are per thread and the
-    threads it starts (Gloo's I/O loop) inherit it, so whenever the model's threads want a
-    core, they get it: the transfer runs in the time inference leaves (on CPU its work
-    is the kernel's socket copies; the GIL is released for all of it). Best effort."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SERVING_NICE)
-    except (AttributeError, OSError):
-        pass
 
 
 # device memory a communicator takes per session besides our buffers (HCCL allocates

@@ -27,7 +27,8 @@ from loader.transfer.buckets import Bucket
 from loader.transfer.cache_source import ServedCache, answer_cache_request
 from loader.transfer.checksum import algorithm_for_device, checksum_key
 from loader.transfer.control_channel import ControlChannel
-from loader.transfer.device import TransferDevice, device_for, yield_to_inference
+from loader.transfer.device import TransferDevice, device_for
+from loader.transfer.inference_yield import yield_to_inference
 from loader.transfer.layout import ShardLayout
 from loader.transfer.liveness import CLIENT_SILENCE_FACTOR
 from loader.transfer.manifest import build_manifest, unique_tensors

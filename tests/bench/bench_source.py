@@ -1,7 +1,7 @@
 """Does a vLLM source feel the transfers it serves? Per-token latency of a real vLLM server
 while idle and while a client in another network namespace pulls its weights.
 
-    python -m tests.bench.bench_source [--rate-mbit 1000] [--layers 17] [--fetches 3]
+    python -m tests.bench.bench_source [--runs 3] [--rate-mbit 1000] [--layers 17] [--fetches 3]
 
 1. Builds a >= 1 GiB checkpoint with tests/support/tiny_checkpoint.py (cached in --work).
 2. Starts vLLM on it with `--load-format netloader` (serving its weights on LISTEN_PORT),
@@ -10,11 +10,14 @@ while idle and while a client in another network namespace pulls its weights.
 3. Streams completions one at a time (temperature 0, ignore_eos) from inside host 0 and
    timestamps every token.
 4. Phases: idle, serving (a plain client process in host 1 fetches the weights
-   `--fetches` times back to back with the real client, in place), idle again.
+   `--fetches` times back to back with the real client, in place; as it stands for
+   another host, it runs at nice 19 and off the cores the worker is pinned to), idle again.
 
 An inter-token latency sample counts as "serving" when it lies inside a fetch, "idle"
-when it is nowhere near one. Last stdout line: one JSON object with idle/serving p50 and
-p99 (ms), `p99_itl_ratio` and the run's conditions (link, load average).
+when it is nowhere near one. The whole sequence (a fresh source each time) repeats
+`--runs` times. Last stdout line: one JSON object with the worst run's idle/serving p50
+and p99 (ms) and `p99_itl_ratio` (so the goal is met only if every run meets it), the
+min/median/max of each figure over the runs, and each run's conditions (link, load average).
 """
 
 from __future__ import annotations
@@ -83,8 +86,12 @@ def fetch_main(net, endpoint: str, served: dict, fetches: int, results) -> None:
     """In host 1: fetch the served weights `fetches` times, in place; report each window."""
     net.enter(1)
     # this process stands for another host: on a machine of its own its CPU would not be
-    # the source's, so here it takes only what the source leaves
+    # the source's, so here it takes only what the source leaves, and never the cores the
+    # model runner is pinned to (when others are left)
     os.nice(19)
+    others = os.sched_getaffinity(0) - set(served.get("worker_cpus", ()))
+    if others:
+        os.sched_setaffinity(0, others)
     print(f"fetcher in host 1 at {time.strftime('%X')}", file=sys.stderr, flush=True)
     import torch
 
@@ -113,10 +120,12 @@ def fetch_main(net, endpoint: str, served: dict, fetches: int, results) -> None:
 
 
 def start_source(net, checkpoint: Path, http_port: int, listen_port: int, served_path: Path,
-                 log_path: Path, yield_cpu: bool, streams: int) -> subprocess.Popen:
+                 log_path: Path, yield_cpu: bool, streams: int, model_cores: bool) -> subprocess.Popen:
     env = dict(os.environ)
     if not yield_cpu:
         env["NETLOADER_BENCH_NO_YIELD"] = "1"
+    if model_cores:
+        env["NETLOADER_BENCH_MODEL_CORES"] = "1"
     env.update({
         "PYTHONPATH": os.pathsep.join([str(HOOK_DIR), str(REPO), env.get("PYTHONPATH", "")]),
         "NETLOADER_BENCH_SERVED": str(served_path),
@@ -219,7 +228,7 @@ def run(args) -> dict:  # long: the benchmark's phases in the order they run
         served_path.unlink(missing_ok=True)
         http_port, listen_port = 18500, 47500
         source = start_source(net, checkpoint, http_port, listen_port, served_path,
-                              work / "source.log", not args.no_yield, args.streams)
+                              work / "source.log", not args.no_yield, args.streams, args.model_cores)
         try:
             t = time.monotonic()
             served = wait_source_ready(net, source, http_port, served_path)
@@ -274,6 +283,7 @@ def summarize(result: dict, args) -> dict:
         "fetch_gib_s": [round(g, 3) for g in gib_s], "bytes": windows[0]["bytes"],
         "shaped": result["shaped"], "rate_mbit": args.rate_mbit if result["shaped"] else None,
         "serving_nice": None if args.no_yield else 19,
+        "serving_cpus": "model's" if args.model_cores or args.no_yield else "spare",
         "streams": args.streams,
         "load_avg_idle": round(result["load_idle"], 2),
         "load_avg_serving": round(result["load_serving"], 2),
@@ -292,10 +302,35 @@ def main() -> None:
     parser.add_argument("--work", default=str(REPO / "out" / "bench_source"))
     parser.add_argument("--no-yield", action="store_true",
                         help="serve at normal CPU priority (without yield_to_inference)")
+    parser.add_argument("--model-cores", action="store_true",
+                        help="serve at nice 19 but on the model runner's own cores (not the spare ones)")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions, each with a fresh source")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
-    summary = summarize(run(args), args)
-    print(orjson.dumps(summary).decode())
+    runs = []
+    for index in range(args.runs):
+        print(f"-- run {index + 1} of {args.runs}")
+        runs.append(summarize(run(args), args))
+        print(orjson.dumps(runs[-1]).decode())
+    print(orjson.dumps(combine(runs)).decode())
+
+
+SPREAD_FIGURES = ("idle_p50_ms", "idle_p99_ms", "serving_p50_ms", "serving_p99_ms",
+                  "p99_itl_ratio", "p50_itl_ratio")
+
+
+def combine(runs: list[dict]) -> dict:
+    """The worst run's figures on top, every figure's min/median/max beside them."""
+    worst = max(runs, key=lambda r: r["p99_itl_ratio"])
+    spread = {key: {"min": min(r[key] for r in runs),
+                    "median": round(statistics.median(r[key] for r in runs), 3),
+                    "max": max(r[key] for r in runs)} for key in SPREAD_FIGURES}
+    ratio = spread["p99_itl_ratio"]
+    print(f"over {len(runs)} runs: p99_itl_ratio min {ratio['min']:.3f} / median {ratio['median']:.3f}"
+          f" / max {ratio['max']:.3f} (goal <= 1.10 in every run)")
+    return {**worst, "runs": len(runs), "spread": spread,
+            "fetch_gib_s_all": [r["fetch_gib_s"] for r in runs],
+            "load_avg_serving_all": [r["load_avg_serving"] for r in runs]}
 
 
 if __name__ == "__main__":

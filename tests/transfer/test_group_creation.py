@@ -124,6 +124,6 @@ def test_a_two_stream_group_on_a_named_interface_moves_bytes(monkeypatch):
         out["source"].send([t], CLIENT_RANK, tag).wait()
     for r in receives:
         r.wait()
-    assert all(torch.equal(a, b) for a, b in zip(sent, got))
+    assert all(torch.equal(a, b) for a, b in zip(sent, got, strict=True))
     pg_module.destroy_group(client)
     pg_module.destroy_group(out["source"])

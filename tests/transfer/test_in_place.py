@@ -61,12 +61,12 @@ def test_only_the_fence_disarms_a_posted_receive(close, streams):
     source, client = _group_pair(streams)
     targets = [torch.zeros(1 << 20, dtype=torch.uint8) for _ in range(streams)]
     tags = [7 + i for i in range(streams)]  # tag t runs on context t % streams
-    armed = [client.recv([t], 0, tag) for t, tag in zip(targets, tags)]  # kept alive
+    armed = [client.recv([t], 0, tag) for t, tag in zip(targets, tags, strict=True)]  # kept alive
     if close == "fence":
         assert fence_gloo(client)
     else:
         client.abort()
-    for tag, work in zip(tags, armed):
+    for tag, work in zip(tags, armed, strict=True):
         try:
             source.send([torch.full((1 << 20,), 0x5A, dtype=torch.uint8)], 1, tag).wait()
             if close == "abort":
