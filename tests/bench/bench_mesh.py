@@ -23,6 +23,11 @@ Several seeds (`--seeds`); each figure is reported as min/median/max over them, 
 goals are checked on the worst seed.
 
 The last stdout line is one JSON object for N=100. Run: python -m tests.bench.bench_mesh
+
+`--frontier 0.5,0.7,1.0,1.4` instead sweeps the probe interval (one seed, a shorter steady
+phase, suspicion held at the default's seconds) and prints wire bytes against detection
+p99 for each: what any probe interval costs, and why the byte goal and the detection goal
+cannot both be met under these conditions. Its last line is the sweep as JSON.
 """
 
 from __future__ import annotations
@@ -197,7 +202,7 @@ def run(n: int, loss: float, seed: int, steady_s: float, cycles: int, cycle_s: f
     converged_after_bootstrap = sim.converged()
 
     payload_before, wire_before = cluster.payload_bytes(), cluster.wire.bytes
-    connects_before = cluster.wire.connects
+    connects_before, by_type_before = cluster.wire.connects, dict(cluster.wire.by_type)
     steady_start = sim.now
     cluster.run_for(steady_s)
     member_s = n * (sim.now - steady_start)
@@ -205,6 +210,8 @@ def run(n: int, loss: float, seed: int, steady_s: float, cycles: int, cycle_s: f
         "bytes_per_member_s": round((cluster.payload_bytes() - payload_before) / member_s, 1),
         "wire_bytes_per_member_s": round((cluster.wire.bytes - wire_before) / member_s, 1),
         "connects_per_member_min": round((cluster.wire.connects - connects_before) / member_s * 60, 2),
+        "wire_by_type": {kind: round((total - by_type_before.get(kind, 0)) / member_s, 1)
+                         for kind, total in cluster.wire.by_type.most_common()},
     }
 
     next_id = n
@@ -298,6 +305,37 @@ def spread(results: list[dict]) -> dict:
     return out
 
 
+def frontier(intervals: list[float], args, realism: Realism) -> dict:
+    """Wire bytes and detection p99 per probe interval, the suspicion timeout held at the
+    default's seconds (suspicion_mult scaled), so only the probing rate changes."""
+    default = ProtocolConfig()
+    seed = int(args.seeds.split(",")[0])
+    points = []
+    for interval in intervals:
+        config = ProtocolConfig(probe_interval_s=interval,
+                                suspicion_mult=default.suspicion_mult * default.probe_interval_s / interval)
+        started = time.perf_counter()
+        result = run(args.n, args.loss, seed, args.frontier_steady_s, args.frontier_cycles,
+                     args.cycle_s, realism, config)
+        by_type = result["wire_by_type"]
+        probing = sum(by_type.get(kind, 0.0) for kind in ("ping", "ack", "preq", "nack"))
+        point = {"probe_interval_s": interval, "suspicion_mult": round(config.suspicion_mult, 3),
+                 **{key: result[key] for key in ("wire_bytes_per_member_s", "detect_p99_s",
+                                                 "false_dead", "false_suspect", "unfinished")},
+                 "probing_wire_bytes_per_member_s": round(probing, 1), "wire_by_type": by_type,
+                 "wall_s": round(time.perf_counter() - started, 1)}
+        print(f"N={args.n} probe every {interval} s: " + orjson.dumps(point).decode(), flush=True)
+        points.append(point)
+    both = [p["probe_interval_s"] for p in points
+            if p["detect_p99_s"] <= GOALS["detect_p99_s"]
+            and p["wire_bytes_per_member_s"] <= GOALS["wire_bytes_per_member_s"]]
+    print(f"probe intervals meeting detect p99 <= {GOALS['detect_p99_s']} s and "
+          f"<= {GOALS['wire_bytes_per_member_s']} wire B/member/s together: {both or 'none'}")
+    return {"n": args.n, "loss": args.loss, "seed": seed, "ideal": args.ideal,
+            "steady_s": args.frontier_steady_s, "cycles": args.frontier_cycles,
+            "frontier": points, "both_goals_at": both}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100)
@@ -313,10 +351,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="no handling lag, stalls, metadata or wire overhead (earlier figures)")
     parser.add_argument("--poll-s", type=float, default=Realism.poll_s)
     parser.add_argument("--stall-rate-per-h", type=float, default=Realism.stall_rate_per_h)
+    parser.add_argument("--frontier", default="",
+                        help="comma-separated probe intervals: sweep them instead (see above)")
+    parser.add_argument("--frontier-steady-s", type=float, default=600.0)
+    parser.add_argument("--frontier-cycles", type=int, default=40)
     args = parser.parse_args(argv)
     realism = IDEAL if args.ideal else Realism(poll_s=args.poll_s, stall_rate_per_h=args.stall_rate_per_h)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     print(f"realism: {realism}", flush=True)
+    if args.frontier:
+        sweep = frontier([float(v) for v in args.frontier.split(",") if v.strip()], args, realism)
+        print(orjson.dumps(sweep).decode())
+        return 0
 
     if args.big_n:
         started = time.perf_counter()

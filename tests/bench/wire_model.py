@@ -19,7 +19,7 @@ plus headers per segment), which is how this model is checked.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 TCP_IP_HEADER = 52
 _CURVE_MESSAGE_BODY = 1 + 7 + 8 + 16 + 1  # name length, "MESSAGE", nonce, tag, flags
@@ -41,6 +41,15 @@ def message_bytes(payload: int) -> int:
     return frame + 2 * TCP_IP_HEADER
 
 
+def message_type(data: bytes) -> str:
+    """The "t" field of an encoded message, without decoding it."""
+    start = data.find(b'"t":"')
+    if start < 0:
+        return "?"
+    start += 5
+    return data[start:data.find(b'"', start)].decode("ascii", "replace")
+
+
 class WireMeter:
     """The simulator's send hook: wire bytes per sender, with each sender's connection LRU."""
 
@@ -48,6 +57,7 @@ class WireMeter:
         self.max_peers = max_peers
         self.bytes = 0
         self.connects = 0
+        self.by_type: Counter[str] = Counter()  # wire bytes per message type ("ping", "gos", ...)
         self._open: dict[str, OrderedDict[str, None]] = {}
 
     def on_send(self, sender: str, addr: str, data: bytes) -> None:
@@ -60,7 +70,10 @@ class WireMeter:
             peers[addr] = None
             self.connects += 1
             self.bytes += CONNECT_BYTES
-        self.bytes += message_bytes(len(data))
+            self.by_type["connect"] += CONNECT_BYTES
+        size = message_bytes(len(data))
+        self.bytes += size
+        self.by_type[message_type(data)] += size
 
     def forget(self, sender: str) -> None:
         """A crashed or restarted process: its connections are gone."""
