@@ -85,6 +85,7 @@ bench-source: setup
 
 bench-mesh: setup
 	$(PY) -m tests.bench.bench_mesh
+	$(PY) -m tests.bench.bench_mesh --frontier 0.5,0.7,1.0,1.4
 	$(PY) -m tests.bench.mesh_processes
 
 # needs root for network namespaces and tc (falls back to loopback without them)
