@@ -21,8 +21,8 @@ name) and, when the receiver may answer, "fa" (sender "host:port")):
   qres  q self ms (member rows)                      StatusReply
 An entry is {"n": name, "a": addr, "i": incarnation, "s": state, ["m": meta (alive only)],
 ["f": accuser (suspect only)]}; in "u" of gos only, a metadata change may come as
-{"n", "i", "s": 0, "mb": base incarnation, "md": changed keys (null: removed), ["mh": 48-bit
-hash of the base's meta]} instead (a MetaUpdate: no address, no whole meta). "u" on preq and nack is accepted (and validated) for
+{"n", "i", "s": 0, "mb": base incarnation, "md": changed keys (null: removed)} instead
+(a MetaUpdate: no address, no whole meta). "u" on preq and nack is accepted (and validated) for
 compatibility, and ignored.
 """
 
@@ -32,7 +32,7 @@ from collections import Counter
 
 import orjson
 
-from .entries import ALIVE, MAX_META_HASH, Entry, MetaUpdate
+from .entries import ALIVE, Entry, MetaUpdate
 from .fields import (
     MAX_HASH,
     MAX_INCARNATION,
@@ -77,10 +77,7 @@ MAX_PIGGYBACK_ENTRIES = 64
 
 def entry_wire(entry: Entry | MetaUpdate) -> dict:
     if type(entry) is MetaUpdate:
-        wire = {"n": entry.name, "i": entry.incarnation, "s": ALIVE, "mb": entry.base, "md": entry.changes}
-        if entry.base_hash is not None:
-            wire["mh"] = entry.base_hash
-        return wire
+        return {"n": entry.name, "i": entry.incarnation, "s": ALIVE, "mb": entry.base, "md": entry.changes}
     wire = {"n": entry.name, "a": entry.addr, "i": entry.incarnation, "s": entry.state}
     if entry.state == ALIVE and entry.meta:
         wire["m"] = entry.meta
@@ -222,12 +219,11 @@ def _entry(value) -> Entry:
 
 
 def _meta_update(value: dict) -> MetaUpdate:
-    if set(value) - {"mh"} != {"n", "i", "s", "mb", "md"} or value["s"] != ALIVE:
+    if set(value) != {"n", "i", "s", "mb", "md"} or value["s"] != ALIVE:
         raise Invalid("meta update")
     name, incarnation = check_name(value["n"]), check_int(value["i"], 1, MAX_INCARNATION)
     base = check_int(value["mb"], 0, incarnation - 1)
-    base_hash = check_int(value["mh"], 0, MAX_META_HASH) if "mh" in value else None
-    return MetaUpdate(name, incarnation, base, validate_meta(value["md"]), base_hash=base_hash)
+    return MetaUpdate(name, incarnation, base, validate_meta(value["md"]))
 
 
 def _entries(value, limit: int, meta_updates: bool = False) -> tuple[Entry | MetaUpdate, ...]:

@@ -41,7 +41,7 @@ from .awareness import Awareness
 from .claims import ClaimFilter
 from .codec import MAX_INCARNATION, Invalid, entry_size, validate_meta
 from .config import ProtocolConfig
-from .entries import ALIVE, DEAD, LEFT, SUSPECT, Entry, MetaUpdate, meta_changes, meta_hash
+from .entries import ALIVE, DEAD, LEFT, SUSPECT, Entry, MetaUpdate, meta_changes
 from .messages import (
     Ack,
     Delta,
@@ -266,8 +266,7 @@ class MeshCore:
         changes = meta_changes(previous.meta, entry.meta)
         if changes is None:
             return entry
-        update = MetaUpdate(entry.name, entry.incarnation, previous.incarnation, changes,
-                            base_hash=meta_hash(previous.meta))
+        update = MetaUpdate(entry.name, entry.incarnation, previous.incarnation, changes)
         return update if entry_size(update) < entry_size(entry) else entry
 
     def _gossip_tick(self, now: float, out: list[Out]) -> None:

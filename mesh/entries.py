@@ -65,14 +65,9 @@ class MetaUpdate:
     base: int
     changes: dict
     state: int = ALIVE
-    # meta_hash of the base's metadata: a restarted process reuses incarnations, so two
-    # different entries can share (name, base); None from a sender that sends none
-    base_hash: int | None = None
 
     def resolve(self, current: Entry | None) -> Entry | None:
         if current is None or current.state != ALIVE or current.incarnation != self.base:
-            return None
-        if self.base_hash is not None and meta_hash(current.meta) != self.base_hash:
             return None
         meta = {**current.meta, **self.changes}
         for key, value in self.changes.items():
@@ -98,15 +93,6 @@ def meta_changes(old: dict, new: dict) -> dict | None:
         return None
     changes.update({k: None for k in old if k not in new})
     return changes
-
-
-MAX_META_HASH = 2**48 - 1
-
-
-def meta_hash(meta: dict | None) -> int:
-    """48-bit digest of a metadata dict (exact in JSON numbers), key order aside."""
-    raw = hashlib.blake2b(orjson.dumps(meta or {}, option=orjson.OPT_SORT_KEYS), digest_size=6).digest()
-    return int.from_bytes(raw, "big")
 
 
 def entry_digest(name: str, incarnation: int, state: int) -> int:

@@ -9,7 +9,7 @@ import pytest
 
 from mesh.codec import Decoder, encode, entry_size
 from mesh.core import MeshCore
-from mesh.entries import ALIVE, SUSPECT, Entry, MetaUpdate, meta_changes, meta_hash
+from mesh.entries import ALIVE, SUSPECT, Entry, MetaUpdate, meta_changes
 from mesh.messages import Ack, Delta, Gossip, Ping
 from tests.mesh.test_protocol_sim import cluster, run_until
 
@@ -44,7 +44,7 @@ def test_an_advertised_change_travels_as_its_keys_and_is_rebuilt_exactly():
     (update,) = gossip_of(out, "author")
     assert isinstance(update, MetaUpdate)
     assert update.changes == {"load": 1, "state": "receiving", "progress": 0.25, "zone": None}
-    assert entry_size(update) * 2 < entry_size(author.view["author"])
+    assert entry_size(update) * 3 < entry_size(author.view["author"])
     wire = Decoder().decode(encode(Gossip("author", (update,))))
     assert wire == Gossip("author", (update,))
     reader.handle(1.1, wire)
@@ -96,35 +96,12 @@ def test_pings_and_acks_carry_no_meta_update_and_refuse_one_on_the_wire():
     ({"md": {"x": [1]}}, "meta value type"),
     ({"md": {"x": "y" * 600}}, "meta str"),
     ({"md": "load=1"}, "meta"),
-    ({"mh": -1}, "int"),
-    ({"mh": 2**48}, "int"),
-    ({"mh": "ab"}, "int"),
 ])
 def test_malformed_meta_updates_are_rejected_and_counted(change, reason):
     entry = {"n": "author", "i": 7, "s": ALIVE, "mb": 6, "md": {"load": 1}, **change}
     decoder = Decoder()
     assert decoder.decode(orjson.dumps({"v": 1, "t": "gos", "f": "author", "u": [entry]})) is None
     assert decoder.rejected[reason] == 1
-
-
-def test_a_base_of_the_same_incarnation_with_other_metadata_is_not_built_on():
-    # a restarted process reuses incarnations: (name, base) alone does not name one entry
-    author, reader = core("author"), core("reader")
-    reader._apply(0.0, Entry("author", author.addr, 0, ALIVE, {"generation": 1}), gossip=True)
-    author._apply(0.0, reader.view["reader"], gossip=True)
-    author.advertise(1.0, {**RECORD, "load": 1})
-    update = author.rumors["author"].entry
-    assert update.base == 0 and update.base_hash == meta_hash(RECORD)
-    out = reader.handle(1.1, Gossip("author", (update,)))
-    assert out == [(author.addr, Delta("reader", reader.addr, (), ("author",)))]
-    assert reader.view["author"].meta == {"generation": 1}  # nothing built on the wrong base
-    (answer,) = author.handle(1.2, out[0][1])
-    reader.handle(1.3, answer[1])
-    assert reader.view["author"] == author.view["author"]
-    # a sender of the previous release sends no hash: its change is built on as before
-    legacy = MetaUpdate("author", 3, 1, {"load": 2})
-    reader.handle(1.4, Gossip("author", (legacy,)))
-    assert reader.view["author"].meta == {**RECORD, "load": 2}
 
 
 def test_a_change_that_would_overflow_the_meta_limit_is_dropped():
@@ -144,7 +121,7 @@ def test_a_refutation_is_an_empty_change_rebuilt_by_those_who_took_the_suspicion
     assert reader.view["author"].meta == {}  # a suspect entry carries no metadata
     author._apply(1.1, suspicion, gossip=True)
     refutation = author.rumors["author"].entry
-    assert refutation == MetaUpdate("author", 1, 0, {}, base_hash=meta_hash(RECORD))
+    assert refutation == MetaUpdate("author", 1, 0, {})
     reader.handle(1.2, Gossip("author", (refutation,)))
     assert reader.view["author"] == author.view["author"]  # alive, incarnation 1, its metadata
     # a member that knew the author only as suspect (never alive at 0) has no base: it asks
@@ -162,7 +139,7 @@ def test_a_refutation_arriving_whole_is_passed_on_as_the_empty_change():
     # an older release (or a member without the base) gossips the refutation whole
     reader.handle(1.2, Gossip("other", (author.view["author"],)))
     assert reader.view["author"] == author.view["author"]
-    assert reader.rumors["author"].entry == MetaUpdate("author", 1, 0, {}, base_hash=meta_hash(RECORD))
+    assert reader.rumors["author"].entry == MetaUpdate("author", 1, 0, {})
 
 
 def test_a_change_asked_for_whole_is_passed_on_as_the_change_it_was():
