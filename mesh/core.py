@@ -81,7 +81,7 @@ class MeshCore:
         self.view = View(name)
         self.rumors = RumorQueue(c.retransmit_mult, c.piggyback_bytes)
         self.suspicions = Suspicions()
-        self.asked: dict[str, MetaUpdate] = {}  # member -> the change whose whole entry we asked for
+        self.asked: dict[str, int] = {}  # member -> incarnation whose whole entry we asked for
         # the metadata of members suspected at the incarnation we held them alive at (the
         # suspect entry carries none): the base of the empty MetaUpdate a refutation sends
         self.suspect_meta: dict[str, tuple[int, dict]] = {}
@@ -240,12 +240,11 @@ class MeshCore:
 
     def _first_ask(self, update: MetaUpdate) -> bool:
         """Ask once per incarnation: the same change arrives from several members."""
-        earlier = self.asked.get(update.name)
-        if earlier is not None and earlier.incarnation >= update.incarnation:
+        if self.asked.get(update.name, -1) >= update.incarnation:
             return False
         if len(self.asked) >= self.config.max_members:
             self.asked.clear()  # names a member invented need not be remembered forever
-        self.asked[update.name] = update
+        self.asked[update.name] = update.incarnation
         return True
 
     def _ask_whole_entries(self, msg: MemberMessage, names: list[str], out: list[Out]) -> None:
@@ -384,22 +383,13 @@ class MeshCore:
             if gossip:
                 self._queue_rumor(rumor_form)
             return
-        if current is not None and entry.state == ALIVE:
-            # a change to a member we know is passed on in its small form where there is
-            # one: a whole entry re-gossiped whole would spread at full size from then on
-            small = self._small_form(current, entry)  # before the install drops suspect_meta
+        if not gossip and current is not None and entry.state == ALIVE:
+            # news from anti-entropy, passed on: while the same change is still gossiped
+            # as a MetaUpdate, a whole entry would spread it a second time, at full size
             self._install(now, entry, rumor=False)
-            self._queue_rumor(small)
+            self._queue_rumor(self._meta_update(self._meta_base(current), entry))
             return
         self._install(now, entry, rumor=gossip or current is not None)
-
-    def _small_form(self, current: Entry, entry: Entry) -> Entry | MetaUpdate:
-        """How to pass on `entry`, which replaces `current`: the change we asked its whole
-        entry for (we lacked its base, others need not), else the change from our base."""
-        asked = self.asked.get(entry.name)
-        if asked is not None and asked.agrees_with(entry):
-            return asked
-        return self._meta_update(self._meta_base(current), entry)
 
     def _apply_own(self, now: float, claim: Entry) -> None:
         """A claim about ourselves: refute anything newer than our own entry. The first

@@ -75,15 +75,6 @@ class MetaUpdate:
                 del meta[key]
         return Entry(self.name, current.addr, self.incarnation, ALIVE, meta)
 
-    def agrees_with(self, entry: Entry) -> bool:
-        """Whether `entry` is what this change makes (as far as the change tells)."""
-        if entry.name != self.name or entry.incarnation != self.incarnation or entry.state != ALIVE:
-            return False
-        meta = entry.meta or {}
-        return all(key not in meta if value is None
-                   else key in meta and type(meta[key]) is type(value) and meta[key] == value
-                   for key, value in self.changes.items())
-
 
 def meta_changes(old: dict, new: dict) -> dict | None:
     """What turns `old` into `new` (MetaUpdate.changes); None when a change cannot be

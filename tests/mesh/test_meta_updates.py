@@ -130,43 +130,6 @@ def test_a_refutation_is_an_empty_change_rebuilt_by_those_who_took_the_suspicion
     assert not stranger._apply(2.0, MetaUpdate("author", 2, 1, {}), gossip=True)
 
 
-def test_a_refutation_arriving_whole_is_passed_on_as_the_empty_change():
-    author, reader = core("author"), core("reader")
-    reader._apply(0.0, author.view["author"], gossip=True)
-    suspicion = Entry("author", author.addr, 0, SUSPECT, accuser="x")
-    reader._apply(1.0, suspicion, gossip=True)
-    author._apply(1.1, suspicion, gossip=True)
-    # an older release (or a member without the base) gossips the refutation whole
-    reader.handle(1.2, Gossip("other", (author.view["author"],)))
-    assert reader.view["author"] == author.view["author"]
-    assert reader.rumors["author"].entry == MetaUpdate("author", 1, 0, {})
-
-
-def test_a_change_asked_for_whole_is_passed_on_as_the_change_it_was():
-    author, relay, late = core("author"), core("relay"), core("late")
-    for c in (relay, late):
-        c._apply(0.0, author.view["author"], gossip=True)
-        c._apply(0.0, relay.view["relay"], gossip=True)
-    late._apply(0.5, Entry("author", author.addr, 1, SUSPECT, accuser="x"), gossip=True)  # no base at 1
-    author.advertise(1.0, {**RECORD, "load": 1})
-    relay.handle(1.1, Gossip("author", (author.rumors["author"].entry,)))
-    author.advertise(2.0, {**RECORD, "load": 2})
-    change = author.rumors["author"].entry
-    relay.handle(2.1, Gossip("author", (change,)))
-    (ask,) = late.handle(2.2, Gossip("relay", (change,)))
-    (answer,) = relay.handle(2.3, ask[1])
-    late.rumors.clear()
-    late.handle(2.4, answer[1])
-    assert late.view["author"] == author.view["author"]
-    assert late.rumors["author"].entry == change  # not the whole entry it asked for
-    # a change that does not agree with the entry it was asked for is not passed on
-    other = core("late2")
-    other._apply(0.0, author.view["author"], gossip=True)
-    other.asked["author"] = MetaUpdate("author", author.incarnation, 0, {"load": 7})
-    other._apply(2.5, author.view["author"], gossip=False)
-    assert other.rumors["author"].entry != other.asked["author"]
-
-
 def test_every_view_ends_with_every_member_s_own_metadata_under_churn_and_loss():
     sim = cluster(30, loss=0.05)
     rng = random.Random(3)
