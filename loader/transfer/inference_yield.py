@@ -3,7 +3,8 @@ model runners are pinned to.
 
 Linux priorities and CPU affinities are per thread, and the threads a thread starts
 (Gloo's I/O loops, c10d's store) inherit both, so a session thread calls
-`yield_to_inference()` before it builds its process group.
+`yield_to_inference(cpus)` before it builds its process group, with the `serving_cpus()`
+its server found when it started.
 
 vLLM's CPU backend pins each worker process (its OpenMP threads, and with them every
 thread the process starts later) to the cores of its rank and leaves a few cores
@@ -25,19 +26,31 @@ logger = logging.getLogger(__name__)
 SERVING_NICE = 19
 
 
-def yield_to_inference() -> None:
-    """Nice 19 for the calling thread, and the spare cores if the workers are pinned.
-    Best effort: a platform without either keeps the thread as it is."""
+def serving_cpus() -> set[int]:
+    """The CPUs serving threads of this process should move to (empty: stay where they
+    are). A scan of /proc: a server runs it once, at start and at normal priority (a
+    session thread that scanned after lowering its own priority waited up to 0.9 s for
+    it on a busy host, before every transfer)."""
+    try:
+        return spare_cpus(os.getpid(), os.getppid())
+    except (AttributeError, OSError):
+        return set()
+
+
+def yield_to_inference(cpus: set[int] | None = None) -> None:
+    """Nice 19 for the calling thread, and `cpus` (default: `serving_cpus()`) if not
+    empty. Best effort: a platform without either keeps the thread as it is."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SERVING_NICE)
     except (AttributeError, OSError):
         pass
+    spare = serving_cpus() if cpus is None else cpus
+    if not spare:
+        return
     try:
-        spare = spare_cpus(os.getpid(), os.getppid())
-        if spare:
-            os.sched_setaffinity(0, spare)  # 0: the calling thread only
-            logger.debug("netloader serving thread on CPUs %s (the model's are pinned elsewhere)",
-                         sorted(spare))
+        os.sched_setaffinity(0, spare)  # 0: the calling thread only
+        logger.debug("netloader serving thread on CPUs %s (the model's are pinned elsewhere)",
+                     sorted(spare))
     except (AttributeError, OSError):
         pass
 

@@ -28,7 +28,7 @@ from loader.transfer.cache_source import ServedCache, answer_cache_request
 from loader.transfer.checksum import algorithm_for_device, checksum_key
 from loader.transfer.control_channel import ControlChannel
 from loader.transfer.device import TransferDevice, device_for
-from loader.transfer.inference_yield import yield_to_inference
+from loader.transfer.inference_yield import serving_cpus, yield_to_inference
 from loader.transfer.layout import ShardLayout
 from loader.transfer.liveness import CLIENT_SILENCE_FACTOR
 from loader.transfer.manifest import build_manifest, unique_tensors
@@ -125,6 +125,7 @@ class WeightServer:
         self.retained_bytes = 0  # bytes kept only to be served (reported in the mesh)
         self.compile_cache: ServedCache | None = None  # offered once vLLM has compiled
         self.endpoint: str | None = None
+        self._serving_cpus: set[int] = set()  # where session threads run (start() finds them)
         self.strategy: ServingStrategy = strategy if strategy is not None else FixedTensors()
         self.strategy.attach(self)
 
@@ -135,6 +136,7 @@ class WeightServer:
         self.endpoint = join_host_port(self._advertised_host(), port)
         if self._output_prefix:
             self._write_endpoint_file()
+        self._serving_cpus = serving_cpus()  # workers are pinned by now (vLLM's init_device)
         self._channel.start(f"netloader-server-r{self.rank}")
         threading.Thread(
             target=self._prepare, name=f"netloader-checksums-r{self.rank}", daemon=True
@@ -291,7 +293,7 @@ class WeightServer:
         store_socket = None
         started = time.monotonic()
         device = device_for(self._device)
-        yield_to_inference()  # before the group is built: its I/O thread inherits this
+        yield_to_inference(self._serving_cpus)  # before the group: its I/O threads inherit this
         try:
             device.enter_thread()  # this thread's device, and a stream of its own
             served, sender = self._open_session(session, device)

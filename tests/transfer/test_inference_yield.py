@@ -70,3 +70,25 @@ def test_a_serving_thread_of_a_pinned_worker_and_the_threads_it_starts_leave_its
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     spare = mine[1:]
     assert out.stdout.strip() == f"{spare} {spare} 19 {[mine[0]]}"
+
+
+def test_a_serving_thread_given_its_cpus_does_not_scan_proc_again(monkeypatch):
+    import threading
+
+    from loader.transfer import inference_yield
+
+    def scan(*_):
+        raise AssertionError("scanned /proc in the session thread")
+
+    monkeypatch.setattr(inference_yield, "spare_cpus", scan)
+    target = {sorted(os.sched_getaffinity(0))[-1]}
+    seen = {}
+
+    def session():
+        inference_yield.yield_to_inference(target)
+        seen["cpus"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=session)
+    t.start()
+    t.join()
+    assert seen["cpus"] == target

@@ -26,7 +26,7 @@ if _path:
 
         _server.WeightServer.__init__ = _record
         if os.environ.get("NETLOADER_BENCH_NO_YIELD"):  # the A/B run: serve at normal priority
-            _server.yield_to_inference = lambda: None
+            _server.yield_to_inference = lambda *cpus: None
         if os.environ.get("NETLOADER_BENCH_MODEL_CORES"):  # the A/B run: nice 19 on the model's cores
             from loader.transfer import inference_yield as _yield
 
