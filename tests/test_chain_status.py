@@ -5,6 +5,8 @@ import socket
 import time
 from types import MappingProxyType, SimpleNamespace
 
+import pytest
+
 from loader.config import MeshConfig, TransferSettings
 from loader.distribution import discovery
 from loader.distribution.discovery import MeshPresence
@@ -147,23 +149,31 @@ class FakeClock:
         self.now += s
 
 
-def reattach_delays(monkeypatch, reason):
+def reattach_delays(monkeypatch, reason, load=0):
+    """The gaps between the asks of an upstream that always answers `reason` (the table
+    shows it with `load` of capacity 1)."""
     import loader.distribution.upstream_choice as choice
 
     clock = FakeClock()
-    refused = SimpleNamespace(ok=False, failures=[("a:1", reason)])
-    monkeypatch.setattr(FetchRequest, "from_sources", lambda self, sources: refused)
+    asked = []
+
+    def refuse(self, sources):
+        asked.append(clock.now)
+        return SimpleNamespace(ok=False, failures=[("a:1", reason)])
+
+    monkeypatch.setattr(FetchRequest, "from_sources", refuse)
     monkeypatch.setattr(choice, "time", clock)
-    row = upstream("a")
+    row = upstream("a", load=load)
     fetch_with_reattach(
         lambda: [row], "me:1", FetchRequest("f" * 64, {}, 0, SETTINGS),
         ReattachPolicy(deadline_s=30, retry_s=0.05),
     )
-    return clock.sleeps
+    return [b - a for a, b in zip(asked, asked[1:])]
 
 
-def test_busy_refusals_back_off_exponentially_with_jitter(monkeypatch):
-    delays = reattach_delays(monkeypatch, "busy: source busy (4 transfers running)")
+@pytest.mark.parametrize("load", [0, 1])  # the table lags (shows a free slot) or agrees
+def test_busy_refusals_back_off_exponentially_with_jitter(monkeypatch, load):
+    delays = reattach_delays(monkeypatch, "busy: source busy (4 transfers running)", load)
     from loader.distribution.reattach import BUSY_BACKOFF_CAP_S
 
     assert delays[0] <= 0.1 and max(delays) <= BUSY_BACKOFF_CAP_S
@@ -171,6 +181,33 @@ def test_busy_refusals_back_off_exponentially_with_jitter(monkeypatch):
     assert max(delays) > BUSY_BACKOFF_CAP_S / 2
     assert len(set(delays)) == len(delays)  # jittered: newcomers do not return in step
     assert len(delays) < 40  # 30 s of busy answers cost tens of retries, not hundreds
+
+
+def test_during_a_busy_backoff_an_upstream_the_table_shows_with_room_is_asked_at_once():
+    """A chain forms one link per new relay: a newcomer refused by full upstreams must
+    not sit out its backoff while a new relay with a free slot appears in the table."""
+    import random
+
+    from loader.distribution.reattach import Attempt, Reattach, ReattachPolicy, Wait
+
+    state = Reattach(ReattachPolicy(retry_s=0.05), "me:1", 0.0, random.Random(1))
+    full = upstream("a", load=1)
+    busy = [("a:1", "busy: source busy (1 transfers running)")]
+    t = 0.0
+    for _ in range(4):  # several busy rounds: the next ask of "a" is 0.4-0.8 s away
+        assert isinstance(state.next(t, [full]), Attempt)
+        state.record(t, busy, [full])
+        t = state._resume_at
+    now = t - 0.35
+    assert isinstance(state.next(now, [full]), Wait)
+    relay = upstream("r", load=0)
+    assert state.next(now, [full, relay]) == Attempt(["r:1"])
+    # it said busy too, and the table still shows it with the slot free: wait for the backoff
+    state.record(now, [("r:1", "busy: source busy (1 transfers running)")], [full, relay])
+    assert isinstance(state.next(now + 0.01, [full, relay]), Wait)
+    # gossip shows it full, then free again (its downstream left): asked at once
+    assert isinstance(state.next(now + 0.02, [full, upstream("r", load=1)]), Wait)
+    assert state.next(now + 0.03, [full, relay]) == Attempt(["r:1"])
 
 
 def test_a_relay_about_to_receive_is_retried_soon(monkeypatch):
@@ -221,18 +258,19 @@ def test_reattach_gives_up_at_the_deadline_even_while_busy_answers_come():
     import random
 
     state = Reattach(ReattachPolicy(deadline_s=3, retry_s=0.05), "me:1", 0.0, random.Random(2))
-    now, delays = 0.0, []
+    now, asked = 0.0, []
     while True:
         decision = state.next(now, [upstream("a", load=1)])
         if isinstance(decision, GiveUp):
             break
         if isinstance(decision, Attempt):
+            asked.append(now)
             state.record(now, [("a:1", "busy: source busy (1 transfers running)")])
         else:
-            delays.append(decision.seconds)
             now += decision.seconds
     assert decision == GiveUp(f"no upstream served us within 3s ({state.refusals} busy refusals)")
-    assert delays[-1] > 8 * delays[0] and state.busy_rounds == state.refusals
+    gaps = [b - a for a, b in zip(asked, asked[1:])]
+    assert gaps[-1] > 8 * gaps[0] and state.busy_rounds == state.refusals
 
 
 def test_a_candidate_that_began_to_receive_from_us_meanwhile_is_not_tried(monkeypatch):

@@ -7,7 +7,12 @@ driven by `upstream_choice.fetch_with_reattach`.
   `suspect_s` any that failed for a reason other than busy / not receiving yet (a dead
   hop may linger in the table until gossip declares it dead).
 - After rounds in which every upstream said "busy", wait exponentially longer, with
-  jitter; otherwise (a relay about to start receiving, an empty table) retry soon.
+  jitter, before asking them again; otherwise (a relay about to start receiving, an
+  empty table) retry soon. Meanwhile re-read the table every `retry_s`: an upstream it
+  shows with a free slot (advertised load below capacity) is asked at once, unless it
+  refused us since and the table shows it with the same load still (gossip has not
+  caught up: ask it with the others once the wait is over). A chain forms one link per new
+  relay; every link had waited out a backoff of up to 2 s.
 - Give up after `deadline_s`, or once the table has offered nothing usable for `idle_s`.
 """
 
@@ -65,6 +70,7 @@ class Reattach:
     refusals: int = 0  # busy / not receiving yet: expected while a chain forms
     busy_rounds: int = 0
     _suspects: dict[str, float] = field(default_factory=dict)
+    _refused_at_load: dict[str, int] = field(default_factory=dict)  # the load shown then
     _last_offer: float | None = None
     _resume_at: float = 0.0
 
@@ -77,27 +83,46 @@ class Reattach:
         last_offer = self.started if self._last_offer is None else self._last_offer
         if policy.idle_s is not None and now - last_offer >= policy.idle_s:
             return GiveUp(f"no usable upstream in the table for {policy.idle_s:g}s")
-        if now < self._resume_at:
-            return Wait(self._resume_at - now)
+        rows = {row.endpoint: row for row in table}
         candidates = [
             c
             for c in rank_upstreams(table, self.self_endpoint, policy.zone)
             if self._suspects.get(c, 0.0) <= now
         ]
         if not candidates:
-            self._resume_at = now + retry_delay_s(0, policy.retry_s, self.rng)
-            return Wait(self._resume_at - now)
+            return Wait(retry_delay_s(0, policy.retry_s, self.rng))
         self._last_offer = now
-        return Attempt(candidates)
+        if now >= self._resume_at:
+            return Attempt(candidates)
+        with_room = [c for c in candidates if self._has_room(rows[c])]
+        if with_room:
+            return Attempt(with_room)
+        return Wait(min(self._resume_at - now, policy.retry_s))
+
+    def _has_room(self, row: Upstream) -> bool:
+        """The table shows a free slot, and no refusal from it contradicts that yet."""
+        if row.capacity is None or row.load >= row.capacity:
+            self._refused_at_load.pop(row.endpoint, None)  # the table caught up with its answer
+            return False
+        held = self._refused_at_load.get(row.endpoint)
+        if held is not None and held == row.load:
+            return False
+        self._refused_at_load.pop(row.endpoint, None)
+        return True
 
     def offers(self, candidate: str, table: list[Upstream]) -> bool:
         """Whether `table` still ranks `candidate` as an upstream for us (it may since have
         begun to receive from us)."""
         return candidate in rank_upstreams(table, self.self_endpoint, self.policy.zone)
 
-    def record(self, now: float, failures: list[tuple[str, str]]) -> None:
-        """The failures of an attempt that did not succeed."""
+    def record(
+        self, now: float, failures: list[tuple[str, str]], table: list[Upstream] = ()
+    ) -> None:
+        """The failures of an attempt that did not succeed (`table`: as read before it)."""
+        loads = {row.endpoint: row.load for row in table}
         for source, reason in failures:
+            if source in loads:
+                self._refused_at_load[source] = loads[source]
             if is_retryable(reason):
                 self.refusals += 1
             else:

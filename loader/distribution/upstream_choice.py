@@ -28,7 +28,8 @@ def fetch_with_reattach(
     started = time.monotonic()
     state = Reattach(policy, self_endpoint, started, random.Random(self_endpoint))
     while True:
-        decision = state.next(time.monotonic(), read_table())
+        table = read_table()
+        decision = state.next(time.monotonic(), table)
         if isinstance(decision, GiveUp):
             failures = state.failures + [("mesh", decision.reason)]
             return FetchOutcome(False, None, 0, time.monotonic() - started, failures)
@@ -48,7 +49,7 @@ def fetch_with_reattach(
                     outcome.seconds,
                 )
             return outcome
-        state.record(time.monotonic(), outcome.failures)
+        state.record(time.monotonic(), outcome.failures, table)
 
 
 def _try_in_turn(candidates, read_table, state: Reattach, request: FetchRequest) -> FetchOutcome:
