@@ -28,7 +28,9 @@ repetitions, with min/max beside it); relay_kill_growth = kill makespan / chaine
 makespan of the same repetition. The plot (path printed) and the JSON carry the same
 run id. Also reported: how long a chain link's "receiving" status takes to reach the
 gossip tables (gossip_*_seconds_median) and how many times an agent suspected a member
-that was alive (false_suspicions).
+that was alive (false_suspicions), and how busy the host's CPUs were during one client
+alone and during the chain (single_/chained_host_cpu_busy): at 100 % the chain is
+bound by this host's cores, not by the protocol.
 """
 
 from __future__ import annotations
@@ -171,6 +173,8 @@ def analyse(waves: dict[str, dict], rep: int, clients: int, network) -> dict:
         "ratios": {n: best(n)[1] / single for n in {min(8, clients), clients} if best(n)},
         "best": best(clients),
         "chained": chained["makespan"],
+        "chained_cpu_busy": chained["host_cpu_busy"],
+        "single_cpu_busy": waves[f"single-r{rep}"]["host_cpu_busy"],
         "depth": longest,
         # the chain's first and last instance finish (depth - 1) hops apart
         "per_hop": (max(ends) - min(ends)) / (longest - 1) if longest > 1 else None,
@@ -253,7 +257,8 @@ def report(wave_id: str, wave: dict) -> None:
     print(
         f"{wave_id:>16}: makespan {wave['makespan']:6.2f}s  client times "
         f"{per[0]:.2f}..{per[-1]:.2f}s  verified={wave['all_verified']}  "
-        f"failed attempts={retries}  false suspicions={len(wave['suspicions'])}{killed}",
+        f"failed attempts={retries}  false suspicions={len(wave['suspicions'])}  "
+        f"host CPU busy {wave['host_cpu_busy']:.0%}{killed}",
         flush=True,
     )
     for t, observer, member, state in wave["suspicions"]:
@@ -306,6 +311,9 @@ def summary(reps: list[dict], clients: int, bucket_wire_s: float) -> dict:
         "makespan_seconds": spread([r["best"][1] for r in reps])["median"],
         "chained_makespan_seconds": spread([r["chained"] for r in reps])["median"],
         "chain_depth": max(r["depth"] for r in reps),
+        # what bounds the chained makespan on a small host: its CPUs, busy for the wave
+        "single_host_cpu_busy": spread([r["single_cpu_busy"] for r in reps]),
+        "chained_host_cpu_busy": spread([r["chained_cpu_busy"] for r in reps]),
         "per_hop_delay_s": spread(per_hop),
         "bucket_wire_s": round(bucket_wire_s, 3),
         "per_hop_overhead_beyond_bucket_s": spread([p - bucket_wire_s for p in per_hop]),

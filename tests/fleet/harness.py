@@ -210,12 +210,27 @@ class Fleet:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def host_cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all this host's CPUs since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return busy / total if total > 0 else None
+
+
 def run_waves(
     network, clients: int, base_cfg: dict, waves: list[dict], timeout_s: float, on_wave=None
 ) -> dict[str, dict]:
     """Start one source and `clients` clients, run each wave in turn (its clients start
     together), and return per wave: t0, makespan, all_verified, per-client results and,
-    for a wave with a victim, `killed` (when it died and its upstream; None if it lived).
+    host_cpu_busy (the fraction of all CPU time of this host spent busy during the wave)
+    and, for a wave with a victim, `killed` (when it died and its upstream; None if it
+    lived).
     A killed victim's process is gone: a wave with a victim comes last."""
     names = [f"c{i}" for i in range(1, clients + 1)]
     out: dict[str, dict] = {}
@@ -227,6 +242,7 @@ def run_waves(
         for wave in waves:
             wid = wave["id"]
             fleet.wait_joined(wid, wave["clients"])
+            cpu_before = host_cpu_times()
             t0 = fleet.go(wid)
             victim = wave.get("victim")
             results = fleet.wait_results(wid, [c for c in wave["clients"] if c != victim], timeout_s)
@@ -235,6 +251,7 @@ def run_waves(
             if victim is not None and killed is None:  # it had no downstream: lived
                 results.update(fleet.wait_results(wid, [victim], timeout_s))
             ended = time.time()
+            cpu = busy_fraction(cpu_before, host_cpu_times())
             fleet.end_wave(wid)
             # (before the next wave starts: members leaving this mesh are not its events)
             fleet.wait_left(wid, list(results))  # a killed victim has no result
@@ -255,6 +272,7 @@ def run_waves(
                 "results": results,
                 "suspicions": suspicions,
                 "killed": killed,
+                "host_cpu_busy": cpu,  # all CPUs, from go to the last result
             }
             if on_wave is not None:
                 on_wave(wid, out[wid])
