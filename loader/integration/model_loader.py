@@ -38,6 +38,7 @@ from loader.integration.vllm_compat import (  # every vLLM API goes through the 
     process_weights_after_loading,
     set_default_torch_dtype,
 )
+from loader.transfer.checksum import algorithm_for_device, warm_up_in_background
 from loader.transfer.client import FetchOutcome, FetchRequest, describe_failures
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class NetloaderModelLoader(BaseModelLoader):
         identity = rank_identity(vllm_config, model_config, self.config)
         fingerprinted = time.monotonic()
         presence = self._join_mesh(identity, model_config)  # joins while the model is built
+        warm_up_in_background(algorithm_for_device(target_device.type))  # so does the hash
         with set_default_torch_dtype(model_config.dtype):
             with target_device:
                 model = self.create_model(vllm_config, model_config, prefix)

@@ -26,6 +26,9 @@ and BLAKE3 still resists forgery, but the device hash does not.
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import blake3
 import torch
 
@@ -85,6 +88,26 @@ def warm_up(algorithm: str) -> None:
         from loader.transfer import nh_hash
 
         nh_hash.warm_up(nh_hash.nh32t2_digest if algorithm == NH32T2_BLAKE3 else nh_hash.nh64_digest)
+
+
+def warm_up_in_background(algorithm: str) -> threading.Thread:
+    """Start warm_up(algorithm) in a daemon thread and return it. Preparing the NH kernel
+    costs about a second of CPU (numba's import and cache load); started while the model
+    is built, it is done before the first bucket arrives, and a verification that comes
+    earlier waits only for the rest of it. A failure is logged here and raised again
+    where the kernel is next needed."""
+    thread = threading.Thread(
+        target=_warm_up_logged, args=(algorithm,), name="netloader-checksum-warm-up", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _warm_up_logged(algorithm: str) -> None:
+    try:
+        warm_up(algorithm)
+    except Exception as e:  # noqa: BLE001 - the verification that needs it raises it again
+        logging.getLogger(__name__).warning("checksum %s: warm-up failed: %s", algorithm, e)
 
 
 def _host_bytes(data: torch.Tensor):

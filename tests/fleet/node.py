@@ -42,6 +42,7 @@ from loader.distribution.peer_record import PeerRecord, RankIdentity, TransferSt
 from loader.distribution.reattach import ReattachPolicy
 from loader.distribution.relay import relay_server
 from loader.distribution.upstream_choice import fetch_with_reattach
+from loader.transfer.checksum import algorithm_for_device, warm_up_in_background
 from loader.transfer.client import FetchOutcome, FetchRequest, fetch_from_sources
 from loader.transfer.protocol import is_retryable
 from loader.transfer.server import WeightServer
@@ -351,7 +352,11 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:  # long: one w
 
 
 def run_client(cfg: dict, d: Path) -> None:
+    # as the vLLM loader does: the checksum kernel is prepared while the model is built
+    # (here: ready before the node reports armed, as when the build takes longer)
+    hash_ready = warm_up_in_background(algorithm_for_device("cpu"))
     dest = make_empty(cfg["size_mib"])
+    hash_ready.join()
     (d / f"{cfg['name']}.armed").write_text("1")
     for wave in cfg["waves"]:
         if cfg["name"] in wave["clients"]:

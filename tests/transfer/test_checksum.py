@@ -184,3 +184,24 @@ def test_the_hash_older_sources_announce_is_a_different_function():
     """A checksum is only ever compared under the algorithm its source announced."""
     data = torch.randint(0, 256, (4096,), dtype=torch.uint8)
     assert digest(data, NH32T2_BLAKE3, KEY) != digest(data, NH64_BLAKE3, KEY)
+
+
+def test_the_background_warm_up_prepares_the_kernel_and_only_logs_a_failure(monkeypatch, caplog):
+    from loader.transfer import checksum, nh_hash
+
+    thread = checksum.warm_up_in_background(NH32T2_BLAKE3)
+    assert thread.daemon
+    thread.join(120)
+    assert not thread.is_alive()
+    assert nh_hash._kernels is not None  # compiled (or loaded from numba's cache)
+
+    def broken(algorithm):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(checksum, "warm_up", broken)
+    raised = []
+    monkeypatch.setattr("threading.excepthook", lambda args: raised.append(args.exc_value))
+    with caplog.at_level("WARNING", logger="loader.transfer.checksum"):
+        checksum.warm_up_in_background(NH32T2_BLAKE3).join(10)
+    assert raised == []
+    assert "warm-up failed: no kernel here" in caplog.text
