@@ -78,6 +78,7 @@ class AgentLoop:
         self._snapshot: Snapshot = ((), None)
         self._snapshot_at = -math.inf
         self._snapshot_version = -1
+        self._view_changed = threading.Condition()  # notified when a snapshot's view changed
         if snapshot_refresh_s is not None:
             self._refresh_snapshot(now)
 
@@ -239,6 +240,16 @@ class AgentLoop:
             if is_self:
                 own = member
         members.sort(key=lambda m: m.name)
+        changed = core.version != self._snapshot_version
         self._snapshot = (tuple(members), own)
         self._snapshot_at = now
         self._snapshot_version = core.version
+        if changed:
+            with self._view_changed:
+                self._view_changed.notify_all()
+
+    def wait_for_change(self, timeout_s: float) -> bool:
+        """Block until a snapshot with a changed view (members, states, metadata) is
+        published, at most `timeout_s`; whether one was. For readers in other threads."""
+        with self._view_changed:
+            return self._view_changed.wait(timeout_s)

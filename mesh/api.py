@@ -119,6 +119,7 @@ class MeshAgent:
             return
         self._leave_on_stop = leave
         self._stopping.set()
+        self._loop.transport.wake()
         self._thread.join(timeout_s)
 
     def __enter__(self) -> MeshAgent:
@@ -157,6 +158,15 @@ class MeshAgent:
         """Every member in the local view, ourselves included (is_self=True)."""
         return [] if self._loop is None else list(self._loop.snapshot()[0])
 
+    def wait_for_change(self, timeout_s: float) -> bool:
+        """Block until the view changes (a member, its state or its metadata), at most
+        `timeout_s`: whether it did. Readers waiting on the mesh wake at once instead of
+        polling `members()`."""
+        if self._loop is None:
+            time.sleep(timeout_s)
+            return False
+        return self._loop.wait_for_change(timeout_s)
+
     @property
     def meta(self) -> dict:
         return dict(self._meta)
@@ -177,6 +187,7 @@ class MeshAgent:
                 self._advertised_before_start = True
             else:
                 self._loop.advertise(dict(self._meta))  # bursts are spread as one update
+                self._loop.transport.wake()  # gossiped now, not at the loop's next poll
 
     # ------------------------------------------------------------ the thread
 

@@ -98,6 +98,9 @@ class SimTransport(Transport):
         self.inbox = batch[limit:]
         return batch[:limit]
 
+    def wake(self) -> None:
+        """Nothing waits here: the simulator steps a node whenever it is due."""
+
     def close(self, linger_s: float = 0.0) -> None:
         self.node.up = False
         self.node.wake_at = math.inf

@@ -12,6 +12,8 @@ refuses (and disconnects) a peer sending a message over MAX_MESSAGE_BYTES.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections import Counter, OrderedDict, deque
 from typing import Protocol
 
@@ -35,6 +37,9 @@ class Transport(Protocol):
     def reply(self, handle: object, data: bytes) -> None: ...
 
     def receive(self, timeout_s: float, limit: int = 256) -> list[tuple[object, bytes]]: ...
+
+    def wake(self) -> None:
+        """Make a waiting `receive` return now; the only method other threads may call."""
 
     def close(self, linger_s: float = 0.0) -> None: ...
 
@@ -100,16 +105,47 @@ class ZmqTransport(Transport):
             self.inbox.bind(f"tcp://{host}:{bind_port if bind_port else '*'}")
             endpoint = self.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.port = int(endpoint.rsplit(":", 1)[1])
+            # wake(): a pipe, not a socket, because any thread may write to it; the lock
+            # keeps a late wake() from writing to the number of a closed (reused) fd
+            self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._wake_lock = threading.Lock()
+            self.poller = zmq.Poller()
+            self.poller.register(self.inbox, zmq.POLLIN)
+            self.poller.register(self._wake_read, zmq.POLLIN)
         except Exception:
             self._close_all(0)
             raise
 
     def receive(self, timeout_s: float, limit: int = 256) -> list[tuple[bytes, bytes]]:
         """Up to `limit` (sender identity, payload) pairs, oldest first; waits at most
-        timeout_s, and only when nothing is queued."""
-        if len(self.received) or self.inbox.poll(int(timeout_s * 1000)):
+        timeout_s, and only when nothing is queued; wake() ends the wait early."""
+        if len(self.received):
             self._drain()
+        else:
+            ready = dict(self.poller.poll(int(timeout_s * 1000)))
+            if self._wake_read in ready:
+                self._clear_wakeups()
+            if self.inbox in ready:
+                self._drain()
         return self.received.take(limit)
+
+    def wake(self) -> None:
+        """End a `receive` waiting in the agent's thread now (any thread may call this):
+        the loop then applies what was just asked of it, e.g. new metadata, at once."""
+        with self._wake_lock:
+            if self._wake_write is None:
+                return  # closed
+            try:
+                os.write(self._wake_write, b"\0")
+            except OSError:
+                pass  # the pipe is full: a wake-up is pending anyway
+
+    def _clear_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
 
     def _drain(self) -> None:
         """Move what the socket holds (at most one queue's worth per call) to the queue."""
@@ -171,5 +207,11 @@ class ZmqTransport(Transport):
         inbox = getattr(self, "inbox", None)
         if inbox is not None:
             inbox.close(0)
+        lock = getattr(self, "_wake_lock", None)
+        if lock is not None:
+            with lock:
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+                self._wake_read = self._wake_write = None
         release_context(self.context)
         self.context.term()

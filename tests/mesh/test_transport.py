@@ -56,3 +56,26 @@ def test_a_flood_is_dropped_and_counted_not_queued_without_bound():
         sender.close(0)
         context.term()
         transport.close()
+
+
+def test_wake_ends_a_waiting_receive_from_another_thread_and_is_harmless_after_close():
+    import threading
+
+    transport = ZmqTransport("127.0.0.1", 0, None)
+    returned = threading.Event()
+
+    def wait_long():
+        transport.receive(600.0)
+        returned.set()
+
+    waiter = threading.Thread(target=wait_long, daemon=True)
+    try:
+        waiter.start()
+        for _ in range(3):  # a burst of wake-ups is one, and none is left pending after
+            transport.wake()
+        assert returned.wait(30), "wake() did not end the receive"
+        waiter.join(5)
+        assert transport.receive(0) == []
+    finally:
+        transport.close()
+    transport.wake()  # closed: neither raises nor writes to a (reused) descriptor
