@@ -168,7 +168,7 @@ def reattach_delays(monkeypatch, reason, load=0):
         lambda: [row], "me:1", FetchRequest("f" * 64, {}, 0, SETTINGS),
         ReattachPolicy(deadline_s=30, retry_s=0.05),
     )
-    return [b - a for a, b in zip(asked, asked[1:])]
+    return [b - a for a, b in zip(asked, asked[1:], strict=False)]
 
 
 @pytest.mark.parametrize("load", [0, 1])  # the table lags (shows a free slot) or agrees
@@ -269,7 +269,7 @@ def test_reattach_gives_up_at_the_deadline_even_while_busy_answers_come():
         else:
             now += decision.seconds
     assert decision == GiveUp(f"no upstream served us within 3s ({state.refusals} busy refusals)")
-    gaps = [b - a for a, b in zip(asked, asked[1:])]
+    gaps = [b - a for a, b in zip(asked, asked[1:], strict=False)]
     assert gaps[-1] > 8 * gaps[0] and state.busy_rounds == state.refusals
 
 

@@ -31,7 +31,9 @@ POLL_S = 0.1
 # Once another member is visible the joiner has had a state sync; give the view this long
 # to fill in before deciding that no compatible peer exists.
 SETTLE_S = 1.5
-STATUS_REFRESH_S = 0.05  # reads the server's status; gossips only when it changed
+# reads the server's status this often, and at once when the server says it changed
+# (state, load, upstream); gossips only what changed
+STATUS_REFRESH_S = 0.05
 # progress is gossiped in steps of this size: a few metadata updates per transfer
 PROGRESS_STEP = 0.1
 ROLE = "vllm-worker"
@@ -59,10 +61,12 @@ class MeshPresence:
         self._vllm_version = vllm_version
         self._agent = None
         self._stop = threading.Event()
+        self._status_hint = threading.Event()
         self._publisher: threading.Thread | None = None
         self._server = None  # the server whose status is advertised (publish replaces it)
         self._status_lock = threading.Lock()
         self._last_record: PeerRecord | None = None
+        self._rows_cache: tuple[list, list[Upstream]] = ([], [])
         self.start_error: str | None = None
 
     def start(self) -> None:
@@ -119,7 +123,25 @@ class MeshPresence:
         """The gossip table as `loader.distribution.ranking` reads it: compatible members that
         hold or are receiving this rank's weights, with their transfer status."""
         agent = self._agent
-        return upstream_table(agent.members(), self._identity) if agent is not None else []
+        if agent is None:
+            return []
+        members = agent.members()
+        cached_members, rows = self._rows_cache
+        if len(members) == len(cached_members) and all(
+            a is b for a, b in zip(members, cached_members, strict=True)
+        ):
+            return list(rows)  # the same snapshot as last time (it is rebuilt on changes)
+        rows = upstream_table(members, self._identity)
+        self._rows_cache = (members, rows)
+        return list(rows)
+
+    def wait_for_change(self, timeout_s: float) -> None:
+        """Until the gossip view changes (then the rows may have), at most `timeout_s`."""
+        agent = self._agent
+        if agent is None:
+            time.sleep(timeout_s)
+        else:
+            agent.wait_for_change(timeout_s)
 
     def reshard_rows(self) -> list[Upstream]:
         """Complete members holding these weights in another shape (TP, PP or rank)."""
@@ -151,6 +173,7 @@ class MeshPresence:
         if self._agent is None:
             return
         self._server = server
+        server.on_status_change = self._status_hint.set
         if not self._advertise_status(server) or self._publisher is not None:
             return
         self._publisher = threading.Thread(
@@ -192,11 +215,15 @@ class MeshPresence:
         return True
 
     def _refresh_status(self) -> None:
-        while not self._stop.wait(STATUS_REFRESH_S):
-            self._advertise_status(self._server)
+        while not self._stop.is_set():
+            self._status_hint.wait(STATUS_REFRESH_S)
+            self._status_hint.clear()
+            if not self._stop.is_set():
+                self._advertise_status(self._server)
 
     def stop(self) -> None:
         self._stop.set()
+        self._status_hint.set()
         agent, self._agent = self._agent, None
         if agent is not None:
             log.info("rank %d: leaving the mesh", self._identity.rank)

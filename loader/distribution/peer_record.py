@@ -72,11 +72,25 @@ class PeerRecord:
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> PeerRecord | None:
         """The record in a member's metadata; None if it has none or any value is malformed.
-        Never raises."""
+        Never raises. Records are remembered by content (values with their types: 1 and
+        True are equal, but only one is a count): every read of the gossip table parses
+        every member's metadata, which changes only a few times per transfer."""
         try:
-            return cls(**{f.name: _READERS[f.name](meta.get(f.name)) for f in fields(cls)})
+            values = [meta.get(name) for name in _FIELD_NAMES]
+            key = tuple((type(v), v) for v in values)
+            cached = _PARSED.get(key, _MISSING)
+        except (TypeError, AttributeError):
+            return None  # not a mapping, or unhashable values: malformed
+        if cached is not _MISSING:
+            return cached
+        try:
+            record = cls(**{n: _READERS[n](v) for n, v in zip(_FIELD_NAMES, values, strict=True)})
         except (TypeError, ValueError, AttributeError):
-            return None
+            record = None
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[key] = record
+        return record
 
 
 def _text(value) -> str | None:
@@ -155,3 +169,9 @@ _READERS = {
     "content": _text,
     "compile_key": _text,
 }
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(PeerRecord))
+_PARSED: dict[tuple, PeerRecord | None] = {}  # PeerRecord.from_meta's results by content
+_PARSED_MAX = 4096  # about 4 entries per member of a 1000-member mesh; then start over
+_MISSING = object()

@@ -102,6 +102,7 @@ class Relay:
             self._verified = [False] * len(plan)
             self._verified_bytes = 0
             self._cond.notify_all()
+        self._status_changed()  # receiving: downstreams may attach now
 
     def bucket_verified(self, source: str, index: int) -> None:
         with self._cond:
@@ -121,6 +122,7 @@ class Relay:
             self._complete = True
             self._cond.notify_all()
             have_checksums = self._plan is not None
+        self._status_changed()
         if not have_checksums:  # filled from disk: compute checksums before a client asks
             server = self._server
             threading.Thread(
@@ -141,9 +143,14 @@ class Relay:
             self._verified = []
             self._verified_bytes = 0
             self._cond.notify_all()
+        self._status_changed()
         self._server.abort_sessions(f"relay: {why}", _SESSION_DRAIN_S)
 
     # ---- status for the gossip table -------------------------------------------------
+
+    def _status_changed(self) -> None:
+        if self._server is not None:
+            self._server.status_changed()
 
     @property
     def state(self) -> TransferState:

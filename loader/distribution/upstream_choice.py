@@ -22,9 +22,12 @@ def fetch_with_reattach(
     self_endpoint: str,
     request: FetchRequest,
     policy: ReattachPolicy,
+    wait_for_change: Callable[[float], object] | None = None,
 ) -> FetchOutcome:
     """Fetch from the best upstream in the table; re-read and re-attach until done or the
-    policy gives up."""
+    policy gives up. `wait_for_change(seconds)` waits between reads and may return as soon
+    as the table changed (MeshPresence.wait_for_change): a relay that just began to
+    receive is asked at once, not at the next look (default: sleep them out)."""
     started = time.monotonic()
     state = Reattach(policy, self_endpoint, started, random.Random(self_endpoint))
     while True:
@@ -34,7 +37,7 @@ def fetch_with_reattach(
             failures = state.failures + [("mesh", decision.reason)]
             return FetchOutcome(False, None, 0, time.monotonic() - started, failures)
         if not isinstance(decision, Attempt):
-            time.sleep(decision.seconds)
+            (wait_for_change or time.sleep)(decision.seconds)
             continue
         outcome = _try_in_turn(decision.candidates, read_table, state, request)
         if outcome.ok:

@@ -126,6 +126,9 @@ class WeightServer:
         self.compile_cache: ServedCache | None = None  # offered once vLLM has compiled
         self.endpoint: str | None = None
         self._serving_cpus: set[int] = set()  # where session threads run (start() finds them)
+        # called (from any thread) whenever state, load or upstream may have changed:
+        # the mesh presence advertises at once instead of at its next look
+        self.on_status_change: Callable[[], None] | None = None
         self.strategy: ServingStrategy = strategy if strategy is not None else FixedTensors()
         self.strategy.attach(self)
 
@@ -186,6 +189,11 @@ class WeightServer:
 
     # ---- status, from the strategy ---------------------------------------------------
 
+    def status_changed(self) -> None:
+        listener = self.on_status_change
+        if listener is not None:
+            listener()
+
     @property
     def state(self) -> TransferState:
         return self.strategy.state
@@ -245,6 +253,7 @@ class WeightServer:
         if busy:
             self._channel.reply(identity, protocol.nack_message(busy, busy=True))
             return
+        self.status_changed()  # one more client: the load others see
         session.thread = threading.Thread(
             target=self._serve_session,
             args=(session,),
@@ -336,6 +345,7 @@ class WeightServer:
             destroy_group(session.pg)
             device.synchronize()  # after an abort too: nothing of the session still queued
             self._sessions.remove(session)
+            self.status_changed()
 
     def _acknowledge(
         self, session: Session, served: ServedSession, store_port: int, skip: frozenset[int]

@@ -249,7 +249,9 @@ def fetch_chained(cfg: dict, presence: MeshPresence, relay: WeightServer, dest, 
         return FetchOutcome(False, None, 0, 0.0, [("mesh", found.reason or "no candidates")])
     request = FetchRequest(relay.fingerprint, dest, 0, settings, cluster_keys(cfg), observer)
     policy = ReattachPolicy(deadline_s=cfg.get("deadline_s", 900), idle_s=cfg.get("mesh_wait_s", 30.0))
-    return fetch_with_reattach(presence.upstream_rows, relay.endpoint, request, policy)
+    return fetch_with_reattach(
+        presence.upstream_rows, relay.endpoint, request, policy, presence.wait_for_change
+    )
 
 
 def fetch_root(cfg: dict, presence: MeshPresence, fingerprint: str, dest, settings, recorder):
