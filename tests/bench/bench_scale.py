@@ -335,7 +335,11 @@ def main() -> None:  # long: the benchmark's phases in the order they run, one s
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mib", type=int, default=192, help="checkpoint size")
-    parser.add_argument("--bucket-mb", type=int, default=4)
+    parser.add_argument(
+        "--bucket-mb", type=int, default=1,
+        help="a relay forwards whole buckets, so a hop costs about one bucket's wire time: "
+        "1 MiB of 192 MiB keeps the product's proportion (64 MiB buckets of a 16 GiB shard)",
+    )
     parser.add_argument(
         "--rate-mbit", type=int, default=250,
         help="per-host link rate; low enough that the link, not this machine's CPU, "
