@@ -33,6 +33,9 @@ class RecordingAgent:
         assert replace, "the record is the whole meta"
         self.advertised.append(dict(meta))
 
+    def stop(self, leave=True):
+        pass
+
 
 class FakeRelay:
     def __init__(self):
@@ -295,3 +298,44 @@ def test_a_candidate_that_began_to_receive_from_us_meanwhile_is_not_tried(monkey
     )
     assert tried == ["a:1"]  # never b, which now receives from us; a is suspect for 10 s
     assert not outcome.ok and outcome.failures[0] == ("a:1", "transfer failed: reset")
+
+
+def test_a_status_change_is_advertised_at_once_not_at_the_next_look(monkeypatch):
+    """The server's on_status_change (set by publish) wakes the publisher: with the
+    periodic look ten minutes apart, the change is still gossiped within seconds."""
+    monkeypatch.setattr(discovery, "STATUS_REFRESH_S", 600.0)
+    agent, relay = RecordingAgent(), FakeRelay()
+    p = presence(agent)
+    p.publish(relay)
+    try:
+        relay.state, relay.upstream = "receiving", "10.0.0.1:5000"
+        relay.on_status_change()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and agent.advertised[-1]["state"] != "receiving":
+            time.sleep(0.01)
+        assert agent.advertised[-1]["state"] == "receiving"
+    finally:
+        p.stop()
+
+
+def test_a_relay_tells_its_server_when_it_begins_to_receive_fails_and_completes():
+    import torch
+
+    from loader.distribution.relay import relay_server
+    from loader.transfer.buckets import plan_buckets
+    from loader.transfer.manifest import build_manifest
+
+    tensors = {"w": torch.zeros(16)}
+    server = relay_server(tensors, "f" * 64, 0, TransferSettings())
+    seen = []
+    server.on_status_change = lambda: seen.append(server.state)
+    relay = server.strategy
+    plan = plan_buckets(build_manifest(tensors).specs, 1 << 20)
+    ack = SimpleNamespace(checksums=("x",) * len(plan), algorithm="nh", bucket_bytes=1 << 20)
+    relay.transfer_started("10.0.0.1:5000", ack, plan)
+    assert seen == [TransferState.RECEIVING]
+    relay.attempt_failed("10.0.0.1:5000", "gone")
+    assert seen[-1] == TransferState.ATTACHING
+    relay.transfer_started("10.0.0.2:5000", ack, plan)
+    relay.fetch_succeeded()
+    assert seen[-2:] == [TransferState.RECEIVING, TransferState.COMPLETE]

@@ -59,3 +59,15 @@ def test_never_raises_and_what_it_reads_round_trips(meta):
     record = PeerRecord.from_meta(meta)
     if record is not None:
         assert PeerRecord.from_meta(record.to_meta()) == record
+
+
+def test_records_are_remembered_by_value_and_type():
+    """1 and True are equal and hash alike, but only one is a rank: whichever is read first,
+    the other is judged on its own."""
+    good = RECEIVING.to_meta()
+    for first, second in [(1, True), (True, 1)]:
+        records = [PeerRecord.from_meta({**good, "rank": v}) for v in (first, second)]
+        assert [r is not None for r in records] == [first == 1 and first is not True,
+                                                     second is not True]
+    assert PeerRecord.from_meta({**good, "load": [1]}) is None  # unhashable: malformed
+    assert PeerRecord.from_meta(dict(good)) is PeerRecord.from_meta(dict(good))

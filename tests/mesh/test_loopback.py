@@ -213,3 +213,27 @@ def test_agent_with_unreachable_seed_starts_and_reports_not_joined(secret):
     finally:
         agent.stop()
     assert not agent.running
+
+
+def test_a_reader_waiting_for_a_change_wakes_when_a_peer_advertises(secret):
+    """In-process agents: `wait_for_change` returns once the peer's new metadata is in the
+    view (the peer's advertise wakes its own thread, so it is gossiped at once)."""
+    first = MeshAgent(bind="127.0.0.1:0", seeds=[], name="first", secret_file=secret)
+    first.start()
+    second = MeshAgent(bind="127.0.0.1:0", seeds=[first.addr], name="second", secret_file=secret)
+    second.start()
+    try:
+        assert wait_for(lambda: {m.name for m in first.members()} == {"first", "second"}, 20)
+        second.advertise({"state": "receiving"})
+        deadline = time.monotonic() + 30
+        seen = None
+        while time.monotonic() < deadline:
+            first.wait_for_change(5.0)
+            seen = next(m.meta.get("state") for m in first.members() if m.name == "second")
+            if seen == "receiving":
+                break
+        assert seen == "receiving"
+        assert first.wait_for_change(0.05) in (True, False)  # bounded: returns on its own
+    finally:
+        second.stop()
+        first.stop()
