@@ -144,7 +144,7 @@ class ZmqTransport(Transport):
         try:
             while os.read(self._wake_read, 4096):
                 pass
-        except (BlockingIOError, OSError):
+        except OSError:  # BlockingIOError: drained
             pass
 
     def _drain(self) -> None:
@@ -210,8 +210,9 @@ class ZmqTransport(Transport):
         lock = getattr(self, "_wake_lock", None)
         if lock is not None:
             with lock:
-                os.close(self._wake_read)
-                os.close(self._wake_write)
-                self._wake_read = self._wake_write = None
+                if self._wake_write is not None:  # not closed before
+                    os.close(self._wake_read)
+                    os.close(self._wake_write)
+                    self._wake_read = self._wake_write = None
         release_context(self.context)
         self.context.term()

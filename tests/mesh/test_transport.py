@@ -79,3 +79,9 @@ def test_wake_ends_a_waiting_receive_from_another_thread_and_is_harmless_after_c
     finally:
         transport.close()
     transport.wake()  # closed: neither raises nor writes to a (reused) descriptor
+
+
+def test_closing_twice_is_harmless():
+    transport = ZmqTransport("127.0.0.1", 0, None)
+    transport.close()
+    transport._close_all(0)  # e.g. a failed start cleaning up after a close
