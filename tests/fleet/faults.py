@@ -22,6 +22,7 @@ class FaultySource(FixedTensors):
     corrupt_bucket: int | None = None
     _corrupted: tuple[str, int] | None = None  # (tensor, byte) changed; restored later
     _corrupted_by = None  # the session that saw the corruption
+    hold_corrupt = None  # called (may block) just before the corrupt bucket is changed
 
     def attach(self, server: WeightServer) -> None:
         super().attach(server)
@@ -39,6 +40,8 @@ class FaultySource(FixedTensors):
             self._flip(self._corrupted)
             self._corrupted, self._corrupted_by, self.corrupt_bucket = None, None, None
         if bucket.index == self.corrupt_bucket and self._corrupted is None:
+            if self.hold_corrupt is not None:
+                self.hold_corrupt()
             item = bucket.items[0]  # a byte inside this very bucket
             self._corrupted, self._corrupted_by = (item.name, item.tensor_offset), session
             self._flip(self._corrupted)
@@ -50,6 +53,7 @@ class CrashingRelay(Relay):
 
     die_after_forwarded: int | None = None
     on_die = None  # called just before the kill (the bench records when and where)
+    on_first_forward = None  # called once, when the first bucket is about to be forwarded
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,5 +68,7 @@ class CrashingRelay(Relay):
             if self.on_die is not None:
                 self.on_die()
             os.kill(os.getpid(), signal.SIGKILL)
+        if not self.forwarded_indices and self.on_first_forward is not None:
+            self.on_first_forward()
         # (upstream attempt number, bucket index): what was forwarded while receiving from whom
         self.forwarded_indices.append([session.generation, bucket.index])

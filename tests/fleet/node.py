@@ -20,7 +20,9 @@ waves ([{"id", "mode": "serial"|"concurrent"|"chained", "capacity", "clients",
 optional "model" (share another wave's fingerprint), optional "victim" and
 "die_after_forwarded" (that client dies, SIGKILL, once it forwarded that many buckets in
 this wave; it writes `<name>.killed.json` first)}]); test knobs: bucket_delay_s,
-corrupt_bucket (source), die_after_forwarded (every chained wave) and after_receiving
+corrupt_bucket (source), corrupt_after_forwarding (source: hold the corrupt bucket, at
+most 5 s, until that client forwarded its first bucket: it writes `<name>.forwarding`),
+die_after_forwarded (every chained wave) and after_receiving
 (client: start fetching once that instance shows as receiving in the gossip table).
 """
 
@@ -56,6 +58,7 @@ ROOT = "source"
 MODEL = "fleet-synthetic"
 _POLL_S = 0.005
 _WATCH_S = 0.01
+_HOLD_CORRUPT_S = 5.0  # below the tests' bucket timeout: the held bucket still arrives
 
 
 def settings_for(cfg: dict, capacity: int) -> TransferSettings:
@@ -102,6 +105,9 @@ def run_source(cfg: dict, d: Path) -> None:
         faults = FaultySource()
         faults.bucket_delay_s = cfg.get("bucket_delay_s", 0.0)
         faults.corrupt_bucket = cfg.get("corrupt_bucket")
+        if cfg.get("corrupt_after_forwarding"):
+            marker = d / wave["id"] / f"{cfg['corrupt_after_forwarding']}.forwarding"
+            faults.hold_corrupt = lambda marker=marker: wait_for(marker, _HOLD_CORRUPT_S)
         server = WeightServer(
             tensors,
             wave_fingerprint(wave),
@@ -287,6 +293,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:  # long: one w
     if mode == "chained":  # every instance relays from the start, like a vLLM rank
         crashing = CrashingRelay()
         crashing.die_after_forwarded = cfg.get("die_after_forwarded")
+        crashing.on_first_forward = lambda: (wd / f"{name}.forwarding").write_text("1")
         if wave.get("victim") == name:
             crashing.die_after_forwarded = wave["die_after_forwarded"]
             crashing.on_die = lambda: write_json(

@@ -92,7 +92,8 @@ def test_killed_chain_link_downstream_finishes_elsewhere_bit_identical():
 
 def test_relay_never_forwards_a_bucket_that_failed_verification():
     corrupt = 5
-    cfg = {**BASE, "bucket_delay_s": 0.2, "corrupt_bucket": corrupt}
+    # the corrupt bucket is held until c1 forwards to c2: c2 is attached when it comes
+    cfg = {**BASE, "bucket_delay_s": 0.2, "corrupt_bucket": corrupt, "corrupt_after_forwarding": "c1"}
     with Fleet(LoopbackNetwork(3), cfg, [chained("w", ["c1", "c2"])]) as fleet:
         fleet.start(0, ROOT, "source")
         fleet.start(1, "c1", "client")
