@@ -33,6 +33,9 @@ class TransferSettings:
     # (loader.transfer.liveness): a crashed host sends no FIN, and no RST
     ping_interval_s: float = 0.25
     silence_timeout_s: float = 2.0
+    # a relay whose upstream failed holds its downstream sessions this long for the next
+    # upstream to resume the same transfer (loader.distribution.relay)
+    relay_failover_s: float = 10.0
     bucket_mb: int = 64
     # TCP connections a Gloo transfer spreads its buckets over (the source decides; NCCL
     # and HCCL pick their own channels): one connection's kernel copy is a core's work

@@ -331,7 +331,7 @@ def test_a_relay_tells_its_server_when_it_begins_to_receive_fails_and_completes(
     server.on_status_change = lambda: seen.append(server.state)
     relay = server.strategy
     plan = plan_buckets(build_manifest(tensors).specs, 1 << 20)
-    ack = SimpleNamespace(checksums=("x",) * len(plan), algorithm="nh", bucket_bytes=1 << 20)
+    ack = SimpleNamespace(checksums=("x",) * len(plan), algorithm="nh", bucket_bytes=1 << 20, skip=frozenset())
     relay.transfer_started("10.0.0.1:5000", ack, plan)
     assert seen == [TransferState.RECEIVING]
     relay.attempt_failed("10.0.0.1:5000", "gone")

@@ -10,10 +10,15 @@ fetch in progress (`relay_server` builds one). It is also the fetch's observer (
   checksums, never ones it computed from bytes it received.
 - `bucket_verified` marks a bucket checked and written; only then may a downstream
   session read it (`before_bucket` blocks until it is). Unverified bytes never leave.
-- `attempt_failed` invalidates everything: downstream sessions are aborted (they fail
-  that source and re-attach elsewhere), and the relay refuses new clients until the
-  next upstream transfer starts. The fetch's next attempt overwrites the tensors only
-  after the aborted sessions have stopped reading them.
+- `attempt_failed` does not stop the downstream sessions: they wait (at most
+  `relay_failover_s`) for the fetch's next attempt. If that attempt resumes the same
+  transfer (the same plan and checksums, and it skips every bucket verified here, so it
+  writes only into buckets no session may read yet), they go on as if nothing happened:
+  a dead hop costs the chain below it one re-attach, not one per hop. Any other attempt
+  `invalidate`s first: downstream sessions are aborted (they fail that source and
+  re-attach elsewhere) and the tensors are overwritten only once they stopped reading.
+  While no upstream sends, the relay refuses new clients. The caller invalidates before
+  it fills the tensors otherwise (resharding, disk).
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class Relay:
         self._verified: list[bool] = []
         self._verified_bytes = 0
         self._generation = 0
+        self._orphaned_since: float | None = None  # upstream failed, the next not yet started
         self._complete = False
         self._server: WeightServer | None = None
         self.buckets_forwarded = 0
@@ -94,15 +100,45 @@ class Relay:
 
     def transfer_started(self, source: str, ack, plan: list[Bucket]) -> None:
         with self._cond:
-            self._source = source
-            self._plan = list(plan)
-            self._checksums = tuple(ack.checksums)
-            self._algorithm = ack.algorithm  # passed on as the upstream announced it
-            self._bucket_bytes = ack.bucket_bytes
-            self._verified = [False] * len(plan)
-            self._verified_bytes = 0
-            self._cond.notify_all()
+            if self._continues(ack, plan):
+                self._source, self._orphaned_since = source, None
+                self._cond.notify_all()
+                resumed = True
+            else:
+                resumed = False
+                stale = self._plan is not None
+        if resumed:
+            log.info(
+                "netloader relay: %s resumes the transfer; %d downstream session(s) go on",
+                source, self._server.active_clients if self._server else 0,
+            )
+        else:
+            if stale:  # another plan or other checksums: downstreams must not read on
+                self.invalidate(f"upstream {source} sends another transfer")
+            with self._cond:
+                self._source = source
+                self._plan = list(plan)
+                self._checksums = tuple(ack.checksums)
+                self._algorithm = ack.algorithm  # passed on as the upstream announced it
+                self._bucket_bytes = ack.bucket_bytes
+                self._verified = [False] * len(plan)
+                self._verified_bytes = 0
+                self._cond.notify_all()
         self._status_changed()  # receiving: downstreams may attach now
+
+    def _continues(self, ack, plan: list[Bucket]) -> bool:
+        """Whether an attempt announcing `ack` and `plan` resumes the transfer sessions
+        are reading: then it writes only into buckets not verified here (lock held)."""
+        if self._plan is None or self._complete:
+            return False
+        verified = {i for i, done in enumerate(self._verified) if done}
+        return (
+            plan == self._plan
+            and tuple(ack.checksums) == self._checksums
+            and ack.algorithm == self._algorithm
+            and ack.bucket_bytes == self._bucket_bytes
+            and verified <= set(ack.skip)
+        )
 
     def bucket_verified(self, source: str, index: int) -> None:
         with self._cond:
@@ -114,7 +150,18 @@ class Relay:
                 self._cond.notify_all()
 
     def attempt_failed(self, source: str, reason: str) -> None:
-        self.invalidate(f"upstream {source} failed: {reason}")
+        """Keep the downstream sessions for the next attempt (see the module docstring)."""
+        with self._cond:
+            if self._complete or source != self._source:
+                return
+            self._source = None
+            self._orphaned_since = time.monotonic()
+            self._cond.notify_all()
+        log.info(
+            "netloader relay: upstream %s failed (%s); downstream sessions wait up to %gs "
+            "for the next upstream to resume", source, reason, self._failover_s,
+        )
+        self._status_changed()
 
     def fetch_succeeded(self) -> None:
         """Every tensor now holds its final value (fetched, or loaded from disk)."""
@@ -139,6 +186,7 @@ class Relay:
                 return
             self._generation += 1
             self._source = None
+            self._orphaned_since = None
             self._plan = None
             self._verified = []
             self._verified_bytes = 0
@@ -148,17 +196,26 @@ class Relay:
 
     # ---- status for the gossip table -------------------------------------------------
 
+    @property
+    def _failover_s(self) -> float:
+        return self._server.settings.relay_failover_s if self._server else 0.0
+
+    def _receiving(self) -> bool:
+        """An upstream is sending (lock held)."""
+        return self._plan is not None and self._orphaned_since is None
+
     def _status_changed(self) -> None:
         if self._server is not None:
             self._server.status_changed()
 
     @property
     def state(self) -> TransferState:
-        """COMPLETE, RECEIVING (can serve verified buckets) or ATTACHING."""
+        """COMPLETE, RECEIVING (can serve verified buckets) or ATTACHING (also while
+        waiting for the next upstream: not offered as a source meanwhile)."""
         with self._cond:
             if self._complete:
                 return TransferState.COMPLETE
-            return TransferState.RECEIVING if self._plan is not None else TransferState.ATTACHING
+            return TransferState.RECEIVING if self._receiving() else TransferState.ATTACHING
 
     @property
     def upstream(self) -> str | None:
@@ -183,7 +240,7 @@ class Relay:
         with self._cond:
             if self._complete:
                 return None
-            if self._plan is None:
+            if not self._receiving():
                 return NOT_RECEIVING
             if bucket_bytes != self._bucket_bytes:
                 return f"relay forwards {self._bucket_bytes}-byte buckets only"
@@ -209,12 +266,18 @@ class Relay:
                 if self._server.stopping:
                     raise RuntimeError("relay stopping")
                 if self._generation != session.generation:
-                    raise RuntimeError("relay's upstream failed; downstream must re-attach")
+                    raise RuntimeError("relay's transfer was invalidated; downstream must re-attach")
                 if self._complete:
                     break  # every tensor is verified (whichever plan this session uses)
                 if self._plan is not None and self._verified[bucket.index]:
                     break
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                if self._orphaned_since is not None and now - self._orphaned_since > self._failover_s:
+                    raise RuntimeError(
+                        f"relay's upstream failed and none resumed within {self._failover_s:g}s; "
+                        "downstream must re-attach"
+                    )
+                remaining = deadline - now
                 if remaining <= 0:
                     raise TimeoutError(f"bucket {bucket.index} not verified upstream in time")
                 self._cond.wait(min(remaining, _WAIT_SLICE_S))

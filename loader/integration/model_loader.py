@@ -213,6 +213,10 @@ class NetloaderModelLoader(BaseModelLoader):
         if (plan.sources or plan.reshard) and identity.fingerprint and tensors is not None:
             transfer = time.monotonic()
             outcome = self._fetch(plan, identity, presence, relay, tensors)
+            if not outcome.ok and relay is not None:
+                # downstream sessions may still wait for an upstream to resume: end them
+                # before resharding or the disk load write into the tensors they read
+                relay.strategy.invalidate("no peer of this shape served the weights")
             if not outcome.ok and plan.reshard and layout is not None:
                 outcome = reshard_after(outcome, plan.reshard, layout, tensors, self._request(identity, tensors))
             phases["transfer"] = time.monotonic() - transfer

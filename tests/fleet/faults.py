@@ -57,7 +57,12 @@ class CrashingRelay(Relay):
 
     def __init__(self) -> None:
         super().__init__()
-        self.forwarded_indices: list[int] = []
+        self.forwarded_indices: list[list[int]] = []
+        self.upstream_attempts = 0  # transfers begun (each attempt of the fetch)
+
+    def transfer_started(self, source, ack, plan) -> None:
+        self.upstream_attempts += 1
+        super().transfer_started(source, ack, plan)
 
     def before_bucket(self, session, bucket) -> None:
         super().before_bucket(session, bucket)
@@ -70,5 +75,5 @@ class CrashingRelay(Relay):
             os.kill(os.getpid(), signal.SIGKILL)
         if not self.forwarded_indices and self.on_first_forward is not None:
             self.on_first_forward()
-        # (upstream attempt number, bucket index): what was forwarded while receiving from whom
-        self.forwarded_indices.append([session.generation, bucket.index])
+        # (upstream attempt number, bucket index): what was forwarded during which attempt
+        self.forwarded_indices.append([self.upstream_attempts - 1, bucket.index])

@@ -22,7 +22,8 @@ optional "model" (share another wave's fingerprint), optional "victim" and
 this wave; it writes `<name>.killed.json` first)}]); test knobs: bucket_delay_s,
 corrupt_bucket (source), corrupt_after_forwarding (source: hold the corrupt bucket, at
 most 5 s, until that client forwarded its first bucket: it writes `<name>.forwarding`),
-die_after_forwarded (every chained wave) and after_receiving
+die_after_forwarded (every chained wave), suspect_s (client: how long an upstream that
+failed is skipped) and after_receiving
 (client: start fetching once that instance shows as receiving in the gossip table).
 """
 
@@ -254,7 +255,11 @@ def fetch_chained(cfg: dict, presence: MeshPresence, relay: WeightServer, dest, 
     if not found.endpoints:
         return FetchOutcome(False, None, 0, 0.0, [("mesh", found.reason or "no candidates")])
     request = FetchRequest(relay.fingerprint, dest, 0, settings, cluster_keys(cfg), observer)
-    policy = ReattachPolicy(deadline_s=cfg.get("deadline_s", 900), idle_s=cfg.get("mesh_wait_s", 30.0))
+    policy = ReattachPolicy(
+        deadline_s=cfg.get("deadline_s", 900),
+        idle_s=cfg.get("mesh_wait_s", 30.0),
+        suspect_s=cfg.get("suspect_s", ReattachPolicy.suspect_s),
+    )
     return fetch_with_reattach(
         presence.upstream_rows, relay.endpoint, request, policy, presence.wait_for_change
     )

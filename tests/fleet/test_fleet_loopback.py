@@ -27,6 +27,13 @@ def chained(wave_id, clients):
     return {"id": wave_id, "mode": "chained", "capacity": 1, "clients": clients}
 
 
+def transfers_after_attaching(result):
+    """The kinds of transfer event from the first start on ("start", "failed"; refusals
+    before attaching count as failed attempts too)."""
+    kinds = [kind for _, kind, _ in result["events"]]
+    return kinds[kinds.index("start"):]
+
+
 def test_concurrency_limit_sends_the_extra_client_to_the_next_source():
     # two sources of the same model (two waves sharing a fingerprint), read from gossip
     limited = {"id": "limited", "mode": "concurrent", "capacity": 2, "clients": []}
@@ -82,18 +89,28 @@ def test_killed_chain_link_downstream_finishes_elsewhere_bit_identical():
     for name in ("c2", "c3"):
         r = results[name]
         assert r["ok"] and r["verified"], r  # bit-identical to the source's tensors
-    # re-attached past the dead hop: to the root, or to c3 once c3 itself had re-attached
-    # to the root (c2's failure had aborted c3's session: the chain re-forms either way)
-    assert results["c2"]["upstream"] in (ROOT, "c3")
-    assert results["c3"]["upstream"] in (ROOT, "c2")
-    # c2 resumed: the buckets it had verified from c1 were not sent again
-    assert 0 < results["c2"]["resumed_bytes"] < results["c2"]["bytes"], results["c2"]
+    # c2 re-attached past the dead hop to the root (c3 receives from it: not a candidate);
+    # whatever it had verified from c1 was not sent again (c1 may die before c2 verified
+    # anything, the pipeline is that short, so resumption itself is tested in tests/transfer)
+    assert results["c2"]["upstream"] == ROOT
+    assert results["c2"]["resumed_bytes"] < results["c2"]["bytes"], results["c2"]
+    # c3 never noticed: its session with c2 went on across c2's failover
+    assert results["c3"]["upstream"] == "c2"
+    assert transfers_after_attaching(results["c3"]) == ["start"], results["c3"]["events"]
 
 
 def test_relay_never_forwards_a_bucket_that_failed_verification():
     corrupt = 5
     # the corrupt bucket is held until c1 forwards to c2: c2 is attached when it comes
-    cfg = {**BASE, "bucket_delay_s": 0.2, "corrupt_bucket": corrupt, "corrupt_after_forwarding": "c1"}
+    # c1 asks the root again after 1 s (the fault is transient), well within c2's patience
+    # for an orphaned relay (relay_failover_s)
+    cfg = {
+        **BASE,
+        "bucket_delay_s": 0.2,
+        "corrupt_bucket": corrupt,
+        "corrupt_after_forwarding": "c1",
+        "suspect_s": 1.0,
+    }
     with Fleet(LoopbackNetwork(3), cfg, [chained("w", ["c1", "c2"])]) as fleet:
         fleet.start(0, ROOT, "source")
         fleet.start(1, "c1", "client")
@@ -108,10 +125,11 @@ def test_relay_never_forwards_a_bucket_that_failed_verification():
     # buckets verified before the corrupt one
     first_attempt = [index for attempt, index in c1["forwarded"] if attempt == 0]
     assert first_attempt and max(first_attempt) < corrupt
-    # c2's first transfer (from c1, whose upstream attempt then failed) was cut off, and
-    # c2 never saw a bad bucket: the relay stopped instead of forwarding one
-    events = [(kind, source) for _, kind, source in c2["events"]]
-    first = next(i for i, (kind, _) in enumerate(events) if kind == "start")
-    assert ("failed", events[first][1]) in events[first + 1 :], c2["events"]
+    # the next attempt resumed past the verified buckets, so c1 kept c2's session and
+    # forwarded the corrupt bucket's index only once it was received again, correct
+    assert corrupt in [index for attempt, index in c1["forwarded"] if attempt == 1], c1["forwarded"]
+    # c2 never saw a bad bucket, nor a failure: one transfer, from c1, never cut off
+    assert transfers_after_attaching(c2) == ["start"], c2["events"]
+    assert c2["upstream"] == "c1"
     assert not any("checksum mismatch" in why for _, why in c2["failures"]), c2["failures"]
     assert c1["ok"] and c1["verified"] and c2["ok"] and c2["verified"]
