@@ -14,7 +14,10 @@ from loader.distribution.discovery import MeshPresence
 from loader.integration import serving
 from loader.integration.identity import RankIdentity
 from loader.integration.model_loader import NetloaderModelLoader
+from loader.transfer.buckets import plan_buckets
 from loader.transfer.client import FetchOutcome
+from loader.transfer.manifest import build_manifest
+from loader.transfer.protocol import Ack
 from mesh.security import write_secret_file
 from tests.support.vllm_process import free_port
 
@@ -138,3 +141,37 @@ def test_mesh_presence_passes_insecure_to_its_agent():
         assert opened.start_error is None and opened.members()
     finally:
         opened.stop()
+
+
+def test_downstream_waiting_on_a_failed_fetch_is_cut_off_before_the_disk_load(monkeypatch):
+    # the fetch's source failed after one verified bucket, a downstream session waits on
+    # the relay for the next upstream: loading from disk must end that session first,
+    # or it would forward buckets the disk load is overwriting (never verified ones)
+    loader = loader_for(
+        {"SOURCE": [{"device_id": 0, "sources": [DEAD_SOURCE]}], "listen_host": "127.0.0.1"}
+    )
+    waiting = {}
+
+    def fetch_then_fail(sources, fingerprint, tensors, rank, settings, keys=None, observer=None, **kw):
+        plan = plan_buckets(build_manifest(tensors).specs, settings.bucket_bytes)
+        checksums = ("00",) * len(plan)
+        ack = Ack("ab" * 16, 1, settings.bucket_bytes, "nh32t2", checksums, "ef")
+        observer.transfer_started(sources[0], ack, plan)
+        observer.bucket_verified(sources[0], 0)
+        waiting["session"] = observer.open_session(settings.bucket_bytes, None)
+        observer.attempt_failed(sources[0], "connection reset")
+        waiting["relay"], waiting["plan"] = observer, plan
+        return FetchOutcome(False, None, 0, 0.0, [(sources[0], "connection reset")])
+
+    class DiskAfterDownstreamEnded(DiskLoader):
+        def load_weights(self, model, model_config):
+            relay, session, plan = waiting["relay"], waiting["session"], waiting["plan"]
+            assert relay.state == "attaching"
+            with pytest.raises(RuntimeError, match="invalidated"):
+                relay.before_bucket(session, plan[0])  # even the bucket it had verified
+            super().load_weights(model, model_config)
+
+    loader._disk = DiskAfterDownstreamEnded()
+    monkeypatch.setattr("loader.transfer.client.fetch_from_sources", fetch_then_fail)
+    result, server = fill(loader)
+    assert result.source == "disk" and loader._disk.loads == 1 and server is not None
