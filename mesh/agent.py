@@ -79,6 +79,7 @@ class AgentLoop:
         self._snapshot_at = -math.inf
         self._snapshot_version = -1
         self._view_changed = threading.Condition()  # notified when a snapshot's view changed
+        self._views_published = 0  # snapshots with a changed view so far (under _view_changed)
         if snapshot_refresh_s is not None:
             self._refresh_snapshot(now)
 
@@ -246,10 +247,20 @@ class AgentLoop:
         self._snapshot_version = core.version
         if changed:
             with self._view_changed:
+                self._views_published += 1
                 self._view_changed.notify_all()
 
-    def wait_for_change(self, timeout_s: float) -> bool:
+    @property
+    def view_version(self) -> int:
+        """How many snapshots with a changed view were published: read it before reading
+        the snapshot, pass it to wait_for_change as `seen`."""
+        return self._views_published
+
+    def wait_for_change(self, timeout_s: float, seen: int | None = None) -> bool:
         """Block until a snapshot with a changed view (members, states, metadata) is
-        published, at most `timeout_s`; whether one was. For readers in other threads."""
+        published, at most `timeout_s`; whether one was. For readers in other threads.
+        With `seen` (a view_version read before the reader's last look at the view), a
+        change published since then returns at once instead of being missed."""
         with self._view_changed:
-            return self._view_changed.wait(timeout_s)
+            start = self._views_published if seen is None else seen
+            return self._view_changed.wait_for(lambda: self._views_published != start, timeout_s)

@@ -158,14 +158,21 @@ class MeshAgent:
         """Every member in the local view, ourselves included (is_self=True)."""
         return [] if self._loop is None else list(self._loop.snapshot()[0])
 
-    def wait_for_change(self, timeout_s: float) -> bool:
+    @property
+    def view_version(self) -> int:
+        """Changes of the view so far: read it before `members()` and pass it to
+        `wait_for_change` as `seen`, so a change in between is not missed."""
+        return 0 if self._loop is None else self._loop.view_version
+
+    def wait_for_change(self, timeout_s: float, seen: int | None = None) -> bool:
         """Block until the view changes (a member, its state or its metadata), at most
         `timeout_s`: whether it did. Readers waiting on the mesh wake at once instead of
-        polling `members()`."""
+        polling `members()`. With `seen` (view_version as read before the last
+        `members()`), a change since then returns at once."""
         if self._loop is None:
             time.sleep(timeout_s)
             return False
-        return self._loop.wait_for_change(timeout_s)
+        return self._loop.wait_for_change(timeout_s, seen)
 
     @property
     def meta(self) -> dict:

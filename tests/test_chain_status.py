@@ -339,3 +339,36 @@ def test_a_relay_tells_its_server_when_it_begins_to_receive_fails_and_completes(
     relay.transfer_started("10.0.0.2:5000", ack, plan)
     relay.fetch_succeeded()
     assert seen[-2:] == [TransferState.RECEIVING, TransferState.COMPLETE]
+
+
+class VersionedAgent(RecordingAgent):
+    """The view's version and waits as MeshAgent has them (no thread: waits return at once
+    when the view changed since `seen`, else record that they would block)."""
+
+    def __init__(self, found=()):
+        super().__init__(found)
+        self.view_version = 0
+        self.blocked = 0
+
+    def change(self, found):
+        self.found, self.view_version = list(found), self.view_version + 1
+
+    def wait_for_change(self, timeout_s, seen=None):
+        if seen is not None and seen != self.view_version:
+            return True
+        self.blocked += 1
+        return False
+
+
+def test_a_readers_wait_wakes_for_a_change_since_its_own_read_whoever_read_after_it():
+    agent = VersionedAgent([member("a", state="attaching")])
+    p = presence(agent)
+    fetch, watcher = p.upstream_reader(), p.upstream_reader()
+    assert fetch.rows() == []  # nobody receiving yet
+    agent.change([member("a", state="receiving", endpoint="10.0.0.2:5000")])
+    assert [r.name for r in watcher.rows()] == ["a"]  # another thread saw the change
+    fetch.wait_for_change(1.0)
+    assert agent.blocked == 0  # the fetch had not seen it: it reads again at once
+    assert [r.name for r in fetch.rows()] == ["a"]
+    fetch.wait_for_change(1.0)
+    assert agent.blocked == 1  # nothing new since: it waits

@@ -135,13 +135,24 @@ class MeshPresence:
         self._rows_cache = (members, rows)
         return list(rows)
 
-    def wait_for_change(self, timeout_s: float) -> None:
-        """Until the gossip view changes (then the rows may have), at most `timeout_s`."""
+    def wait_for_change(self, timeout_s: float, seen: int | None = None) -> None:
+        """Until the gossip view changes (then the rows may have), at most `timeout_s`;
+        at once if it changed since `view_version` was `seen`."""
         agent = self._agent
         if agent is None:
             time.sleep(timeout_s)
         else:
-            agent.wait_for_change(timeout_s)
+            agent.wait_for_change(timeout_s, seen)
+
+    @property
+    def view_version(self) -> int:
+        agent = self._agent
+        return agent.view_version if agent is not None else 0
+
+    def upstream_reader(self) -> UpstreamTableReader:
+        """A reader of the upstream table for one thread (fetch_with_reattach's
+        read_table and wait_for_change)."""
+        return UpstreamTableReader(self)
 
     def reshard_rows(self) -> list[Upstream]:
         """Complete members holding these weights in another shape (TP, PP or rank)."""
@@ -291,3 +302,20 @@ def _seeds_for_rank(mesh: MeshConfig, rank: int) -> list[str]:
 
 def _agent_name(name: str | None, rank: int) -> str | None:
     return f"{name}-r{rank}" if name else None
+
+
+class UpstreamTableReader:
+    """One reader's look at the upstream table: `wait_for_change` wakes at once for a
+    change published since this reader's last `rows()` (one published between the read
+    and the wait is not missed), whoever else reads the table meanwhile."""
+
+    def __init__(self, presence: MeshPresence) -> None:
+        self._presence = presence
+        self._seen: int | None = None
+
+    def rows(self) -> list[Upstream]:
+        self._seen = self._presence.view_version  # before the read: a later change wakes
+        return self._presence.upstream_rows()
+
+    def wait_for_change(self, timeout_s: float) -> None:
+        self._presence.wait_for_change(timeout_s, self._seen)

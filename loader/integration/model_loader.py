@@ -291,8 +291,9 @@ class NetloaderModelLoader(BaseModelLoader):
                 deadline_s=mesh.attach_timeout_s, idle_s=mesh.wait_timeout_s, zone=mesh.zone
             )
             self_endpoint = relay.endpoint if relay is not None else ""
+            table = presence.upstream_reader()
             outcome = fetch_with_reattach(
-                presence.upstream_rows, self_endpoint, request, policy, presence.wait_for_change
+                table.rows, self_endpoint, request, policy, table.wait_for_change
             )
             if outcome.ok or not plan.static:
                 return outcome

@@ -260,9 +260,8 @@ def fetch_chained(cfg: dict, presence: MeshPresence, relay: WeightServer, dest, 
         idle_s=cfg.get("mesh_wait_s", 30.0),
         suspect_s=cfg.get("suspect_s", ReattachPolicy.suspect_s),
     )
-    return fetch_with_reattach(
-        presence.upstream_rows, relay.endpoint, request, policy, presence.wait_for_change
-    )
+    table = presence.upstream_reader()
+    return fetch_with_reattach(table.rows, relay.endpoint, request, policy, table.wait_for_change)
 
 
 def fetch_root(cfg: dict, presence: MeshPresence, fingerprint: str, dest, settings, recorder):

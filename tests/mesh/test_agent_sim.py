@@ -165,3 +165,18 @@ def test_the_loop_ticks_the_core_only_when_a_deadline_is_due():
     assert ticks == [0.0]
     loop.step(due, [])
     assert ticks == [0.0, due]
+
+
+def test_a_change_published_between_a_readers_look_and_its_wait_is_not_missed():
+    """A reader reads view_version, then the view; the loop publishes a change before the
+    reader waits: waiting with `seen` returns at once, without it the change is missed."""
+    loop = AgentLoop(MeshCore("me", "10.0.0.1:1", 0.0, random.Random(1)), _Recorder(), 0.0)
+    seen = loop.view_version
+    assert [m.name for m in loop.snapshot()[0]] == ["me"]
+    assert loop.wait_for_change(0.0, seen) is False  # nothing changed since the look
+    loop.advertise({"state": "receiving"})
+    loop.step(0.01, [])  # published before anyone waits
+    assert loop.view_version != seen
+    assert loop.wait_for_change(0.0, seen) is True
+    assert loop.wait_for_change(0.01) is False  # the old wait: the notification is gone
+    assert loop.snapshot()[1].meta["state"] == "receiving"
