@@ -29,8 +29,13 @@ makespan of the same repetition. The plot (path printed) and the JSON carry the 
 run id. Also reported: how long a chain link's "receiving" status takes to reach the
 gossip tables (gossip_*_seconds_median) and how many times an agent suspected a member
 that was alive (false_suspicions), and how busy the host's CPUs were during one client
-alone and during the chain (single_/chained_host_cpu_busy): at 100 % the chain is
-bound by this host's cores, not by the protocol.
+alone and during the chain (single_/chained_host_cpu_busy) and for how much of the
+wave some runnable task waited for a core (single_/chained_host_cpu_waiting, from the
+kernel's pressure stall information): at 100 % the chain is bound by this host's cores,
+not by the protocol. hop_lag_first_bucket_s / hop_lag_last_bucket_s: how far a chain
+link's downstream trails its upstream at the first and at the last verified bucket; the
+growth between them is backlog the hop gained on the way (a stalled relay cannot catch
+up: its upstream feeds it no faster than it sends).
 """
 
 from __future__ import annotations
@@ -134,6 +139,31 @@ def gossip_delays(results: dict[str, dict]) -> dict[str, list[float]]:
     return out
 
 
+def _verified_times(result: dict) -> list[float]:
+    """When each bucket of the client's last attempt was verified (wall clock)."""
+    starts = [t for t, kind, _ in result["events"] if kind == "start"]
+    if not starts:
+        return []
+    return [t for t, done in result["samples"] if t >= starts[-1] and done > 0]
+
+
+def hop_lags(results: dict[str, dict]) -> dict[str, list[float]]:
+    """Per chain link X -> D (both clients), how far D's verified buckets trail X's: at
+    the first bucket (attach, handshake, one bucket on the wire) and at the last one. The
+    difference is backlog a hop gained on the way (e.g. waiting for a core) and could not
+    lose again: a relay cannot send faster than its upstream feeds it."""
+    out: dict[str, list[float]] = {"first": [], "last": []}
+    for d in results.values():
+        x = results.get(d.get("upstream"))
+        if x is None:
+            continue
+        x_times, d_times = _verified_times(x), _verified_times(d)
+        if x_times and d_times:
+            out["first"].append(d_times[0] - x_times[0])
+            out["last"].append(d_times[-1] - x_times[-1])
+    return out
+
+
 def spread(values: list[float]) -> dict:
     """median/min/max of one figure over the repetitions (None when never measured)."""
     if not values:
@@ -175,10 +205,13 @@ def analyse(waves: dict[str, dict], rep: int, clients: int, network) -> dict:
         "chained": chained["makespan"],
         "chained_cpu_busy": chained["host_cpu_busy"],
         "single_cpu_busy": waves[f"single-r{rep}"]["host_cpu_busy"],
+        "chained_cpu_waiting": chained["host_cpu_waiting"],
+        "single_cpu_waiting": waves[f"single-r{rep}"]["host_cpu_waiting"],
         "depth": longest,
         # the chain's first and last instance finish (depth - 1) hops apart
         "per_hop": (max(ends) - min(ends)) / (longest - 1) if longest > 1 else None,
         "delays": gossip_delays(chained["results"]),
+        "lags": hop_lags(chained["results"]),
         "verified": all(w["all_verified"] for w in waves.values()),
         "suspicions": sum(len(w["suspicions"]) for w in waves.values()),
     }
@@ -254,11 +287,13 @@ def report(wave_id: str, wave: dict) -> None:
     per = sorted(r["seconds"] for r in wave["results"].values())
     retries = sum(1 for r in wave["results"].values() for f in r["failures"] if "busy" not in f[1])
     killed = "  relay killed" if wave.get("killed") else ""
+    waiting = wave.get("host_cpu_waiting")
+    waiting = f", a task waiting for a core {waiting:.0%} of the time" if waiting is not None else ""
     print(
         f"{wave_id:>16}: makespan {wave['makespan']:6.2f}s  client times "
         f"{per[0]:.2f}..{per[-1]:.2f}s  verified={wave['all_verified']}  "
         f"failed attempts={retries}  false suspicions={len(wave['suspicions'])}  "
-        f"host CPU busy {wave['host_cpu_busy']:.0%}{killed}",
+        f"host CPU busy {wave['host_cpu_busy']:.0%}{waiting}{killed}",
         flush=True,
     )
     for t, observer, member, state in wave["suspicions"]:
@@ -314,9 +349,19 @@ def summary(reps: list[dict], clients: int, bucket_wire_s: float) -> dict:
         # what bounds the chained makespan on a small host: its CPUs, busy for the wave
         "single_host_cpu_busy": spread([r["single_cpu_busy"] for r in reps]),
         "chained_host_cpu_busy": spread([r["chained_cpu_busy"] for r in reps]),
+        # ... and how long some runnable task waited for one of them (PSI; None without)
+        "single_host_cpu_waiting": spread(
+            [r["single_cpu_waiting"] for r in reps if r["single_cpu_waiting"] is not None]
+        ),
+        "chained_host_cpu_waiting": spread(
+            [r["chained_cpu_waiting"] for r in reps if r["chained_cpu_waiting"] is not None]
+        ),
         "per_hop_delay_s": spread(per_hop),
         "bucket_wire_s": round(bucket_wire_s, 3),
         "per_hop_overhead_beyond_bucket_s": spread([p - bucket_wire_s for p in per_hop]),
+        # every chain link of every repetition: the lag at its first and at its last bucket
+        "hop_lag_first_bucket_s": spread([v for r in reps for v in r["lags"]["first"]]),
+        "hop_lag_last_bucket_s": spread([v for r in reps for v in r["lags"]["last"]]),
         "gossip_advertised_seconds_median": spread(delays["advertised"])["median"],
         "gossip_visible_seconds_median": spread(delays["visible"])["median"],
         "gossip_attach_seconds_median": spread(delays["attach"])["median"],

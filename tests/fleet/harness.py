@@ -223,13 +223,30 @@ def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float | No
     return busy / total if total > 0 else None
 
 
+def cpu_pressure_us() -> int | None:
+    """Microseconds since boot during which some runnable task of this host waited for a
+    CPU (pressure stall information, /proc/pressure/cpu "some"); None without PSI."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().split("\n", 1)[0]
+        return int(first.rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def waiting_fraction(before: int | None, after: int | None, seconds: float) -> float | None:
+    if before is None or after is None or seconds <= 0:
+        return None
+    return (after - before) / 1e6 / seconds
+
+
 def run_waves(
     network, clients: int, base_cfg: dict, waves: list[dict], timeout_s: float, on_wave=None
 ) -> dict[str, dict]:
     """Start one source and `clients` clients, run each wave in turn (its clients start
     together), and return per wave: t0, makespan, all_verified, per-client results and,
-    host_cpu_busy (the fraction of all CPU time of this host spent busy during the wave)
-    and, for a wave with a victim, `killed` (when it died and its upstream; None if it
+    host_cpu_busy (the fraction of all CPU time of this host spent busy during the wave),
+    host_cpu_waiting (the fraction of the wave during which some runnable task waited for
+    a core: what a relay's stalls come from on a small host; None without PSI) and, for a wave with a victim, `killed` (when it died and its upstream; None if it
     lived).
     A killed victim's process is gone: a wave with a victim comes last."""
     names = [f"c{i}" for i in range(1, clients + 1)]
@@ -242,7 +259,7 @@ def run_waves(
         for wave in waves:
             wid = wave["id"]
             fleet.wait_joined(wid, wave["clients"])
-            cpu_before = host_cpu_times()
+            cpu_before, pressure_before = host_cpu_times(), cpu_pressure_us()
             t0 = fleet.go(wid)
             victim = wave.get("victim")
             results = fleet.wait_results(wid, [c for c in wave["clients"] if c != victim], timeout_s)
@@ -252,6 +269,7 @@ def run_waves(
                 results.update(fleet.wait_results(wid, [victim], timeout_s))
             ended = time.time()
             cpu = busy_fraction(cpu_before, host_cpu_times())
+            waiting = waiting_fraction(pressure_before, cpu_pressure_us(), ended - t0)
             fleet.end_wave(wid)
             # (before the next wave starts: members leaving this mesh are not its events)
             fleet.wait_left(wid, list(results))  # a killed victim has no result
@@ -273,6 +291,7 @@ def run_waves(
                 "suspicions": suspicions,
                 "killed": killed,
                 "host_cpu_busy": cpu,  # all CPUs, from go to the last result
+                "host_cpu_waiting": waiting,
             }
             if on_wave is not None:
                 on_wave(wid, out[wid])
