@@ -112,18 +112,16 @@ def gossip_delays(results: dict[str, dict]) -> dict[str, list[float]]:
     """Per chain link X -> D (X a client), from X's last transfer start (it is receiving):
     `advertised` until X's own agent carried the new status (MeshPresence refresh),
     `visible` until the first other client's table showed X receiving, `downstream` until
-    D's table did, `attach` until D's transfer from X started. The tables are polled
-    every 10 ms by each client (tests.fleet.node.TableWatcher), in wall-clock time."""
+    D's table did, `attach` until D's transfer from X started. Each client reads its
+    table at every view change (tests.fleet.node.TableWatcher), in wall-clock time."""
     out: dict[str, list[float]] = {"advertised": [], "visible": [], "downstream": [], "attach": []}
     for d in results.values():
         x_name = d.get("upstream")
         if x_name not in results:
             continue  # served by the root
-        x_starts = [t for t, kind, _ in results[x_name]["events"] if kind == "start"]
-        d_starts = [t for t, kind, _ in d["events"] if kind == "start"]
-        if not x_starts or not d_starts:
+        receiving, d_start = _last_start(results[x_name]), _last_start(d)
+        if receiving is None or d_start is None:
             continue
-        receiving = x_starts[-1]
         if results[x_name].get("advertised_receiving") is not None:
             out["advertised"].append(results[x_name]["advertised_receiving"] - receiving)
         seen = [
@@ -135,16 +133,22 @@ def gossip_delays(results: dict[str, dict]) -> dict[str, list[float]]:
             out["visible"].append(min(seen) - receiving)
         if x_name in d.get("first_seen_receiving", {}):
             out["downstream"].append(d["first_seen_receiving"][x_name] - receiving)
-        out["attach"].append(d_starts[-1] - receiving)
+        out["attach"].append(d_start - receiving)
     return out
+
+
+def _last_start(result: dict) -> float | None:
+    """When the client's last attempt began to receive (wall clock), None if none did."""
+    starts = [t for t, kind, _ in result["events"] if kind == "start"]
+    return starts[-1] if starts else None
 
 
 def _verified_times(result: dict) -> list[float]:
     """When each bucket of the client's last attempt was verified (wall clock)."""
-    starts = [t for t, kind, _ in result["events"] if kind == "start"]
-    if not starts:
+    start = _last_start(result)
+    if start is None:
         return []
-    return [t for t, done in result["samples"] if t >= starts[-1] and done > 0]
+    return [t for t, done in result["samples"] if t >= start and done > 0]
 
 
 def hop_lags(results: dict[str, dict]) -> dict[str, list[float]]:

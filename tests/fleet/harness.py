@@ -246,8 +246,8 @@ def run_waves(
     together), and return per wave: t0, makespan, all_verified, per-client results and,
     host_cpu_busy (the fraction of all CPU time of this host spent busy during the wave),
     host_cpu_waiting (the fraction of the wave during which some runnable task waited for
-    a core: what a relay's stalls come from on a small host; None without PSI) and, for a wave with a victim, `killed` (when it died and its upstream; None if it
-    lived).
+    a core: what a relay's stalls come from on a small host; None without PSI) and, for
+    a wave with a victim, `killed` (when it died and its upstream; None if it lived).
     A killed victim's process is gone: a wave with a victim comes last."""
     names = [f"c{i}" for i in range(1, clients + 1)]
     out: dict[str, dict] = {}
