@@ -28,7 +28,7 @@ import time
 import orjson
 import torch
 
-from tests.bench import bench_reshard
+from tests.bench import bare_gloo, bench_reshard
 
 FINGERPRINT = "be" * 32
 GIB = float(1 << 30)
@@ -111,7 +111,8 @@ def _logging(args) -> None:
 
 def source_main(args, to_client, from_client) -> None:
     """Serve the tensors; answer the client's commands: "raw" (send them once over a
-    plain socket), "cpu" (this process's CPU time so far, all threads), "stop"."""
+    plain socket), "gloo" (the bucket plan once over a bare Gloo group), "cpu" (this
+    process's CPU time so far, all threads), "stop"."""
     _logging(args)
     torch.set_num_threads(1)
     import vllm.distributed.utils  # noqa: F401  (import cost is not part of a transfer)
@@ -122,6 +123,7 @@ def source_main(args, to_client, from_client) -> None:
     tensors = make_tensors(args.mib)
     settings = TransferSettings(bucket_mb=args.bucket_mb, bucket_timeout_s=args.bucket_timeout)
     server = WeightServer(tensors, FINGERPRINT, 0, settings, host="127.0.0.1")
+    bare = bare_gloo.BareSource(tensors, settings.bucket_bytes, settings.streams)
     server.start()
     server.wait_ready(600)
     raw = socket.socket()
@@ -131,6 +133,8 @@ def source_main(args, to_client, from_client) -> None:
     while (command := from_client.get(timeout=900)) != "stop":
         if command == "cpu":
             to_client.put(cpu_seconds())
+        elif command == "gloo":
+            bare.serve(to_client.put, args.bucket_timeout)
         elif command == "raw":
             conn, _ = raw.accept()
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -180,8 +184,8 @@ def client_main(args, info, to_source, from_source, to_parent) -> None:
     rss_allocated = _peak_rss()
     settings = TransferSettings(bucket_mb=args.bucket_mb, bucket_timeout_s=args.bucket_timeout)
     meter = Meter(to_source, from_source)
-    raw_rounds, runs = [], []
-    for i in range(2 * args.runs + 1):  # raw, net, raw, ..., raw
+    raw_rounds, gloo_rounds, runs = [], [], []
+    for i in range(2 * args.runs + 1):  # raw and bare Gloo, net, raw and bare Gloo, ...
         if i % 2 == 1:
             for t in dest.values():
                 t.zero_()  # the fetch must write every byte for the check below to pass
@@ -191,6 +195,11 @@ def client_main(args, info, to_source, from_source, to_parent) -> None:
             to_source.put("raw")
             seconds = raw_tcp_receive(info["raw_port"], dest)
             raw_rounds.append({**Meter.delta(before, meter.snapshot()), "load": load, "seconds": seconds})
+            before = meter.snapshot()
+            to_source.put("gloo")
+            port = from_source.get(timeout=60)
+            bare = bare_gloo.receive(port, dest, settings.bucket_bytes, settings.streams, args.bucket_timeout)
+            gloo_rounds.append({**Meter.delta(before, meter.snapshot()), "load": load, **bare})
             continue
         outcome = fetch_from_sources(
             [info["endpoint"]], FINGERPRINT, dest, 0, settings, in_place=True
@@ -215,6 +224,7 @@ def client_main(args, info, to_source, from_source, to_parent) -> None:
         {
             "runs": runs,
             "raw_rounds": raw_rounds,
+            "gloo_rounds": gloo_rounds,
             "tensors": len(dest),
             "weights": weights,
             "rss_before": rss_before,
@@ -277,20 +287,26 @@ def summarize(result: dict, bucket_mb: int) -> dict:  # long: one printed line p
     runs, raws = result["runs"], result["raw_rounds"]
     nbytes = runs[0]["bytes"]
     raw_rate = [nbytes / r["seconds"] / GIB for r in raws]
+    glooes = result["gloo_rounds"]
+    gloo_rate = [nbytes / r["seconds"] / GIB for r in glooes]
     for i, run in enumerate(runs):  # raw rounds i and i + 1 surround run i
         run["gib_s"] = nbytes / run["seconds"] / GIB
         run["raw_gib_s"] = max(raw_rate[i], raw_rate[i + 1])
         run["ratio"] = run["gib_s"] / run["raw_gib_s"]
+        run["to_gloo"] = run["gib_s"] / max(gloo_rate[i], gloo_rate[i + 1])
     ratio = _spread([r["ratio"] for r in runs])
+    to_gloo = _spread([r["to_gloo"] for r in runs])
+    gloo_to_raw = _spread([g / r for g, r in zip(gloo_rate, raw_rate, strict=True)])
     rate = _spread([r["gib_s"] for r in runs])
     cpu = {
         side: _spread([_per_gib(r[f"{side}_cpu_s"], nbytes) for r in runs])
         for side in ("client", "source")
     }
-    raw_cpu = {
-        side: statistics.median(_per_gib(r[f"{side}_cpu_s"], nbytes) for r in raws)
-        for side in ("client", "source")
-    }
+    raw_cpu, gloo_cpu = (
+        {side: statistics.median(_per_gib(r[f"{side}_cpu_s"], nbytes) for r in rounds)
+         for side in ("client", "source")}
+        for rounds in (raws, glooes)
+    )
     print(f"weights: {nbytes / GIB:.3f} GiB in {result['tensors']} tensors, {bucket_mb} MiB buckets")
     for i, run in enumerate(runs):
         print(
@@ -307,6 +323,14 @@ def summarize(result: dict, bucket_mb: int) -> dict:  # long: one printed line p
         f"CPU s per GiB (median): netloader client {cpu['client']['median']:.3f}, source "
         f"{cpu['source']['median']:.3f}; raw TCP client {raw_cpu['client']:.3f}, source "
         f"{raw_cpu['source']:.3f}"
+    )
+    print(
+        f"bare Gloo (the same buckets, nothing else): {min(gloo_rate):.3f} / "
+        f"{statistics.median(gloo_rate):.3f} / {max(gloo_rate):.3f} GiB/s, group setup "
+        f"{statistics.median(r['setup_s'] for r in glooes) * 1000:.0f} ms; over raw TCP (same "
+        f"moment) {gloo_to_raw['min']:.3f} / {gloo_to_raw['median']:.3f} / {gloo_to_raw['max']:.3f}; "
+        f"netloader over it {to_gloo['min']:.3f} / {to_gloo['median']:.3f} / {to_gloo['max']:.3f}; "
+        f"CPU s per GiB client {gloo_cpu['client']:.3f}, source {gloo_cpu['source']:.3f}"
     )
     growth = result["rss_after_fetch"] - result["rss_allocated"]
     two_buckets = 2 * (bucket_mb << 20)
@@ -332,6 +356,11 @@ def summarize(result: dict, bucket_mb: int) -> dict:  # long: one printed line p
         "source_cpu_s_per_gib": round(cpu["source"]["median"], 4),
         "raw_client_cpu_s_per_gib": round(raw_cpu["client"], 4),
         "raw_source_cpu_s_per_gib": round(raw_cpu["source"], 4),
+        "bare_gloo_gib_s": round(statistics.median(gloo_rate), 4),
+        "bare_gloo_to_raw": {k: round(v, 4) for k, v in gloo_to_raw.items()},
+        "netloader_to_bare_gloo": {k: round(v, 4) for k, v in to_gloo.items()},
+        "bare_gloo_client_cpu_s_per_gib": round(gloo_cpu["client"], 4),
+        "bare_gloo_source_cpu_s_per_gib": round(gloo_cpu["source"], 4),
         "load_avg": [round(r["load"], 2) for r in runs],
         "client_peak_rss_bytes": result["rss_after_fetch"],
         "client_rss_growth_during_fetch_bytes": growth,
