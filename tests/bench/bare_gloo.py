@@ -46,9 +46,10 @@ class BareSource:
     def serve(self, tell_port, timeout_s: float) -> None:
         """One round: bind the store, tell the client its port, send every bucket."""
         listen = bind_store_socket(HOST)
-        tell_port(listen.getsockname()[1])
+        port = listen.getsockname()[1]
+        tell_port(port)
         pg = create_transfer_group(
-            "cpu", HOST, listen.getsockname()[1], SOURCE_RANK, SESSION, timeout_s, timeout_s,
+            "cpu", HOST, port, SOURCE_RANK, SESSION, timeout_s, timeout_s,
             listen_socket=listen, streams=self.streams,
         )
         try:

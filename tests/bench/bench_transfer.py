@@ -2,16 +2,18 @@
 
 Moves >= 1 GiB in >= 200 tensors with the real WeightServer / fetch_from_sources (in
 place, as the model loader fetches), and the same bytes over a plain TCP socket in the
-same run, so the ratio is robust to how fast loopback happens to be on this machine.
+same run, so the ratio is robust to how fast loopback happens to be on this machine, and
+the same bucket plan over a bare Gloo group (tests/bench/bare_gloo.py): what Gloo itself
+reaches here, so the gap splits into Gloo's share and the product's.
 Also reports the client's peak RSS against the weights (goal: <= weights + two buckets)
 and the CPU time each side spends per GiB (whole process: user + system, every thread).
 
     python -m tests.bench.bench_transfer [--mib 1025] [--bucket-mb 64] [--runs 3]
 
-The machine is shared, so raw TCP and netloader rounds alternate (raw, net, raw, ...,
-raw); each netloader run is compared with the better of the raw rounds on either side
-of it. min/median/max over the runs are printed; `ratio` in the last stdout line (one
-JSON object) is the minimum. The load average is printed beside the figures. Then the
+The machine is shared, so rounds alternate (raw and bare Gloo, net, raw and bare Gloo,
+..., raw and bare Gloo); each netloader run is compared with the better of the raw (and
+of the bare Gloo) rounds on either side of it. min/median/max over the runs are
+printed; `ratio` in the last stdout line (one JSON object) is the minimum. The load average is printed beside the figures. Then the
 resharding case (tests/bench/bench_reshard.py; `--reshard-mib 0` skips it).
 """
 
