@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from loader.transfer import nh_hash
+from loader.transfer.checksum import PUBLIC_KEY
 from loader.transfer.process_group import (
     CLIENT_RANK,
     SOURCE_RANK,
@@ -58,10 +59,16 @@ def _source(ports, pieces: int, rounds: int) -> None:
         destroy_group(pg)
 
 
+def _nh32t2_level1():
+    """The NH32T2 block kernel as (blocks as uint8, out) -> None, under the public key."""
+    key_a, key_b, _ = nh_hash._nh32_keys(PUBLIC_KEY)
+    kernel = nh_hash._kernel(1)
+    return lambda blocks, out: kernel(blocks.view("<u4"), key_a, key_b, out)
+
+
 def _receive(port: int, pieces: int, dest: torch.Tensor, r: int) -> tuple[float, float]:
     """One round: (seconds, CPU seconds of the hashing thread)."""
-    key_a, key_b, _ = nh_hash._nh32_keys(bytes(32))
-    kernel = nh_hash._kernel(1)
+    level1 = _nh32t2_level1()
     out = np.empty(2 * BUCKETS * BUCKET_BYTES // nh_hash.BLOCK_BYTES, dtype=np.uint64)
     step = BUCKET_BYTES // pieces
     hash_cpu = [0.0]
@@ -69,8 +76,7 @@ def _receive(port: int, pieces: int, dest: torch.Tensor, r: int) -> tuple[float,
     def hash_range(lo: int) -> None:
         t = time.thread_time()
         block = lo // nh_hash.BLOCK_BYTES
-        kernel(dest[lo : lo + step].numpy().view("<u4"), key_a, key_b,
-               out[2 * block : 2 * (block + step // nh_hash.BLOCK_BYTES)])
+        level1(dest[lo : lo + step].numpy(), out[2 * block : 2 * (block + step // nh_hash.BLOCK_BYTES)])
         hash_cpu[0] += time.thread_time() - t
 
     hasher = ThreadPoolExecutor(1)
@@ -101,14 +107,13 @@ def _receive(port: int, pieces: int, dest: torch.Tensor, r: int) -> tuple[float,
 def _kernel_alone(size: int) -> float:
     """CPU seconds per GiB of the kernel over `size` bytes, again and again (in cache
     when `size` fits the cache)."""
-    key_a, key_b, _ = nh_hash._nh32_keys(bytes(32))
-    kernel = nh_hash._kernel(1)
+    level1 = _nh32t2_level1()
     data = np.random.randint(0, 255, size, dtype=np.uint8)
     out = np.empty(2 * size // nh_hash.BLOCK_BYTES, dtype=np.uint64)
     repeats = max(1, (1 << 30) // size)
     t = time.thread_time()
     for _ in range(repeats):
-        kernel(data.view("<u4"), key_a, key_b, out)
+        level1(data, out)
     return (time.thread_time() - t) / (repeats * size / (1 << 30))
 
 

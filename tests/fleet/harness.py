@@ -110,6 +110,11 @@ class Fleet:
         )
 
     def go(self, wave_id: str) -> float:
+        """Start the wave's clients together, once each of them sees all of the wave's
+        nodes alive (a client that dies early, e.g. a killed relay, is then already known
+        to the others and is seen dying, not waited for); returns when `go` was given."""
+        wave = next(w for w in self.waves if w["id"] == wave_id)
+        self.wait_joined(wave_id, wave["clients"])
         (self.dir / wave_id / "go").write_text("1")
         return time.time()
 
@@ -258,7 +263,7 @@ def run_waves(
         fleet.wait_armed([ROOT, *names])
         for wave in waves:
             wid = wave["id"]
-            fleet.wait_joined(wid, wave["clients"])
+            fleet.wait_joined(wid, wave["clients"])  # before the CPU figures' start (go waits too)
             cpu_before, pressure_before = host_cpu_times(), cpu_pressure_us()
             t0 = fleet.go(wid)
             victim = wave.get("victim")
