@@ -48,23 +48,28 @@ class ControlChannel:
         self._wake_w.setblocking(False)
 
     def bind(self, host: str, port: int) -> int:
-        """Bind (`port=0`: a free port) and return the port."""
+        """Bind (`port=0`: a free port) and return the port. On failure nothing stays open:
+        a context left to the garbage collector can block its collection for good."""
         from mesh.security import secure_server
 
         self._context = zmq.Context()
-        router = self._context.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if ":" in host:
-            router.setsockopt(zmq.IPV6, 1)
-        secure_server(router, self._keys)
-        bind_host = f"[{host}]" if ":" in host else host
-        self._router = router
-        if port:
-            router.bind(f"tcp://{bind_host}:{port}")
-            return port
-        return router.bind_to_random_port(f"tcp://{bind_host}")
+        try:
+            router = self._context.socket(zmq.ROUTER)
+            self._router = router
+            router.setsockopt(zmq.LINGER, 0)
+            router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            if ":" in host:
+                router.setsockopt(zmq.IPV6, 1)
+            secure_server(router, self._keys)
+            bind_host = f"[{host}]" if ":" in host else host
+            if port:
+                router.bind(f"tcp://{bind_host}:{port}")
+                return port
+            return router.bind_to_random_port(f"tcp://{bind_host}")
+        except BaseException:
+            self.close(0)
+            raise
 
     def start(self, thread_name: str) -> None:
         self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)

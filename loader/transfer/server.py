@@ -136,11 +136,15 @@ class WeightServer:
 
     def start(self) -> None:
         port = self._channel.bind(self._host, self._port)
-        self.endpoint = join_host_port(self._advertised_host(), port)
-        if self._output_prefix:
-            self._write_endpoint_file()
-        self._serving_cpus = serving_cpus()  # workers are pinned by now (vLLM's init_device)
-        self._channel.start(f"netloader-server-r{self.rank}")
+        try:
+            self.endpoint = join_host_port(self._advertised_host(), port)
+            if self._output_prefix:
+                self._write_endpoint_file()
+            self._serving_cpus = serving_cpus()  # workers are pinned by now (vLLM's init_device)
+            self._channel.start(f"netloader-server-r{self.rank}")
+        except BaseException:
+            self._channel.close(0)
+            raise
         threading.Thread(
             target=self._prepare, name=f"netloader-checksums-r{self.rank}", daemon=True
         ).start()
