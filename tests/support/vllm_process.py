@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -23,10 +24,32 @@ from pathlib import Path
 RESULT_LINE = re.compile(r"netloader result: (\{.*\})\s*$")
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on every address now, below the kernel's ephemeral range: the servers
+    bind it later, and a port the kernel hands out for bind(0) (vLLM's own sockets, other
+    tests) could be taken by then. Never the same port twice in one process."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10000, 65536) if not low <= p <= high and p not in _handed_out]
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 def cpu_server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
