@@ -244,3 +244,10 @@ def release_context(context: zmq.Context) -> None:
         auth = _auth_by_context.pop(context, None)
     if auth is not None:
         auth.authenticator.stop()
+
+
+def close_context(context: zmq.Context) -> None:
+    """End `context` and its authenticator. A socket an error path left open is closed
+    here, not waited for: term() would block on it for good."""
+    release_context(context)
+    context.destroy(linger=0)

@@ -19,8 +19,9 @@ from loader.config import TransferSettings, parse_host_port
 from loader.transfer import cache_wire, protocol
 from loader.transfer.cache_files import Installation, InstallReport
 from loader.transfer.checksum import checksum_key
-from loader.transfer.client import close_context, open_control_socket, probe_tcp
+from loader.transfer.client import open_control_socket, probe_tcp
 from loader.transfer.resume import SourceFailure
+from mesh.security import close_context
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from loader.transfer.resume import ResumeState, SourceFailure
 from loader.transfer.watchdog import Interrupted, PhaseTimeout, Watchdog
 from loader.transfer.write_gate import GateClosed
 from mesh.addresses import join_host_port, zmq_endpoint
+from mesh.security import close_context
 
 log = logging.getLogger(__name__)
 
@@ -365,10 +366,3 @@ def _first_line(exc: BaseException) -> str:
     if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]
     return text[:300]
-
-
-def close_context(context: zmq.Context) -> None:
-    from mesh.security import release_context
-
-    release_context(context)
-    context.term()

@@ -97,10 +97,9 @@ class ControlChannel:
             self._router.close(linger=0)
             self._router = None
         if self._context is not None:
-            from mesh.security import release_context
+            from mesh.security import close_context
 
-            release_context(self._context)
-            self._context.term()
+            close_context(self._context)
             self._context = None
         self._wake_r.close()
         self._wake_w.close()

@@ -25,7 +25,6 @@ from loader.transfer import protocol
 from loader.transfer.client import (
     FetchOutcome,
     _SourceAttempt,
-    close_context,
     open_control_socket,
     probe_tcp,
 )
@@ -36,6 +35,7 @@ from loader.transfer.process_group import backend_for_device
 from loader.transfer.reshard_plan import SliceRequest, client_needs, plan_reshard, remaining_needs
 from loader.transfer.reshard_protocol import layout_query_message, parse_layout_reply
 from loader.transfer.resume import ResumeState, SourceFailure
+from mesh.security import close_context
 
 log = logging.getLogger(__name__)
 
