@@ -13,7 +13,7 @@ import zmq
 from .addresses import resolve_seeds, zmq_endpoint
 from .codec import MAX_STATUS_BYTES, Decoder, encode
 from .messages import StatusQuery, StatusReply
-from .security import ClusterKeys, release_context, secure_client
+from .security import ClusterKeys, close_context, secure_client
 
 
 class StatusError(Exception):
@@ -54,8 +54,7 @@ def query_members(
     finally:
         for sock in sockets:
             sock.close(0)
-        release_context(context)
-        context.term()
+        close_context(context)
     hint = " (is --secret-file the cluster's?)" if keys is not None else " (does the mesh require --secret-file?)"
     raise StatusError(f"no agent answered at {', '.join(addrs)} within {timeout_s:g}s{hint}")
 

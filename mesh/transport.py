@@ -21,7 +21,7 @@ import zmq
 
 from .addresses import zmq_endpoint
 from .codec import MAX_MESSAGE_BYTES
-from .security import ClusterKeys, release_context, secure_client, secure_server
+from .security import ClusterKeys, close_context, secure_client, secure_server
 
 log = logging.getLogger(__name__)
 
@@ -214,5 +214,4 @@ class ZmqTransport(Transport):
                     os.close(self._wake_read)
                     os.close(self._wake_write)
                     self._wake_read = self._wake_write = None
-        release_context(self.context)
-        self.context.term()
+        close_context(self.context)  # sockets closed above keep their linger
