@@ -36,7 +36,7 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 def free_port() -> int:
-    """A port free on every address now, below the kernel's ephemeral range: the servers
+    """A port free on every address now, outside the kernel's ephemeral range: the servers
     bind it later, and a port the kernel hands out for bind(0) (vLLM's own sockets, other
     tests) could be taken by then. Never the same port twice in one process."""
     low, high = _ephemeral_range()
