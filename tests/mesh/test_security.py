@@ -3,6 +3,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 import time
 
 import pytest
@@ -218,3 +219,16 @@ def test_zap_rejects_client_that_knows_only_the_public_key(caplog):
 
 def logged(caplog, text: str) -> bool:
     return any(text in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_closing_a_context_does_not_wait_for_a_socket_an_error_path_left_open():
+    context = zmq.Context()
+    forgotten = context.socket(zmq.DEALER)
+    forgotten.setsockopt(zmq.LINGER, -1)  # with a queued message, term() would wait for ever
+    forgotten.connect("tcp://127.0.0.1:9")
+    forgotten.send(b"never delivered")
+    closer = threading.Thread(target=security.close_context, args=(context,), daemon=True)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "close_context blocked on an open socket"
+    assert context.closed and forgotten.closed

@@ -24,22 +24,3 @@ def test_local_tensors_that_cannot_be_described_fail_cleanly():
     sparse = torch.eye(3).to_sparse()
     outcome = fetch_from_sources(["127.0.0.1:1"], FINGERPRINT, {"w": sparse}, 0, FAST)
     assert not outcome.ok and outcome.failures[0][0] == "local"
-
-
-def test_closing_a_context_does_not_wait_for_a_socket_an_error_path_left_open():
-    import threading
-
-    import zmq
-
-    from mesh.security import close_context
-
-    context = zmq.Context()
-    forgotten = context.socket(zmq.DEALER)
-    forgotten.setsockopt(zmq.LINGER, -1)  # with a queued message, term() would wait for ever
-    forgotten.connect("tcp://127.0.0.1:9")
-    forgotten.send(b"never delivered")
-    closer = threading.Thread(target=close_context, args=(context,), daemon=True)
-    closer.start()
-    closer.join(30)
-    assert not closer.is_alive(), "close_context blocked on an open socket"
-    assert context.closed and forgotten.closed
