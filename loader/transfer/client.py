@@ -28,7 +28,7 @@ from loader.transfer.checksum import checksum_key
 from loader.transfer.device import WorkTimeout
 from loader.transfer.liveness import SourceLiveness
 from loader.transfer.manifest import Manifest, build_manifest, unique_tensors
-from loader.transfer.process_group import backend_for_device, destroy_group
+from loader.transfer.process_group import backend_for_device, discard_group
 from loader.transfer.receive_pipeline import ChecksumMismatch, Destination, ReceivePipeline
 from loader.transfer.resume import ResumeState, SourceFailure
 from loader.transfer.watchdog import Interrupted, PhaseTimeout, Watchdog
@@ -311,7 +311,7 @@ class _SourceAttempt:
             # fenced (gloo: its connections closed), so no receive can write again
             receiver.gate.close()
             self.setup_s = receiver.setup_s
-            destroy_group(receiver.pg)
+            discard_group(receiver)
             receiver.device.synchronize()  # nothing of this attempt still queued on it
 
 

@@ -18,6 +18,7 @@ backend is constructed, so it is set for the construction of transfer groups onl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -50,7 +51,7 @@ _JOINED_KEY = "client-joined"
 # tags at and above this are never bucket tags (those are below 2**30)
 FENCE_TAG_BASE = 1 << 30
 _FENCE_TRIES = 4
-# a multiple of every stream count n <= MAX_STREAMS: fences on MAX_STREAMS consecutive
+# a multiple of every stream count n <= MAX_STREAMS: fences on n (or more) consecutive
 # residues of it fall on every residue modulo n, i.e. on every context
 _FENCE_MODULUS = math.lcm(*range(1, MAX_STREAMS + 1))
 
@@ -221,13 +222,40 @@ def fence_gloo(pg: ProcessGroup) -> bool:
     (taking each pair's lock, so no read is in progress when wait() raises), pending
     operations fail, their waiters wake. So post a receive on a random tag no bucket
     uses and wait for it for a millisecond, once per context: a group of n streams runs
-    tag t on context t % n, and fences on MAX_STREAMS consecutive tags (modulo a multiple
-    of n) reach every context whatever n is. Should the peer complete a fence (it would
-    have to guess a 30-bit tag ahead of time), another tag of that residue is tried."""
-    closed = all(_fence_context(pg, residue) for residue in range(MAX_STREAMS))
+    tag t on context t % n, and fences on n consecutive tags (modulo a multiple of n)
+    reach every context. Closing a context's pairs waits for a tick of its I/O loop (up
+    to 10 ms), so the group's contexts are fenced side by side, one thread each (all
+    MAX_STREAMS residues when the backend does not tell how many contexts it has).
+    Should the peer complete a fence (it would have to guess a 30-bit tag ahead of
+    time), another tag of that residue is tried."""
+    count = _context_count(pg)
+    fenced = [False] * count
+
+    def fence(residue: int) -> None:
+        fenced[residue] = _fence_context(pg, residue)
+
+    others = [
+        threading.Thread(target=fence, args=(r,), name=f"netloader-fence-{r}", daemon=True)
+        for r in range(1, count)
+    ]
+    for thread in others:
+        thread.start()
+    fence(0)
+    for thread in others:
+        thread.join()  # each fence is bounded: _FENCE_TRIES waits of a millisecond
+    closed = all(fenced)
     if not closed:
         log.error("netloader: could not close a gloo transfer group: its peer completed every fence")
     return closed
+
+
+def _context_count(pg: ProcessGroup) -> int:
+    """How many contexts a Gloo group runs: one per device it was built with."""
+    try:
+        count = len(pg._get_backend(torch.device("cpu")).options._devices)
+    except Exception:  # a torch that does not expose them: fence every residue
+        return MAX_STREAMS
+    return count if 1 <= count <= MAX_STREAMS else MAX_STREAMS
 
 
 def _fence_context(pg: ProcessGroup, residue: int) -> bool:
@@ -267,6 +295,42 @@ def destroy_group(pg: ProcessGroup | None) -> None:
             return
         except Exception:
             continue
+
+
+_releases: set[threading.Thread] = set()
+_releases_lock = threading.Lock()
+_RELEASE_AT_EXIT_S = 2.0
+
+
+def discard_group(owner, attribute: str = "pg") -> None:
+    """Destroy the group `owner.<attribute>` (destroy_group: fenced first), clear the
+    attribute and drop the group in a daemon thread. A Gloo group's destructor joins its
+    I/O loops, each waiting out a tick of up to 10 ms (it releases the GIL): nothing the
+    caller does next needs to wait for that. The caller must hold no other reference."""
+    box = [getattr(owner, attribute)]
+    setattr(owner, attribute, None)
+    if box[0] is None:
+        return
+    destroy_group(box[0])
+
+    def release() -> None:
+        box.pop()  # the last reference: the destructor runs in this thread
+        with _releases_lock:
+            _releases.discard(thread)
+
+    thread = threading.Thread(target=release, name="netloader-group-release", daemon=True)
+    with _releases_lock:
+        _releases.add(thread)
+    thread.start()
+
+
+@atexit.register
+def _finish_releases() -> None:
+    """A destructor cut short by the interpreter's exit would abort the process."""
+    with _releases_lock:
+        pending = list(_releases)
+    for thread in pending:
+        thread.join(_RELEASE_AT_EXIT_S)
 
 
 def bind_store_socket(host: str) -> socket.socket:

@@ -8,11 +8,13 @@ The premise is the Gloo fence: abort() leaves a posted receive armed, the fence 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 
-from loader.transfer import receive_pipeline
+from loader.config import MAX_STREAMS
+from loader.transfer import process_group, receive_pipeline
 from loader.transfer.buckets import plan_buckets
 from loader.transfer.client import fetch_from_sources
 from loader.transfer.manifest import build_manifest
@@ -52,6 +54,61 @@ def _group_pair(streams: int = 1) -> tuple[object, object]:
     for t in threads:
         t.join(30)
     return groups[0], groups[1]
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_the_fence_knows_how_many_contexts_a_group_runs(streams):
+    source, client = _group_pair(streams)
+    try:
+        assert process_group._context_count(client) == streams
+        assert process_group._context_count(object()) == MAX_STREAMS  # unknown: every residue
+    finally:
+        destroy_group(source)
+        destroy_group(client)
+
+
+class _Owner:
+    def __init__(self, pg) -> None:
+        self.pg = pg
+
+
+class _RecordingGroup:
+    """Not a Gloo group: destroy_group aborts it; records where its last reference went."""
+
+    def __init__(self, released: list, aborted: list) -> None:
+        self.released, self.aborted = released, aborted
+
+    def abort(self) -> None:
+        self.aborted.append(True)
+
+    def __del__(self) -> None:
+        self.released.append(threading.current_thread().name)
+
+
+def test_a_discarded_group_is_destroyed_at_once_and_dropped_in_another_thread():
+    released, aborted = [], []
+    owner = _Owner(_RecordingGroup(released, aborted))
+    process_group.discard_group(owner)
+    assert owner.pg is None and aborted == [True]
+    deadline = time.monotonic() + 10
+    while not released and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert released == ["netloader-group-release"]
+    process_group.discard_group(owner)  # nothing left: a no-op
+
+
+def test_a_discarded_gloo_group_is_fenced_before_it_is_dropped():
+    source, client = _group_pair(2)
+    target = torch.zeros(1 << 20, dtype=torch.uint8)
+    armed = client.recv([target], 0, 7)  # noqa: F841 - kept alive, as a posted receive would be
+    process_group.discard_group(_Owner(client))
+    del client
+    try:
+        source.send([torch.full((1 << 20,), 0x5A, dtype=torch.uint8)], 1, 7).wait()
+    except Exception:
+        pass  # the fenced group's peer sees its connection closed
+    destroy_group(source)
+    assert not target.any()
 
 
 @pytest.mark.parametrize("close", ["fence", "abort"])
