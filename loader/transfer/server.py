@@ -38,6 +38,7 @@ from loader.transfer.process_group import (
     bind_store_socket,
     create_transfer_group,
     destroy_group,
+    discard_group,
 )
 from loader.transfer.reshard_serving import ReshardServing
 from loader.transfer.served_plans import ServedPlans, choose_bucket_bytes
@@ -346,7 +347,7 @@ class WeightServer:
         finally:
             if store_socket is not None:
                 store_socket.close()
-            destroy_group(session.pg)
+            discard_group(session)
             device.synchronize()  # after an abort too: nothing of the session still queued
             self._sessions.remove(session)
             self.status_changed()
