@@ -242,7 +242,7 @@ def fence_gloo(pg: ProcessGroup) -> bool:
         thread.start()
     fence(0)
     for thread in others:
-        thread.join()  # each fence is bounded: _FENCE_TRIES waits of a millisecond
+        thread.join()  # bounded: _FENCE_TRIES tries, each a 1 ms wait and a loop tick
     closed = all(fenced)
     if not closed:
         log.error("netloader: could not close a gloo transfer group: its peer completed every fence")
@@ -302,13 +302,13 @@ _releases_lock = threading.Lock()
 _RELEASE_AT_EXIT_S = 2.0
 
 
-def discard_group(owner, attribute: str = "pg") -> None:
-    """Destroy the group `owner.<attribute>` (destroy_group: fenced first), clear the
-    attribute and drop the group in a daemon thread. A Gloo group's destructor joins its
+def discard_group(owner) -> None:
+    """Destroy the group `owner.pg` (destroy_group: fenced first), set `owner.pg` to None
+    and drop the group in a daemon thread. A Gloo group's destructor joins its
     I/O loops, each waiting out a tick of up to 10 ms (it releases the GIL): nothing the
     caller does next needs to wait for that. The caller must hold no other reference."""
-    box = [getattr(owner, attribute)]
-    setattr(owner, attribute, None)
+    box = [owner.pg]
+    owner.pg = None
     if box[0] is None:
         return
     destroy_group(box[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -67,11 +68,6 @@ def test_the_fence_knows_how_many_contexts_a_group_runs(streams):
         destroy_group(client)
 
 
-class _Owner:
-    def __init__(self, pg) -> None:
-        self.pg = pg
-
-
 class _RecordingGroup:
     """Not a Gloo group: destroy_group aborts it; records where its last reference went."""
 
@@ -87,7 +83,7 @@ class _RecordingGroup:
 
 def test_a_discarded_group_is_destroyed_at_once_and_dropped_in_another_thread():
     released, aborted = [], []
-    owner = _Owner(_RecordingGroup(released, aborted))
+    owner = SimpleNamespace(pg=_RecordingGroup(released, aborted))
     process_group.discard_group(owner)
     assert owner.pg is None and aborted == [True]
     deadline = time.monotonic() + 10
@@ -101,7 +97,7 @@ def test_a_discarded_gloo_group_is_fenced_before_it_is_dropped():
     source, client = _group_pair(2)
     target = torch.zeros(1 << 20, dtype=torch.uint8)
     armed = client.recv([target], 0, 7)  # noqa: F841 - kept alive, as a posted receive would be
-    process_group.discard_group(_Owner(client))
+    process_group.discard_group(SimpleNamespace(pg=client))
     del client
     try:
         source.send([torch.full((1 << 20,), 0x5A, dtype=torch.uint8)], 1, 7).wait()
