@@ -97,13 +97,15 @@ class BucketReader:
         self.device = device
         self._contiguous: tuple[str, torch.Tensor] | None = None
 
-    def needs_buffer(self, bucket: Bucket) -> bool:
-        if not bucket.direct:
+    def needs_buffer(self, bucket: Bucket, item_messages: bool = False) -> bool:
+        """Whether the bucket is copied into a buffer to be sent: a packed one sent as one
+        message, or one whose tensors are held off the transfer device."""
+        if not (bucket.direct or item_messages):
             return True
         if self.device is None:
             return False
-        held_on = self.tensors[bucket.items[0].name].device
-        return held_on.type != torch.device(self.device).type
+        device_type = torch.device(self.device).type
+        return any(self.tensors[item.name].device.type != device_type for item in bucket.items)
 
     def tensor_bytes(self, name: str) -> torch.Tensor:
         t = self.tensors[name]
@@ -113,9 +115,23 @@ class BucketReader:
             self._contiguous = (name, byte_view(t.contiguous()))
         return self._contiguous[1]
 
-    def staging_bytes(self, buckets: list[Bucket]) -> int:
-        """How large a buffer `read` needs for these buckets (0 when none needs one)."""
-        return max((b.nbytes for b in buckets if self.needs_buffer(b)), default=0)
+    def staging_bytes(self, buckets: list[Bucket], item_messages: bool = False) -> int:
+        """How large a buffer `messages` needs for these buckets (0 when none needs one)."""
+        return max((b.nbytes for b in buckets if self.needs_buffer(b, item_messages)), default=0)
+
+    def messages(self, bucket: Bucket, buffer: torch.Tensor | None, item_messages: bool) -> list[torch.Tensor]:
+        """The bucket's bytes as the messages it travels as (message_spans): straight from
+        the tensors' storage where they are on the transfer device, else copied into
+        `buffer`."""
+        if not item_messages or bucket.direct:
+            return [self.read(bucket, buffer)]
+        if self.needs_buffer(bucket, item_messages):
+            whole = self.read(bucket, buffer)
+            return [whole[offset : offset + n] for offset, n in message_spans(bucket, True)]
+        return [
+            self.tensor_bytes(item.name)[item.tensor_offset : item.tensor_offset + item.nbytes]
+            for item in bucket.items
+        ]
 
     def read(self, bucket: Bucket, buffer: torch.Tensor | None) -> torch.Tensor:
         out = buffer[: bucket.nbytes] if self.needs_buffer(bucket) else None
@@ -125,6 +141,16 @@ class BucketReader:
                 return data  # a direct piece, sent from its own storage
             self.copy(out[item.offset : item.offset + item.nbytes], data)
         return out
+
+
+def message_spans(bucket: Bucket, item_messages: bool) -> list[tuple[int, int]]:
+    """The messages a bucket travels as, as (offset in the bucket, bytes): the whole bucket
+    in one, or, when the source announced item messages, a packed bucket as one message
+    per item (so neither side copies it to or from a packed buffer). Both sides post
+    exactly these sizes: a Gloo receive smaller than its message aborts the process."""
+    if item_messages and not bucket.direct:
+        return [(item.offset, item.nbytes) for item in bucket.items]
+    return [(0, bucket.nbytes)]
 
 
 def unpack_bucket(

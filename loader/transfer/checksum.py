@@ -82,6 +82,34 @@ def digest(data: torch.Tensor, algorithm: str, key: bytes) -> str:
     raise ValueError(f"unknown checksum algorithm {algorithm!r}")
 
 
+GATHERED = (NH32T2_BLAKE3, NH64_BLAKE3, BLAKE3_KEYED)  # what digest_pieces computes
+
+
+def digest_pieces(pieces: list[torch.Tensor], algorithm: str, key: bytes) -> str:
+    """digest() of the concatenation of 1-D uint8 CPU tensors (the items of a packed
+    bucket received in their places), without concatenating them. ValueError for an
+    algorithm not in GATHERED."""
+    if any(p.dtype != torch.uint8 or p.dim() != 1 or p.device.type != "cpu" for p in pieces):
+        raise ValueError("checksum pieces must be 1-D uint8 CPU tensors")
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"checksum key must be {KEY_BYTES} bytes")
+    arrays = [p.numpy() for p in pieces]
+    if algorithm == NH32T2_BLAKE3:
+        from loader.transfer.nh_hash import nh32t2_digest_pieces
+
+        return nh32t2_digest_pieces(arrays, key)
+    if algorithm == NH64_BLAKE3:
+        from loader.transfer.nh_hash import nh64_digest_pieces
+
+        return nh64_digest_pieces(arrays, key)
+    if algorithm == BLAKE3_KEYED:
+        hasher = blake3.blake3(key=key)
+        for array in arrays:
+            hasher.update(memoryview(array))
+        return hasher.hexdigest()
+    raise ValueError(f"checksum algorithm {algorithm!r} cannot be computed over pieces")
+
+
 def warm_up(algorithm: str) -> None:
     """Prepare `algorithm` (compile its NH kernel) before the first bucket needs it."""
     if algorithm in (NH32T2_BLAKE3, NH64_BLAKE3):

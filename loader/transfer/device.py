@@ -94,10 +94,16 @@ def device_for(device: torch.device) -> TransferDevice:
 
 
 def await_work(
-    work, device: TransferDevice, timeout_s: float, what: str, cancelled=lambda: False
+    work,
+    device: TransferDevice,
+    timeout_s: float,
+    what: str,
+    cancelled=lambda: False,
+    deadline: float | None = None,
 ) -> None:
     """Block until a backend operation has completed (or failed: then raise its error),
-    at most `timeout_s`; WorkTimeout after that.
+    at most `timeout_s` (or until `deadline`, a monotonic time, when one timeout covers
+    several operations); WorkTimeout after that.
 
     Accelerators: poll `is_completed()`, because `wait()` returns before the operation
     ran. Gloo: its send/recv work reports completion only through `wait()`, which blocks
@@ -105,7 +111,8 @@ def await_work(
     if not device.is_async:
         work.wait()
         return
-    deadline = time.monotonic() + timeout_s
+    if deadline is None:
+        deadline = time.monotonic() + timeout_s
     pause = 0.0002
     while not work.is_completed():
         if cancelled():

@@ -166,17 +166,55 @@ def nh32t2_digest(data: np.ndarray, key: bytes) -> str:
     )
 
 
+def nh32t2_digest_pieces(pieces: list[np.ndarray], key: bytes) -> str:
+    """NH32T2-BLAKE3 of the concatenation of 1-D uint8 arrays, without concatenating
+    them: only the blocks that straddle two pieces are assembled (at most one per piece)."""
+    key_a, key_b, final_key = _nh32_keys(key)
+    kernel = _kernel(1)
+    return _digest_pieces(
+        pieces, final_key, lambda blocks, out: kernel(blocks.view("<u4"), key_a, key_b, out)
+    )
+
+
+def nh64_digest_pieces(pieces: list[np.ndarray], key: bytes) -> str:
+    """NH64-BLAKE3 of the concatenation of 1-D uint8 arrays (see nh32t2_digest_pieces)."""
+    nh_key, final_key = _nh64_keys(key)
+    kernel = _kernel(0)
+    return _digest_pieces(pieces, final_key, lambda blocks, out: kernel(blocks.view("<u8"), nh_key, out))
+
+
 def _digest(data: np.ndarray, final_key: bytes, nh_blocks) -> str:
-    """Keyed BLAKE3 of the 16-byte NH outputs of every 1 KiB block, then the length."""
-    n = data.shape[0]
-    whole = n - n % BLOCK_BYTES
+    return _digest_pieces([data], final_key, nh_blocks)
+
+
+def _digest_pieces(pieces: list[np.ndarray], final_key: bytes, nh_blocks) -> str:
+    """Keyed BLAKE3 of the 16-byte NH outputs of every 1 KiB block of the pieces' bytes
+    end to end (the last block zero-padded), then the length."""
+    n = sum(p.shape[0] for p in pieces)
     out = np.empty(2 * -(-n // BLOCK_BYTES), dtype=np.uint64)
-    if whole:
-        nh_blocks(data[:whole], out)
-    if whole < n:
-        tail = np.zeros(BLOCK_BYTES, dtype=np.uint8)
-        tail[: n - whole] = data[whole:]
-        nh_blocks(tail, out[-2:])
+    block = 0  # the next block's index
+    partial = np.zeros(BLOCK_BYTES, dtype=np.uint8)  # a block that straddles pieces
+    filled = 0  # bytes of it filled so far
+    for piece in pieces:
+        start = 0
+        if filled:
+            start = min(BLOCK_BYTES - filled, piece.shape[0])
+            partial[filled : filled + start] = piece[:start]
+            filled += start
+            if filled < BLOCK_BYTES:
+                continue
+            nh_blocks(partial, out[2 * block : 2 * block + 2])
+            block, filled = block + 1, 0
+        whole = (piece.shape[0] - start) // BLOCK_BYTES
+        if whole:
+            nh_blocks(piece[start : start + whole * BLOCK_BYTES], out[2 * block : 2 * (block + whole)])
+            block += whole
+        rest = piece[start + whole * BLOCK_BYTES :]
+        partial[: rest.shape[0]] = rest
+        filled = rest.shape[0]
+    if filled:
+        partial[filled:] = 0
+        nh_blocks(partial, out[2 * block : 2 * block + 2])
     final = blake3.blake3(memoryview(out.view(np.uint8)), key=final_key)
     final.update(n.to_bytes(8, "little"))
     return final.hexdigest()

@@ -6,8 +6,9 @@ client -> server during a transfer: ping (session); server -> client: pong, or a
                   when it holds no such session (loader.transfer.liveness)
 server -> client: ack (session id = the secret store prefix, store port, bucket size,
                   checksum algorithm and keyed checksums, optionally the buckets it will
-                  not send: `skip`, the connections of the transfer: `streams`, and
-                  whether it answers pings: `ping`), nack (reason), busy, abort (the session failed on the
+                  not send: `skip`, the connections of the transfer: `streams`,
+                  whether it answers pings: `ping`, and whether packed buckets travel
+                  as one message per item: `items`), nack (reason), busy, abort (the session failed on the
                   source before its first bucket: the reason, at once)
 Every decoded message is untrusted: size, type and every field are checked here.
 """
@@ -83,6 +84,7 @@ class Ack:
     skip: frozenset[int] = frozenset()
     streams: int = 1  # connections of the transfer group (Gloo); absent on the wire: 1
     ping: bool = False  # the source answers pings (loader.transfer.liveness)
+    items: bool = False  # packed buckets travel as one message per item (buckets.message_spans)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ def ack_message(ack: Ack) -> dict:
         msg["streams"] = ack.streams
     if ack.ping:
         msg["ping"] = True
+    if ack.items:
+        msg["items"] = True
     return msg
 
 
@@ -305,7 +309,7 @@ def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
             "checksums",
             "manifest_digest",
         },
-        optional={"skip", "streams", "ping"},
+        optional={"skip", "streams", "ping", "items"},
     )
     bucket_bytes = int_field("bucket_bytes", obj["bucket_bytes"], MIN_BUCKET_BYTES, MAX_BUCKET_BYTES)
     checksums = obj["checksums"]
@@ -328,6 +332,7 @@ def parse_reply(obj: dict, plan_length: Callable[[int], int]) -> Ack | Refusal:
         skip=skip,
         streams=int_field("streams", obj.get("streams", 1), 1, MAX_STREAMS),
         ping=_bool_field("ping", obj.get("ping", False)),
+        items=_bool_field("items", obj.get("items", False)),
     )
 
 

@@ -9,10 +9,12 @@ but nothing it sends can reach live weights:
 - when the caller relies on nothing in the destination but what its resume state holds
   verified (a model just built: Destination.in_place) and the backend can be fenced
   (Gloo, see TransferDevice.receives_in_place), a direct bucket, one piece of one
-  tensor, is received straight into its place: until its checksum matched it is no
-  weight (nothing is told of it, nothing reads it, resume does not hold it), and when
-  the attempt ends its group is fenced before anything else runs, so no receive of it
-  can write again. This saves the copy of most of a model's bytes.
+  tensor, is received straight into its place, and so is a packed bucket the source
+  sends as one message per item (ack.items), each item into its tensor and verified
+  there (checksum.digest_pieces): until its checksum matched such a bucket is no weight
+  (nothing is told of it, nothing reads it, resume does not hold it), and when the
+  attempt ends its group is fenced before anything else runs, so no receive of it can
+  write again. This saves the copy of every byte of a model.
 """
 
 from __future__ import annotations
@@ -27,8 +29,15 @@ import torch
 
 from loader.config import TransferSettings
 from loader.transfer import protocol
-from loader.transfer.buckets import Bucket, bucket_tag, byte_view, max_bucket_bytes, unpack_bucket
-from loader.transfer.checksum import digest, warm_up
+from loader.transfer.buckets import (
+    Bucket,
+    bucket_tag,
+    byte_view,
+    max_bucket_bytes,
+    message_spans,
+    unpack_bucket,
+)
+from loader.transfer.checksum import GATHERED, digest, digest_pieces, warm_up
 from loader.transfer.device import TransferDevice, await_work, device_for
 from loader.transfer.process_group import (
     CLIENT_RANK,
@@ -69,11 +78,12 @@ class Destination:
     observer: object = None
     in_place: bool = False
 
-    def place_of(self, bucket: Bucket) -> torch.Tensor:
-        """The destination bytes of a direct bucket (a piece of one tensor)."""
-        item = bucket.items[0]
-        whole = byte_view(self.tensors[item.name])
-        return whole[item.tensor_offset : item.tensor_offset + item.nbytes]
+    def places_of(self, bucket: Bucket) -> list[torch.Tensor]:
+        """The destination bytes of each of a bucket's items (contiguous tensors)."""
+        return [
+            byte_view(self.tensors[item.name])[item.tensor_offset : item.tensor_offset + item.nbytes]
+            for item in bucket.items
+        ]
 
     def write(
         self, bucket: Bucket, data: torch.Tensor, checksum: str, device: TransferDevice, in_place: bool
@@ -91,8 +101,10 @@ class Destination:
 @dataclass
 class _Posted:
     bucket: Bucket
-    work: object
-    target: torch.Tensor  # where the bytes land: a staging buffer or their place
+    works: list  # one receive per message (buckets.message_spans)
+    targets: list[torch.Tensor]  # where each message lands: staging memory or its place
+    whole: torch.Tensor | None  # the bucket's bytes end to end, when they are (not for
+    # a packed bucket received in its tensors' places)
     slot: int
     in_place: bool
     staging: int | None  # the staging buffer's index
@@ -103,10 +115,14 @@ class _ReceiveRing:
     k-th staged bucket staging buffer k % staging depth, and a slot or buffer is used
     again only once the bucket that used it last was verified and published."""
 
-    def __init__(self, plan: list[Bucket], destination: Destination, device: TransferDevice) -> None:
+    def __init__(
+        self, plan: list[Bucket], destination: Destination, device: TransferDevice, ack: protocol.Ack
+    ) -> None:
         self.plan = plan
         self.destination = destination
         self.in_place = destination.in_place and device.receives_in_place
+        self.item_messages = ack.items
+        self.packed_in_place = self.in_place and ack.items and ack.algorithm in GATHERED
         self.depth = min(RECV_DEPTH, len(plan))
         self.device = device
         self.staged_bytes = max_bucket_bytes([b for b in plan if not self._lands_in_place(b)])
@@ -120,7 +136,7 @@ class _ReceiveRing:
         self.next_post = 0
 
     def _lands_in_place(self, bucket: Bucket) -> bool:
-        return self.in_place and bucket.direct
+        return self.packed_in_place if not bucket.direct else self.in_place
 
     def pending(self) -> bool:
         return self.next_post < len(self.plan) or bool(self.posted)
@@ -138,14 +154,18 @@ class _ReceiveRing:
                 break
             if in_place:
                 self.destination.resume.forget(bucket.index)  # its bytes change from now on
-                target = self.destination.place_of(bucket)
+                targets = self.destination.places_of(bucket)
+                whole = targets[0] if bucket.direct else None
             else:
                 if self.staging[staging] is None:
                     self.staging[staging] = self.device.empty(self.staged_bytes)
-                target = self.staging[staging][: bucket.nbytes]
+                whole = self.staging[staging][: bucket.nbytes]
+                spans = message_spans(bucket, self.item_messages)
+                targets = [whole[offset : offset + n] for offset, n in spans]
                 self.staged_count += 1
-            work = pg.recv([target], SOURCE_RANK, bucket_tag(bucket))
-            self.posted.append(_Posted(bucket, work, target, slot, in_place, staging))
+            tag = bucket_tag(bucket)
+            works = [pg.recv([target], SOURCE_RANK, tag) for target in targets]
+            self.posted.append(_Posted(bucket, works, targets, whole, slot, in_place, staging))
             self.next_post += 1
 
     def _free(self, last_user: Future | None) -> bool:
@@ -242,35 +262,41 @@ class ReceivePipeline:
 
     def _receive(self, watchdog: Watchdog, verifier: ThreadPoolExecutor) -> None:
         settings = self.settings
-        ring = _ReceiveRing(self.plan, self.destination, self.device)
+        ring = _ReceiveRing(self.plan, self.destination, self.device, self.ack)
         progress = ProgressReporter(
             sum(b.nbytes for b in self.plan), self.label, log, settings.progress_interval_s
         )
         while ring.pending():
             ring.post_ahead(self.pg)
             posted = ring.take_oldest()
-            self._await_bucket(posted.bucket, posted.work, watchdog)
+            self._await_bucket(posted.bucket, posted.works, watchdog)
             ring.verification_started(posted, verifier.submit(self._verify_and_write, posted))
             progress.advance(posted.bucket.nbytes)
         watchdog.phase("checksum verification", settings.bucket_timeout_s)
         ring.wait_verified()
 
-    def _await_bucket(self, bucket: Bucket, work, watchdog: Watchdog) -> None:
+    def _await_bucket(self, bucket: Bucket, works: list, watchdog: Watchdog) -> None:
         timeout_s = self.settings.bucket_timeout_s
         # the backend's own timeout (bucket_timeout_s) should fire first; the watchdog is
-        # the backstop for a backend that does not honour it
+        # the backstop for a backend that does not honour it (or a bucket of many messages
+        # that each take almost that long)
         watchdog.phase(f"bucket {bucket.index}/{len(self.plan)}", _backstop(timeout_s))
-        await_work(
-            work, self.device, timeout_s, f"bucket {bucket.index}", watchdog.cancelled.is_set
-        )
+        deadline = time.monotonic() + timeout_s
+        for work in works:
+            await_work(
+                work, self.device, timeout_s, f"bucket {bucket.index}", watchdog.cancelled.is_set, deadline
+            )
         watchdog.check()
 
     def _verify_and_write(self, posted: _Posted) -> None:
         """Check a received bucket; only then publish it in the destination tensors."""
-        bucket, data = posted.bucket, posted.target
+        bucket, data = posted.bucket, posted.whole
         expected = self.ack.checksums[bucket.index]
         t = time.perf_counter()
-        actual = digest(data, self.ack.algorithm, self.checksum_key)
+        if data is not None:
+            actual = digest(data, self.ack.algorithm, self.checksum_key)
+        else:
+            actual = digest_pieces(posted.targets, self.ack.algorithm, self.checksum_key)
         log.debug("bucket %d: checksum %.1f ms", bucket.index, 1e3 * (time.perf_counter() - t))
         if actual != expected:
             first, last = bucket.items[0].name, bucket.items[-1].name

@@ -318,7 +318,7 @@ class WeightServer:
                 skip = resume.indices(len(plan))  # the client verified these already
             store_socket = bind_store_socket(self._store_bind_host())
             store_port = store_socket.getsockname()[1]
-            self._acknowledge(session, served, store_port, skip)
+            self._acknowledge(session, served, store_port, skip, device)
             session.pg = create_transfer_group(
                 self._device.type,
                 self._store_bind_host(),
@@ -353,7 +353,12 @@ class WeightServer:
             self.status_changed()
 
     def _acknowledge(
-        self, session: Session, served: ServedSession, store_port: int, skip: frozenset[int]
+        self,
+        session: Session,
+        served: ServedSession,
+        store_port: int,
+        skip: frozenset[int],
+        device: TransferDevice,
     ) -> None:
         ack = protocol.Ack(
             session=session.session_id,
@@ -367,6 +372,7 @@ class WeightServer:
             skip=skip,
             streams=self._streams(),
             ping=True,
+            items=item_messages(device),
         )
         self._channel.reply(session.identity, protocol.ack_message(ack))
 
@@ -391,7 +397,7 @@ class WeightServer:
             if session.pieces is None:  # complete tensors need no wait
                 self.strategy.before_bucket(served, bucket)
 
-        sender.send(session.pg, buckets, device, before_bucket)
+        sender.send(session.pg, buckets, device, before_bucket, item_messages=item_messages(device))
 
     def _await_done(self, session: Session) -> None:
         if not session.done.wait(self.settings.bucket_timeout_s):
@@ -470,3 +476,10 @@ def _peer_address(frame: zmq.Frame) -> str:
         return frame.get("Peer-Address") or ""
     except (zmq.ZMQError, AttributeError):
         return ""
+
+
+def item_messages(device: TransferDevice) -> bool:
+    """Whether packed buckets travel as one message per item: on the host (Gloo), where
+    packing costs a CPU copy of each such byte on each side. Not on accelerators: there
+    packing is a device copy, cheaper than one more point-to-point operation per tensor."""
+    return not device.is_async

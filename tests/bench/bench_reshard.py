@@ -49,8 +49,8 @@ def source_main(args, to_parent, from_parent) -> None:
     sent = [0]
 
     class Counting(BucketSender):
-        def send(self, pg, buckets, device, before_bucket):
-            super().send(pg, buckets, device, before_bucket)
+        def send(self, pg, buckets, device, before_bucket, item_messages=False):
+            super().send(pg, buckets, device, before_bucket, item_messages)
             sent[0] += sum(b.nbytes for b in buckets)
 
     spec = spec_for(args.mib)

@@ -110,7 +110,7 @@ def _source_main(spec: SourceSpec, endpoint_queue, stop_conn) -> None:
     if spec.fault in ("kill_mid_transfer", "freeze_mid_transfer"):
         # killed: the kernel closes its connections; frozen (SIGSTOP): nothing at all
         # reaches the client any more, as from a crashed host
-        original, sent = BucketReader.read, [0]
+        original, sent = BucketReader.messages, [0]
         stop = signal.SIGKILL if spec.fault == "kill_mid_transfer" else signal.SIGSTOP
 
         def read_then_die(self, *args, **kwargs):
@@ -119,9 +119,9 @@ def _source_main(spec: SourceSpec, endpoint_queue, stop_conn) -> None:
                 os.kill(os.getpid(), stop)
             return original(self, *args, **kwargs)
 
-        BucketReader.read = read_then_die
+        BucketReader.messages = read_then_die
     elif spec.fault == "hang_after_ack":
-        server.sender.send = lambda pg, buckets, device, before_bucket: time.sleep(3600)
+        server.sender.send = lambda *args, **kwargs: time.sleep(3600)
     elif spec.fault == "corrupt_after_checksums":
         tensors["layer3.weight"][1, 1] += 1.0
     endpoint_queue.put(server.endpoint)

@@ -6,6 +6,7 @@ from loader.transfer.buckets import (
     BucketReader,
     direct_min_bytes,
     max_bucket_bytes,
+    message_spans,
     plan_buckets,
     unpack_bucket,
 )
@@ -95,3 +96,30 @@ def test_pack_and_unpack_round_trip_mixed_dtypes():
         unpack_bucket(bucket, reader.read(bucket, buffer).clone(), dest)
     for k in src:
         assert torch.equal(dest[k], src[k]), k
+
+
+def test_item_messages_carry_each_packed_item_from_its_own_storage():
+    src = {
+        "a": torch.randn(3, 5),
+        "nc": torch.randn(6, 4).t(),  # non-contiguous: sent from a contiguous copy
+        "b": torch.arange(7, dtype=torch.int16),
+        "big": torch.randn(1000),
+    }
+    plan = plan_buckets(build_manifest(src).specs, bucket_bytes=1024)
+    reader = BucketReader(src)
+    assert reader.staging_bytes(plan, item_messages=True) == 0  # nothing is packed
+    for bucket in plan:
+        spans = message_spans(bucket, item_messages=True)
+        messages = reader.messages(bucket, None, item_messages=True)
+        assert [m.numel() for m in messages] == [n for _, n in spans]
+        packed = reader.read(bucket, torch.empty(bucket.nbytes, dtype=torch.uint8)).clone()
+        assert torch.equal(torch.cat(messages), packed)  # the same bytes, in bucket order
+        if bucket.direct:
+            assert spans == [(0, bucket.nbytes)]
+        else:
+            assert spans == [(item.offset, item.nbytes) for item in bucket.items]
+            assert message_spans(bucket, item_messages=False) == [(0, bucket.nbytes)]
+    whole = [b for b in plan if not b.direct][0]
+    a_bytes = src["a"].reshape(-1).view(torch.uint8)
+    first = reader.messages(whole, None, item_messages=True)[0]
+    assert first.data_ptr() == a_bytes.data_ptr()  # sent from the tensor, not a copy

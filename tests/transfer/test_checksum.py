@@ -11,6 +11,7 @@ from loader.transfer.checksum import (
     NH64_BLAKE3,
     algorithm_for_device,
     digest,
+    digest_pieces,
 )
 
 KEY = bytes(range(32))
@@ -205,3 +206,36 @@ def test_the_background_warm_up_prepares_the_kernel_and_only_logs_a_failure(monk
         checksum.warm_up_in_background(NH32T2_BLAKE3).join(10)
     assert raised == []
     assert "warm-up failed: no kernel here" in caplog.text
+
+
+@pytest.mark.parametrize("algorithm", [NH32T2_BLAKE3, NH64_BLAKE3, BLAKE3_KEYED])
+def test_a_digest_over_pieces_is_the_digest_of_their_concatenation(algorithm):
+    """Pieces of every length and memory alignment (separate allocations, as the items
+    of a packed bucket received in their tensors are), block boundaries inside them."""
+    g = torch.Generator().manual_seed(5)
+    for trial in range(60):
+        count = int(torch.randint(1, 9, (1,), generator=g))
+        sizes = torch.randint(0, 3000, (count,), generator=g).tolist()
+        if trial % 3 == 0:
+            sizes = [1024 * (n % 4) for n in sizes]  # pieces that end on block boundaries
+        pieces = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
+        whole = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8)
+        assert digest_pieces(pieces, algorithm, KEY) == digest(whole, algorithm, KEY), sizes
+
+
+def test_a_changed_byte_in_any_piece_changes_the_digest_over_pieces():
+    pieces = [torch.arange(n, dtype=torch.int64).to(torch.uint8) for n in (5, 1500, 1019, 3)]
+    reference = digest_pieces(pieces, NH32T2_BLAKE3, KEY)
+    for piece in pieces:
+        for at in {0, len(piece) // 2, len(piece) - 1}:
+            piece[at] ^= 1
+            assert digest_pieces(pieces, NH32T2_BLAKE3, KEY) != reference
+            piece[at] ^= 1
+
+
+def test_the_device_checksum_is_not_computed_over_pieces():
+    pieces = [torch.zeros(4, dtype=torch.uint8)]
+    with pytest.raises(ValueError, match="cannot be computed over pieces"):
+        digest_pieces(pieces, MLH31, KEY)
+    with pytest.raises(ValueError):
+        digest_pieces([torch.zeros(4)], NH32T2_BLAKE3, KEY)

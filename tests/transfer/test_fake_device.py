@@ -70,7 +70,7 @@ def fetch_after_a_failing_source(bad_cls, seed: int, bucket_timeout_s: float):
 
 
 class SilentSource(BucketSender):
-    def send(self, pg, buckets, device, before_bucket):
+    def send(self, pg, buckets, device, before_bucket, item_messages=False):
         time.sleep(30)  # never sends: the client's receives never complete
 
 
@@ -85,8 +85,8 @@ def test_a_bucket_that_never_arrives_times_out_per_bucket_and_the_next_source_se
 class AbortingSource(BucketSender):
     """Sends two buckets, then aborts its group (a crash, as the client sees it)."""
 
-    def send(self, pg, buckets, device, before_bucket):
-        super().send(pg, buckets[:2], device, before_bucket)
+    def send(self, pg, buckets, device, before_bucket, item_messages=False):
+        super().send(pg, buckets[:2], device, before_bucket, item_messages)
         destroy_group(pg)
         raise RuntimeError("source aborted")
 

@@ -1,6 +1,7 @@
-"""Receiving direct buckets in place (fetch_from_sources(in_place=True), as the model
-loader does): a failed source can still never write into the tensors once its attempt
-ended, and bytes that landed in place count only once verified.
+"""Receiving buckets in place (fetch_from_sources(in_place=True), as the model loader
+does): direct buckets, and packed ones sent as one message per item, land in their
+tensors; a failed source can still never write into the tensors once its attempt ended,
+and bytes that landed in place count only once verified.
 
 The premise is the Gloo fence: abort() leaves a posted receive armed, the fence does not.
 """
@@ -31,6 +32,7 @@ from tests.transfer.test_late_writes import (
     LateCorruptSource,
     assert_equal,
     big_tensors,
+    small_tensors,
     wait_finished,
 )
 
@@ -136,21 +138,35 @@ def test_only_the_fence_disarms_a_posted_receive(close, streams):
 def places(monkeypatch) -> list[int]:
     """Indices of the buckets received in place."""
     seen: list[int] = []
-    real = receive_pipeline.Destination.place_of
+    real = receive_pipeline.Destination.places_of
 
     def spy(self, bucket):
         seen.append(bucket.index)
         return real(self, bucket)
 
-    monkeypatch.setattr(receive_pipeline.Destination, "place_of", spy)
+    monkeypatch.setattr(receive_pipeline.Destination, "places_of", spy)
     return seen
 
 
-def test_in_place_a_failed_source_cannot_overwrite_what_the_next_source_delivered(places):
-    reference = big_tensors(11)
+def mixed_tensors(seed: int) -> dict[str, torch.Tensor]:
+    """Direct and packed buckets, the packed items of odd byte sizes (2-byte dtype), so
+    that 1 KiB checksum blocks straddle items at every alignment."""
+    g = torch.Generator().manual_seed(seed)
+    mixed = {f"h{i}": torch.randn(1000 + 37 * i, generator=g).to(torch.bfloat16) for i in range(40)}
+    return {**mixed, **big_tensors(seed)}
+
+
+KINDS = pytest.mark.parametrize(
+    "make", [big_tensors, small_tensors, mixed_tensors], ids=["direct", "packed", "mixed"]
+)
+
+
+@KINDS
+def test_in_place_a_failed_source_cannot_overwrite_what_the_next_source_delivered(places, make):
+    reference = make(11)
     dest = empty_like_all(reference)
-    with in_process_server(big_tensors(11), sender_cls=LateCorruptSource) as bad:
-        with in_process_server(big_tensors(11)) as good:
+    with in_process_server(make(11), sender_cls=LateCorruptSource) as bad:
+        with in_process_server(make(11)) as good:
             outcome = fetch_from_sources(
                 [bad.endpoint, good.endpoint], FINGERPRINT, dest, 0, FAST, in_place=True
             )
@@ -161,10 +177,11 @@ def test_in_place_a_failed_source_cannot_overwrite_what_the_next_source_delivere
     assert_equal(dest, reference)
 
 
-def test_in_place_a_failed_source_cannot_overwrite_the_disk_fallback(places):
-    reference = big_tensors(12)
+@KINDS
+def test_in_place_a_failed_source_cannot_overwrite_the_disk_fallback(places, make):
+    reference = make(12)
     dest = empty_like_all(reference)
-    with in_process_server(big_tensors(12), sender_cls=LateCorruptSource) as bad:
+    with in_process_server(make(12), sender_cls=LateCorruptSource) as bad:
         assert not fetch_from_sources([bad.endpoint], FINGERPRINT, dest, 0, FAST, in_place=True).ok
         for name, t in reference.items():  # what the disk fallback does
             dest[name].copy_(t)
@@ -187,12 +204,13 @@ class Heard:
         pass
 
 
-def test_bytes_received_in_place_count_only_once_verified(places):
+@KINDS
+def test_bytes_received_in_place_count_only_once_verified(places, make):
     """A corrupt source's bytes land in place, but nobody is told of them and the
     resume state holds none of them."""
     observer, resume = Heard(), ResumeState()
-    dest = empty_like_all(big_tensors(13))
-    with in_process_server(big_tensors(13), sender_cls=LateCorruptSource) as bad:
+    dest = empty_like_all(make(13))
+    with in_process_server(make(13), sender_cls=LateCorruptSource) as bad:
         outcome = fetch_from_sources(
             [bad.endpoint], FINGERPRINT, dest, 0, FAST, observer=observer, resume=resume,
             in_place=True,
@@ -203,12 +221,29 @@ def test_bytes_received_in_place_count_only_once_verified(places):
     assert observer.verified == [] and resume.verified_buckets == 0
 
 
-def test_in_place_transfer_delivers_every_byte(places):
-    reference = big_tensors(14)
+@KINDS
+def test_in_place_transfer_delivers_every_byte(places, make):
+    reference = make(14)
     dest = empty_like_all(reference)
-    with in_process_server(big_tensors(14)) as good:
+    with in_process_server(make(14)) as good:
         outcome = fetch_from_sources([good.endpoint], FINGERPRINT, dest, 0, FAST, in_place=True)
     assert outcome.ok, outcome.failures
     plan = plan_buckets(build_manifest(reference).specs, FAST.bucket_bytes)
-    assert all(b.direct for b in plan) and sorted(places) == [b.index for b in plan]
+    assert sorted(places) == [b.index for b in plan]  # every bucket, packed ones too
+    assert_equal(dest, reference)
+
+
+def test_a_source_that_sends_packed_buckets_whole_is_received_through_staging(places, monkeypatch):
+    """What a source older than item messages sends: the ack has no `items`, so the
+    client posts one receive per bucket and unpacks the packed ones once verified."""
+    from loader.transfer import server as server_module
+
+    monkeypatch.setattr(server_module, "item_messages", lambda device: False)
+    reference = mixed_tensors(15)
+    dest = empty_like_all(reference)
+    with in_process_server(mixed_tensors(15)) as old:
+        outcome = fetch_from_sources([old.endpoint], FINGERPRINT, dest, 0, FAST, in_place=True)
+    assert outcome.ok, outcome.failures
+    plan = plan_buckets(build_manifest(reference).specs, FAST.bucket_bytes)
+    assert sorted(places) == [b.index for b in plan if b.direct]  # packed ones were staged
     assert_equal(dest, reference)

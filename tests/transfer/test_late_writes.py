@@ -15,7 +15,7 @@ import torch
 
 from loader.distribution.relay import relay_server
 from loader.transfer.bucket_sender import BucketSender
-from loader.transfer.buckets import bucket_tag
+from loader.transfer.buckets import bucket_tag, message_spans
 from loader.transfer.client import fetch_from_sources
 from loader.transfer.process_group import CLIENT_RANK
 from loader.transfer.resume import ResumeState
@@ -28,8 +28,8 @@ WRONG_BYTE = 0x5A
 
 class LateCorruptSource(BucketSender):
     """Announces the true checksums (the server does), then sends WRONG_BYTE in every
-    bucket, one bucket every `delay_s`, and goes on after the client's failure (errors
-    ignored)."""
+    bucket (in each of its messages, as the ack announced them), one bucket every
+    `delay_s`, and goes on after the client's failure (errors ignored)."""
 
     delay_s = 0.4
 
@@ -38,15 +38,16 @@ class LateCorruptSource(BucketSender):
         self.finished = threading.Event()
         self.sent_ok = 0
 
-    def send(self, pg, buckets, device, before_bucket):
+    def send(self, pg, buckets, device, before_bucket, item_messages=False):
         try:
             for bucket in buckets:
-                data = torch.full((bucket.nbytes,), WRONG_BYTE, dtype=torch.uint8)
-                try:
-                    pg.send([data], CLIENT_RANK, bucket_tag(bucket)).wait()
-                    self.sent_ok += 1
-                except Exception:
-                    pass  # keep sending: the attacker does not stop because we did
+                for _, nbytes in message_spans(bucket, item_messages):
+                    data = torch.full((nbytes,), WRONG_BYTE, dtype=torch.uint8)
+                    try:
+                        pg.send([data], CLIENT_RANK, bucket_tag(bucket)).wait()
+                        self.sent_ok += 1
+                    except Exception:
+                        pass  # keep sending: the attacker does not stop because we did
                 time.sleep(self.delay_s)
         finally:
             self.finished.set()

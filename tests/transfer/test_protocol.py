@@ -38,6 +38,9 @@ def test_round_trip():
     assert parsed.manifest == MANIFEST and parsed.backend == "gloo"
     reply = parse_ack(protocol.decode(protocol.encode(ack()), 1 << 20))
     assert isinstance(reply, protocol.Ack) and reply.store_port == 4000
+    assert not reply.items and "items" not in ack()  # what an older source sends
+    items = protocol.ack_message(protocol.Ack(SESSION, 4000, 1 << 20, "blake3-keyed", ("ff" * 32,), "aa" * 32, items=True))
+    assert parse_ack(protocol.decode(protocol.encode(items), 1 << 20)).items
     refusal = parse_ack(protocol.nack_message("no\x00pe"))
     assert refusal == protocol.Refusal(busy=False, reason="no?pe")
     assert parse_ack(protocol.nack_message("full", busy=True)).busy
@@ -87,6 +90,8 @@ def test_bad_hellos_are_rejected(changes):
         {"checksums": "ff"},
         {"checksums": [1]},
         {"manifest_digest": None},
+        {"items": 1},
+        {"items": "yes"},
         {"extra": True},
     ],
 )

@@ -26,8 +26,8 @@ class CountingSender(BucketSender):
 
     sent: list[int] = []
 
-    def send(self, pg, buckets, device, before_bucket):
-        super().send(pg, buckets, device, before_bucket)
+    def send(self, pg, buckets, device, before_bucket, item_messages=False):
+        super().send(pg, buckets, device, before_bucket, item_messages)
         CountingSender.sent.append(sum(b.nbytes for b in buckets))
 
 
@@ -43,8 +43,8 @@ class CorruptSender(BucketSender):
             bad[0] ^= 0xFF
             return self.pg.send([bad], dst, tag)
 
-    def send(self, pg, buckets, device, before_bucket):
-        super().send(self._Flipping(pg), buckets, device, before_bucket)
+    def send(self, pg, buckets, device, before_bucket, item_messages=False):
+        super().send(self._Flipping(pg), buckets, device, before_bucket, item_messages)
 
 
 @contextlib.contextmanager
