@@ -308,10 +308,11 @@ class _SourceAttempt:
         finally:
             # before anything else: from here on this attempt publishes nothing, whatever
             # its abandoned threads or the backend still deliver; then the group is
-            # fenced (gloo: its connections closed), so no receive can write again
+            # fenced (gloo: its connections closed), so no receive can write again; at
+            # once unless every receive posted on it has completed
             receiver.gate.close()
             self.setup_s = receiver.setup_s
-            discard_group(receiver)
+            discard_group(receiver, quiet=receiver.all_received)
             receiver.device.synchronize()  # nothing of this attempt still queued on it
 
 

@@ -302,18 +302,25 @@ _releases_lock = threading.Lock()
 _RELEASE_AT_EXIT_S = 2.0
 
 
-def discard_group(owner) -> None:
+def discard_group(owner, quiet: bool = False) -> None:
     """Destroy the group `owner.pg` (destroy_group: fenced first), set `owner.pg` to None
     and drop the group in a daemon thread. A Gloo group's destructor joins its
     I/O loops, each waiting out a tick of up to 10 ms (it releases the GIL): nothing the
-    caller does next needs to wait for that. The caller must hold no other reference."""
+    caller does next needs to wait for that. The caller must hold no other reference.
+
+    `quiet`: every receive ever posted on the group has completed, so nothing can land
+    through it any more; then the fence (another loop tick per context) runs in that
+    thread too."""
     box = [owner.pg]
     owner.pg = None
     if box[0] is None:
         return
-    destroy_group(box[0])
+    if not quiet:
+        destroy_group(box[0])
 
     def release() -> None:
+        if quiet:
+            destroy_group(box[0])
         box.pop()  # the last reference: the destructor runs in this thread
         with _releases_lock:
             _releases.discard(thread)

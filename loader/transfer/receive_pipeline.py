@@ -215,6 +215,7 @@ class ReceivePipeline:
         self.checksum_key = checksum_key
         self.label = label
         self.pg = None
+        self.all_received = False  # every receive posted on pg has completed
         self.setup_s = 0.0
         self.gate = WriteGate()
         self.device: TransferDevice = device_for(destination.device)
@@ -272,6 +273,7 @@ class ReceivePipeline:
             self._await_bucket(posted.bucket, posted.works, watchdog)
             ring.verification_started(posted, verifier.submit(self._verify_and_write, posted))
             progress.advance(posted.bucket.nbytes)
+        self.all_received = True
         watchdog.phase("checksum verification", settings.bucket_timeout_s)
         ring.wait_verified()
 

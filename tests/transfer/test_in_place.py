@@ -77,7 +77,7 @@ class _RecordingGroup:
         self.released, self.aborted = released, aborted
 
     def abort(self) -> None:
-        self.aborted.append(True)
+        self.aborted.append(threading.current_thread().name)
 
     def __del__(self) -> None:
         self.released.append(threading.current_thread().name)
@@ -87,12 +87,43 @@ def test_a_discarded_group_is_destroyed_at_once_and_dropped_in_another_thread():
     released, aborted = [], []
     owner = SimpleNamespace(pg=_RecordingGroup(released, aborted))
     process_group.discard_group(owner)
-    assert owner.pg is None and aborted == [True]
-    deadline = time.monotonic() + 10
-    while not released and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert owner.pg is None and aborted == [threading.current_thread().name]
+    _wait_for(released)
     assert released == ["netloader-group-release"]
     process_group.discard_group(owner)  # nothing left: a no-op
+
+
+def _wait_for(seen: list) -> None:
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_quiet_group_is_fenced_in_the_release_thread_too():
+    """No receive is outstanding: the caller need not wait for the fence either."""
+    released, aborted = [], []
+    process_group.discard_group(SimpleNamespace(pg=_RecordingGroup(released, aborted)), quiet=True)
+    _wait_for(released)
+    assert aborted == released == ["netloader-group-release"]
+
+
+def test_a_transfer_that_received_everything_leaves_its_group_quiet_and_one_that_failed_does_not(
+    monkeypatch,
+):
+    from loader.transfer import client as client_module
+
+    calls = []
+    real = client_module.discard_group
+    monkeypatch.setattr(
+        client_module, "discard_group", lambda owner, quiet=False: (calls.append(quiet), real(owner, quiet))
+    )
+    reference = big_tensors(16)
+    with in_process_server(big_tensors(16)) as good:
+        assert fetch_from_sources([good.endpoint], FINGERPRINT, empty_like_all(reference), 0, FAST).ok
+    with in_process_server(big_tensors(16), sender_cls=LateCorruptSource) as bad:
+        assert not fetch_from_sources([bad.endpoint], FINGERPRINT, empty_like_all(reference), 0, FAST).ok
+        wait_finished(bad)
+    assert calls == [True, False]  # the corrupt source's first bucket failed, the rest unreceived
 
 
 def test_a_discarded_gloo_group_is_fenced_before_it_is_dropped():
