@@ -28,7 +28,7 @@ from loader.transfer.checksum import checksum_key
 from loader.transfer.device import WorkTimeout
 from loader.transfer.liveness import SourceLiveness
 from loader.transfer.manifest import Manifest, build_manifest, unique_tensors
-from loader.transfer.process_group import backend_for_device, discard_group
+from loader.transfer.process_group import backend_for_device
 from loader.transfer.receive_pipeline import ChecksumMismatch, Destination, ReceivePipeline
 from loader.transfer.resume import ResumeState, SourceFailure
 from loader.transfer.watchdog import Interrupted, PhaseTimeout, Watchdog
@@ -312,7 +312,7 @@ class _SourceAttempt:
             # once unless every receive posted on it has completed
             receiver.gate.close()
             self.setup_s = receiver.setup_s
-            discard_group(receiver, quiet=receiver.all_received)
+            receiver.discard()
             receiver.device.synchronize()  # nothing of this attempt still queued on it
 
 

@@ -20,6 +20,7 @@ but nothing it sends can reach live weights:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +45,7 @@ from loader.transfer.process_group import (
     SOURCE_RANK,
     create_transfer_group,
     destroy_group,
+    discard_group,
     wait_for_store,
 )
 from loader.transfer.progress import ProgressReporter
@@ -216,13 +218,24 @@ class ReceivePipeline:
         self.label = label
         self.pg = None
         self.all_received = False  # every receive posted on pg has completed
+        self._group_lock = threading.Lock()
+        self._discarded = False
         self.setup_s = 0.0
         self.gate = WriteGate()
         self.device: TransferDevice = device_for(destination.device)
 
     def abort(self) -> None:
         self.gate.close()
-        destroy_group(self.pg)
+        with self._group_lock:
+            destroy_group(self.pg)
+
+    def discard(self) -> None:
+        """End the attempt's group (process_group.discard_group: fenced at once unless
+        every posted receive completed). A group the abandoned receiving thread finishes
+        creating after this is discarded as soon as it exists."""
+        with self._group_lock:
+            self._discarded = True
+            discard_group(self, quiet=self.all_received)
 
     def run(self, watchdog: Watchdog) -> None:
         self.device.enter_thread()
@@ -248,7 +261,7 @@ class ReceivePipeline:
             self.host, self.ack.store_port, settings.pg_setup_timeout_s, watchdog.cancelled.is_set
         )
         watchdog.check()
-        self.pg = create_transfer_group(
+        pg = create_transfer_group(
             self.destination.device.type,
             self.host,
             self.ack.store_port,
@@ -258,6 +271,10 @@ class ReceivePipeline:
             settings.bucket_timeout_s,
             streams=self.ack.streams,
         )
+        with self._group_lock:
+            self.pg = pg
+            if self._discarded:  # the attempt ended while the group came up
+                discard_group(self)
         watchdog.check()
         self.setup_s = time.monotonic() - t0
 

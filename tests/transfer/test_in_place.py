@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loader.config import MAX_STREAMS
+from loader.config import MAX_STREAMS, TransferSettings
 from loader.transfer import process_group, receive_pipeline
 from loader.transfer.buckets import plan_buckets
 from loader.transfer.client import fetch_from_sources
@@ -110,12 +110,10 @@ def test_a_quiet_group_is_fenced_in_the_release_thread_too():
 def test_a_transfer_that_received_everything_leaves_its_group_quiet_and_one_that_failed_does_not(
     monkeypatch,
 ):
-    from loader.transfer import client as client_module
-
     calls = []
-    real = client_module.discard_group
+    real = receive_pipeline.discard_group
     monkeypatch.setattr(
-        client_module, "discard_group", lambda owner, quiet=False: (calls.append(quiet), real(owner, quiet))
+        receive_pipeline, "discard_group", lambda owner, quiet=False: (calls.append(quiet), real(owner, quiet))
     )
     reference = big_tensors(16)
     with in_process_server(big_tensors(16)) as good:
@@ -278,3 +276,25 @@ def test_a_source_that_sends_packed_buckets_whole_is_received_through_staging(pl
     plan = plan_buckets(build_manifest(reference).specs, FAST.bucket_bytes)
     assert sorted(places) == [b.index for b in plan if b.direct]  # packed ones were staged
     assert_equal(dest, reference)
+
+
+def test_a_group_that_comes_up_after_its_attempt_was_abandoned_is_destroyed_at_once(monkeypatch):
+    """The watchdog gives up on a group that takes too long to come up; when the backend
+    finally returns it, nothing may keep it (or post a receive on it)."""
+    released, aborted = [], []
+    late = threading.Event()
+
+    def slow_group(*args, **kwargs):
+        late.wait(60)
+        return _RecordingGroup(released, aborted)
+
+    monkeypatch.setattr(receive_pipeline, "create_transfer_group", slow_group)
+    settings = TransferSettings(**{**FAST.__dict__, "pg_setup_timeout_s": 1.0})
+    reference = big_tensors(17)
+    with in_process_server(big_tensors(17)) as good:
+        outcome = fetch_from_sources([good.endpoint], FINGERPRINT, empty_like_all(reference), 0, settings)
+    assert not outcome.ok and "process-group setup timed out" in outcome.failures[0][1], outcome.failures
+    assert aborted == []
+    late.set()  # the backend returns the group now
+    _wait_for(aborted)
+    assert aborted == ["netloader-transfer"]  # destroyed by the thread that got it, at once
