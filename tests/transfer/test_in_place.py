@@ -250,16 +250,21 @@ def test_bytes_received_in_place_count_only_once_verified(places, make):
     assert observer.verified == [] and resume.verified_buckets == 0
 
 
-@KINDS
-def test_in_place_transfer_delivers_every_byte(places, make):
-    reference = make(14)
+def fetch_in_place(make, seed: int) -> list:
+    """Fetch make(seed) in place from a good source; its bucket plan."""
+    reference = make(seed)
     dest = empty_like_all(reference)
-    with in_process_server(make(14)) as good:
+    with in_process_server(make(seed)) as good:
         outcome = fetch_from_sources([good.endpoint], FINGERPRINT, dest, 0, FAST, in_place=True)
     assert outcome.ok, outcome.failures
-    plan = plan_buckets(build_manifest(reference).specs, FAST.bucket_bytes)
-    assert sorted(places) == [b.index for b in plan]  # every bucket, packed ones too
     assert_equal(dest, reference)
+    return plan_buckets(build_manifest(reference).specs, FAST.bucket_bytes)
+
+
+@KINDS
+def test_in_place_transfer_delivers_every_byte(places, make):
+    plan = fetch_in_place(make, 14)
+    assert sorted(places) == [b.index for b in plan]  # every bucket, packed ones too
 
 
 def test_a_source_that_sends_packed_buckets_whole_is_received_through_staging(places, monkeypatch):
@@ -268,14 +273,8 @@ def test_a_source_that_sends_packed_buckets_whole_is_received_through_staging(pl
     from loader.transfer import server as server_module
 
     monkeypatch.setattr(server_module, "item_messages", lambda device: False)
-    reference = mixed_tensors(15)
-    dest = empty_like_all(reference)
-    with in_process_server(mixed_tensors(15)) as old:
-        outcome = fetch_from_sources([old.endpoint], FINGERPRINT, dest, 0, FAST, in_place=True)
-    assert outcome.ok, outcome.failures
-    plan = plan_buckets(build_manifest(reference).specs, FAST.bucket_bytes)
+    plan = fetch_in_place(mixed_tensors, 15)
     assert sorted(places) == [b.index for b in plan if b.direct]  # packed ones were staged
-    assert_equal(dest, reference)
 
 
 def test_a_group_that_comes_up_after_its_attempt_was_abandoned_is_destroyed_at_once(monkeypatch):
