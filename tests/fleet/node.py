@@ -57,7 +57,10 @@ from tests.support.observers import ObserverFanout, ProgressRecorder
 FINGERPRINT = "f1ee7" * 12 + "0000"
 ROOT = "source"
 MODEL = "fleet-synthetic"
-_POLL_S = 0.005
+_POLL_S = 0.005  # waits that start a measured interval (go, a corrupt source's marker)
+# waits that gate no figure (a wave's or the fleet's stop): polled slowly, so that idle
+# nodes do not take cores from the ones a wave is measuring
+_IDLE_POLL_S = 0.1
 _WATCH_WAKE_S = 0.1  # the table watcher's longest wait for a view change (to see stop)
 _CONVERGE_POLL_S = 0.01
 _HOLD_CORRUPT_S = 5.0  # below the tests' bucket timeout: the held bucket still arrives
@@ -76,12 +79,12 @@ def settings_for(cfg: dict, capacity: int) -> TransferSettings:
     )
 
 
-def wait_for(path: Path, deadline_s: float) -> bool:
+def wait_for(path: Path, deadline_s: float, poll_s: float = _POLL_S) -> bool:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if path.exists():
             return True
-        time.sleep(_POLL_S)
+        time.sleep(poll_s)
     return False
 
 
@@ -126,23 +129,22 @@ def run_source(cfg: dict, d: Path) -> None:
         presence.announce(server)  # what a loaded instance does: ready, state complete
         presences.append(presence)
     (d / f"{cfg['name']}.armed").write_text("1")
-    leaving = [
-        threading.Thread(target=_leave_when_over, args=(cfg, d / wave["id"], presence), daemon=True)
-        for wave, presence in zip(cfg["waves"], presences, strict=True)
-    ]
-    for thread in leaving:
-        thread.start()
-    wait_for(d / "stop", cfg.get("deadline_s", 900))
+    threading.Thread(target=_leave_when_over, args=(cfg, d, presences), daemon=True).start()
+    wait_for(d / "stop", cfg.get("deadline_s", 900), _IDLE_POLL_S)
     for presence in presences:
         presence.stop()
     for server in servers:
         server.stop()
 
 
-def _leave_when_over(cfg: dict, wd: Path, presence: MeshPresence) -> None:
-    """The root leaves a wave's mesh once the wave is over, so that nothing it sees there
-    later (its clients leaving) is counted against the next wave."""
-    if wait_for(wd / "stop", cfg.get("deadline_s", 900)):
+def _leave_when_over(cfg: dict, d: Path, presences: list[MeshPresence]) -> None:
+    """The root leaves each wave's mesh once the wave is over (waves run one after the
+    other), so that nothing it sees there later (its clients leaving) is counted against
+    the next wave."""
+    for wave, presence in zip(cfg["waves"], presences, strict=True):
+        wd = d / wave["id"]
+        if not wait_for(wd / "stop", cfg.get("deadline_s", 900), _IDLE_POLL_S):
+            return
         presence.stop()
         (wd / f"{cfg['name']}.left").write_text("1")
 
@@ -365,6 +367,8 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:  # long: one w
             "seconds": ended - started,
             "bytes": outcome.bytes,
             "resumed_bytes": outcome.resumed_bytes,
+            "handshake_s": outcome.handshake_s,
+            "setup_s": outcome.setup_s,
             "samples": recorder.samples,
             "events": recorder.events,
             "forwarded": relay.strategy.forwarded_indices if relay is not None else [],
@@ -374,7 +378,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:  # long: one w
         },
     )
     if relay is not None:
-        wait_for(wd / "stop", deadline)
+        wait_for(wd / "stop", deadline, _IDLE_POLL_S)
     presence.stop()
     if relay is not None:
         relay.stop()
@@ -391,7 +395,7 @@ def run_client(cfg: dict, d: Path) -> None:
     for wave in cfg["waves"]:
         if cfg["name"] in wave["clients"]:
             run_wave(cfg, wave, d, dest)
-    wait_for(d / "stop", cfg.get("deadline_s", 900))
+    wait_for(d / "stop", cfg.get("deadline_s", 900), _IDLE_POLL_S)
 
 
 def main() -> None:
