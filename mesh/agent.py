@@ -74,6 +74,7 @@ class AgentLoop:
         self.stopping = False
         self.finished = False
         self._pending_meta: dict | None = None
+        self._pending_notify: dict[str, None] = {}  # ordered set
         self._meta_lock = threading.Lock()
         self._snapshot: Snapshot = ((), None)
         self._snapshot_at = -math.inf
@@ -85,10 +86,12 @@ class AgentLoop:
 
     # ------------------------------------------------------------- commands
 
-    def advertise(self, meta: dict) -> None:
-        """Replace our metadata at the next step (any thread may call this)."""
+    def advertise(self, meta: dict, notify: Iterable[str] = ()) -> None:
+        """Replace our metadata at the next step (any thread may call this); `notify`:
+        members to tell at once (core.advertise), kept across coalesced calls."""
         with self._meta_lock:
             self._pending_meta = meta
+            self._pending_notify.update(dict.fromkeys(notify))
 
     def stop(self, now: float, leave: bool) -> None:
         """With `leave`, announce `left` and finish after the grace; otherwise finish now."""
@@ -136,7 +139,8 @@ class AgentLoop:
         if self._pending_meta is not None:
             with self._meta_lock:
                 meta, self._pending_meta = self._pending_meta, None
-            self.send_all(core.advertise(now, meta))
+                notify, self._pending_notify = list(self._pending_notify), {}
+            self.send_all(core.advertise(now, meta, notify))
         deadline = self._deadline
         if deadline is None:
             deadline = core.next_deadline()

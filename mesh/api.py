@@ -12,6 +12,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Iterable
 
 from .addresses import (
     advertise_host,
@@ -178,8 +179,9 @@ class MeshAgent:
     def meta(self) -> dict:
         return dict(self._meta)
 
-    def advertise(self, meta: dict, replace: bool = False) -> None:
-        """Merge `meta` into our metadata (keys set to None are removed), or replace it."""
+    def advertise(self, meta: dict, replace: bool = False, notify: Iterable[str] = ()) -> None:
+        """Merge `meta` into our metadata (keys set to None are removed), or replace it;
+        `notify`: names of members waiting on this change, told at once."""
         with self._meta_lock:
             merged = {} if replace else dict(self._meta)
             for key, value in meta.items():
@@ -193,7 +195,7 @@ class MeshAgent:
             if self._loop is None:
                 self._advertised_before_start = True
             else:
-                self._loop.advertise(dict(self._meta))  # bursts are spread as one update
+                self._loop.advertise(dict(self._meta), notify)  # bursts are spread as one update
                 self._loop.transport.wake()  # gossiped now, not at the loop's next poll
 
     # ------------------------------------------------------------ the thread

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import replace
 
 from . import antientropy
@@ -58,6 +59,8 @@ from .probing import Prober
 from .rumors import RumorQueue
 from .suspicion import Suspicions, suspicion_bounds
 from .view import LocalInfo, View, ViewEvent
+
+NOTIFY_LIMIT = 32  # members told of one metadata change at once (advertise)
 
 __all__ = ["MeshCore", "ProtocolConfig"]
 
@@ -165,17 +168,24 @@ class MeshCore:
             self._on_sync(now, Sync(msg.sender, msg.sender_addr, msg.view_hash), out)
         return out
 
-    def advertise(self, now: float, meta: dict) -> list[Out]:
+    def advertise(self, now: float, meta: dict, notify: Iterable[str] = ()) -> list[Out]:
         """Replace our metadata; spread it with a higher incarnation, to a few members at
         once (a starting instance waits on these updates), at most once per gossip
-        interval; later ticks carry it on."""
+        interval; later ticks carry it on. `notify`: members waiting on this change, told
+        at once whatever the interval (at most NOTIFY_LIMIT, alive or suspect ones); the
+        change stays a rumor for the others."""
         previous = self.view.entries[self.name]
         self.meta = validate_meta(dict(meta))
         self._bump_incarnation(self.incarnation)
         entry = self._own_entry()
         self._install(now, entry, rumor=False)
-        self._queue_rumor(self._meta_update(previous, entry))
+        update = self._meta_update(previous, entry)
+        self._queue_rumor(update)
         out: list[Out] = []
+        for name in list(dict.fromkeys(notify))[:NOTIFY_LIMIT]:
+            target = self.view.entries.get(name)
+            if name != self.name and target is not None and target.state in (ALIVE, SUSPECT):
+                out.append((target.addr, Gossip(self.name, (update,))))
         if now - self.last_advertise_push >= self.config.gossip_interval_s:
             self.last_advertise_push = now
             self._push_rumors(out, self.config.gossip_fanout)

@@ -143,3 +143,24 @@ def test_every_view_ends_with_every_member_s_own_metadata_under_churn_and_loss()
         return all(n.core.view.get(m) == e for n in sim.up_nodes() for m, e in own.items())
 
     assert run_until(sim, everyone_agrees, 30.0) is not None
+
+
+def test_members_waiting_on_a_change_are_told_at_once_even_right_after_another_push():
+    from mesh.core import NOTIFY_LIMIT
+
+    author = core("author")
+    others = [core(f"m{i:02d}") for i in range(NOTIFY_LIMIT + 4)]
+    for c in others:
+        author._apply(0.0, c.view[c.name], gossip=True)
+    author._apply(0.0, Entry("gone", "10.0.9.9:7946", 3, "dead"), gossip=True)
+    author.advertise(1.0, {**RECORD, "load": 1})  # the interval's push is used up
+    quiet = author.advertise(1.01, {**RECORD, "load": 2})
+    assert quiet == []  # without `notify`: spread at the next gossip tick
+    waiting = ["m01", "m02", "nobody", "gone", "author", "m01"]
+    out = author.advertise(1.02, {**RECORD, "load": 0, "state": "receiving"}, notify=waiting)
+    told = {addr for addr, msg in out if isinstance(msg, Gossip) and gossip_of([(addr, msg)], "author")}
+    assert told == {author.view["m01"].addr, author.view["m02"].addr}  # alive ones, once each
+    crowd = author.advertise(1.03, {**RECORD, "load": 1}, notify=[c.name for c in others])
+    assert len(crowd) == NOTIFY_LIMIT  # a bounded burst, whatever the caller names
+    # the change is still a rumor for everyone else (later ticks carry it on)
+    assert author.rumors["author"].entry.incarnation == author.view["author"].incarnation
