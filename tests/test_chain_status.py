@@ -24,14 +24,16 @@ class RecordingAgent:
     def __init__(self, found=()):
         self.found = list(found)
         self.advertised: list[dict] = []
+        self.notified: list[list[str]] = []
         self.name, self.addr = "me-r0", "127.0.0.1:1"
 
     def members(self):
         return self.found
 
-    def advertise(self, meta, replace=False):
+    def advertise(self, meta, replace=False, notify=()):
         assert replace, "the record is the whole meta"
         self.advertised.append(dict(meta))
+        self.notified.append(list(notify))
 
     def stop(self, leave=True):
         pass
@@ -372,3 +374,77 @@ def test_a_readers_wait_wakes_for_a_change_since_its_own_read_whoever_read_after
     assert [r.name for r in fetch.rows()] == ["a"]
     fetch.wait_for_change(1.0)
     assert agent.blocked == 1  # nothing new since: it waits
+
+
+def test_a_relay_tells_the_waiting_newcomers_at_once_when_its_slots_change():
+    """Newcomers attach to a relay only once they see it receiving: the relay's change is
+    sent straight to them (not left to gossip ticks), and so is each change of its load,
+    after which a slot the table still showed free would be asked in vain."""
+    waiting = [member("b-r0", state="attaching", endpoint="10.0.0.4:5000"),
+               member("a-r0", state="attaching", endpoint="10.0.0.3:5000"),
+               member("me-r0", state="attaching", endpoint="10.0.0.9:5000")]  # ourselves
+    a_meta = waiting[1].meta
+    others = [member("done-r0", state="complete", endpoint="10.0.0.5:5000"),
+              member("other-shard-r0", state="attaching", endpoint="10.0.0.6:5000", rank=1),
+              Member("gone-r0", "10.0.0.7:7946", "dead", 0, a_meta, None)]
+    agent, relay = RecordingAgent(found=waiting + others), FakeRelay()
+    p = presence(agent)
+    p._advertise_status(relay)  # attaching: no slot to offer
+    relay.state, relay.verified_fraction = "receiving", 0.01
+    p._advertise_status(relay)
+    relay.verified_fraction = 0.5  # progress only
+    p._advertise_status(relay)
+    relay.active_clients = 1  # a downstream took the slot
+    p._advertise_status(relay)
+    assert agent.notified == [[], ["a-r0", "b-r0"], [], ["a-r0", "b-r0"]]
+
+
+def turns(me="me:1"):
+    import random
+
+    return Reattach(ReattachPolicy(retry_s=0.05), me, 0.0, random.Random(1))
+
+
+def test_newcomers_take_turns_at_free_slots_instead_of_all_asking_the_same_relay():
+    waiting = ["a:1", "me:1", "z:1"]  # we are the second in endpoint order
+    one_free = [upstream("full", load=1), upstream("r")]
+    mine = turns()
+    assert isinstance(mine.next(0.0, one_free, waiting), Wait)  # "a:1" asks "r"
+    assert turns(me="a:1").next(0.0, one_free, waiting) == Attempt(["r:1"])
+    two_free = [*one_free, upstream("s")]
+    assert mine.next(0.01, two_free, waiting) == Attempt(["s:1"])  # the second free slot
+    # a slot its newcomer did not take within the grace is anyone's
+    from loader.distribution.reattach import TURN_GRACE_S
+
+    assert isinstance(mine.next(TURN_GRACE_S - 0.01, one_free, waiting), Wait)
+    assert mine.next(TURN_GRACE_S + 0.01, one_free, waiting) == Attempt(["r:1"])
+    # one relay with room for two: its second slot is ours
+    wide = Upstream("w", "w:1", TransferState.COMPLETE, progress=1.0, load=0, capacity=2,
+                    upstream=None, zone=None, rtt_s=None)
+    assert turns().next(0.0, [wide], waiting) == Attempt(["w:1"])
+    assert isinstance(turns(me="z:1").next(0.0, [wide], waiting), Wait)
+
+
+def test_without_turns_every_usable_upstream_is_asked_as_before():
+    table = [upstream("full", load=1), upstream("r")]
+    assert turns().next(0.0, table, ["me:1"]) == Attempt(["r:1", "full:1"])  # alone
+    assert turns().next(0.0, table, ["a:1", "b:1"]) == Attempt(["r:1", "full:1"])  # not waiting
+    unadvertised = Upstream("old", "old:1", TransferState.COMPLETE, progress=1.0, load=0,
+                            capacity=None, upstream=None, zone=None, rtt_s=None)
+    assert turns().next(0.0, [unadvertised], ["me:1", "a:1"]) == Attempt(["old:1"])
+
+
+def test_while_every_upstream_is_full_newcomers_wait_and_ask_only_once_the_table_looks_stuck():
+    from loader.distribution.reattach import BUSY_BACKOFF_CAP_S
+
+    full = [upstream("a", load=1), upstream("b", load=1)]
+    state = turns()
+    waiting = ["me:1", "x:1"]  # first in turn: still no asking of full ones
+    t = 0.0
+    while t < BUSY_BACKOFF_CAP_S - 0.05:
+        assert isinstance(state.next(t, full, waiting), Wait)
+        t += 0.05
+    assert state.next(BUSY_BACKOFF_CAP_S, full, waiting) == Attempt(["a:1", "b:1"])
+    # a slot that comes free starts the count again
+    state.next(BUSY_BACKOFF_CAP_S + 0.1, [upstream("a"), full[1]], waiting)
+    assert isinstance(state.next(BUSY_BACKOFF_CAP_S + 0.2, full, waiting), Wait)

@@ -22,6 +22,7 @@ from loader.distribution.ranking import (
     rank_upstreams,
     reshard_table,
     upstream_table,
+    waiting_members,
 )
 from mesh.addresses import WILDCARD_HOSTS, join_host_port, split_host_port
 
@@ -154,6 +155,13 @@ class MeshPresence:
         read_table and wait_for_change)."""
         return UpstreamTableReader(self)
 
+    def waiting_rows(self) -> list[str]:
+        """Endpoints of the members (ourselves included) attaching for this rank's weights."""
+        agent = self._agent
+        if agent is None:
+            return []
+        return sorted({endpoint for _, endpoint in waiting_members(agent.members(), self._identity)})
+
     def reshard_rows(self) -> list[Upstream]:
         """Complete members holding these weights in another shape (TP, PP or rank)."""
         agent = self._agent
@@ -208,7 +216,7 @@ class MeshPresence:
             if agent is None:
                 return False
             try:
-                agent.advertise(record.to_meta(), replace=True)
+                agent.advertise(record.to_meta(), replace=True, notify=self._waiters_of(agent, record))
             except Exception as exc:
                 log.warning("rank %d: mesh advertise failed: %s", self._identity.rank, exc)
                 return False
@@ -224,6 +232,20 @@ class MeshPresence:
                 record.endpoint,
             )
         return True
+
+    def _waiters_of(self, agent, record: PeerRecord) -> list[str]:
+        """Who to tell of this status at once: the newcomers waiting for an upstream, when
+        it changes the slots they see (we began to receive or completed; a downstream came
+        or left: a slot the table still showed free would be asked in vain)."""
+        last = self._last_record
+        if record.state not in (TransferState.RECEIVING, TransferState.COMPLETE):
+            return []
+        if last is not None and (last.state, last.load, last.capacity) == (
+            record.state, record.load, record.capacity
+        ):
+            return []
+        members = waiting_members(agent.members(), self._identity)
+        return [name for name, _ in members if name != agent.name]
 
     def _refresh_status(self) -> None:
         while not self._stop.is_set():
@@ -316,6 +338,9 @@ class UpstreamTableReader:
     def rows(self) -> list[Upstream]:
         self._seen = self._presence.view_version  # before the read: a later change wakes
         return self._presence.upstream_rows()
+
+    def waiting(self) -> list[str]:
+        return self._presence.waiting_rows()
 
     def wait_for_change(self, timeout_s: float) -> None:
         self._presence.wait_for_change(timeout_s, self._seen)

@@ -53,6 +53,26 @@ def upstream_table(members: Iterable[Member], identity: RankIdentity) -> list[Up
     return _table(members, lambda record: _serves(record, identity))
 
 
+def waiting_members(members: Iterable[Member], identity: RankIdentity) -> list[tuple[str, str]]:
+    """(name, endpoint) of the alive members, ourselves included, whose relay gossips this
+    rank's weights as attaching: the newcomers that wait for an upstream slot together
+    (they take turns at free slots, loader.distribution.reattach, and are told at once
+    when a slot comes free)."""
+    found = []
+    for member in members:
+        record = PeerRecord.from_meta(member.meta)
+        if (
+            member.state == "alive"
+            and record is not None
+            and record.endpoint
+            and record.state is TransferState.ATTACHING
+            and (record.fingerprint, record.tp, record.pp, record.rank)
+            == (identity.fingerprint, identity.tp, identity.pp, identity.rank)
+        ):
+            found.append((member.name, record.endpoint))
+    return sorted(found)
+
+
 def reshard_table(members: Iterable[Member], identity: RankIdentity) -> list[Upstream]:
     """The members that hold these weights complete in another shape: same content id,
     another (tp, pp, rank). A resharding client asks several of them for parts of its

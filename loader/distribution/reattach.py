@@ -13,6 +13,17 @@ driven by `upstream_choice.fetch_with_reattach`.
   refused us since and the table shows it with the same load still (gossip has not
   caught up: ask it with the others once the wait is over). A chain forms one link per new
   relay; every link had waited out a backoff of up to 2 s.
+- Take turns with the other newcomers (`waiting`: the endpoints of the members, ourselves
+  included, that the table shows attaching for the same weights): the i-th of them, in
+  endpoint order, asks only the i-th free slot the table shows (upstreams in rank order,
+  each once per free slot), so that a new relay is asked by one newcomer, not by all of
+  them at once; a slot still free after `TURN_GRACE_S` (its newcomer is slow, or sees
+  another table) is anyone's. While the table shows no free slot at all, newcomers wait
+  for it to change (a relay that begins to receive, a downstream that leaves), and ask
+  the full upstreams (as above, with backoff) only once it has shown no free slot for
+  `BUSY_BACKOFF_CAP_S` (gossip may have lost a slot that came free). Every newcomer being
+  served leaves `waiting`, so the turns move on as the table changes; without `waiting`
+  (or alone in it) there are no turns.
 - Give up after `deadline_s`, or once the table has offered nothing usable for `idle_s`.
 """
 
@@ -25,6 +36,7 @@ from loader.distribution.ranking import Upstream, rank_upstreams
 from loader.transfer.protocol import is_retryable
 
 BUSY_BACKOFF_CAP_S = 2.0
+TURN_GRACE_S = 0.3  # how long a free slot is kept for the newcomer whose turn it is
 
 
 @dataclass(frozen=True)
@@ -73,8 +85,12 @@ class Reattach:
     _refused_at_load: dict[str, int] = field(default_factory=dict)  # the load shown then
     _last_offer: float | None = None
     _resume_at: float = 0.0
+    _free_since: dict[str, float] = field(default_factory=dict)  # slot free in the table since
+    _no_room_since: float | None = None
 
-    def next(self, now: float, table: list[Upstream]) -> Attempt | Wait | GiveUp:
+    def next(
+        self, now: float, table: list[Upstream], waiting: list[str] = ()
+    ) -> Attempt | Wait | GiveUp:
         policy = self.policy
         if now - self.started >= policy.deadline_s:
             return GiveUp(
@@ -92,12 +108,46 @@ class Reattach:
         if not candidates:
             return Wait(retry_delay_s(0, policy.retry_s, self.rng))
         self._last_offer = now
+        turn = self._turn(now, [rows[c] for c in candidates], waiting)
+        if turn is not None:
+            return turn
         if now >= self._resume_at:
             return Attempt(candidates)
         with_room = [c for c in candidates if self._has_room(rows[c])]
         if with_room:
             return Attempt(with_room)
         return Wait(min(self._resume_at - now, policy.retry_s))
+
+    def _turn(self, now: float, ranked: list[Upstream], waiting) -> Attempt | Wait | None:
+        """Our share of the free slots while other newcomers wait too; None: no turns
+        (we are not among `waiting` or alone in it)."""
+        free = [row for row in ranked if self._has_room(row)]
+        shown = {row.endpoint for row in free}
+        self._free_since = {e: t for e, t in self._free_since.items() if e in shown}
+        for row in free:
+            self._free_since.setdefault(row.endpoint, now)
+        if free:
+            self._no_room_since = None
+        elif self._no_room_since is None:
+            self._no_room_since = now
+        rivals = sorted(set(waiting))
+        if self.self_endpoint not in rivals or len(rivals) < 2:
+            return None
+        if any(row.capacity is None for row in ranked):
+            return None  # it takes all comers (or says busy itself): nothing to share
+        place = rivals.index(self.self_endpoint)
+        if not free:  # the full ones are asked only once the table looks stuck
+            if now - self._no_room_since >= BUSY_BACKOFF_CAP_S:
+                return None
+            return Wait(self.policy.retry_s)
+        slots = [row.endpoint for row in free for _ in range(row.capacity - row.load)]
+        mine = [slots[place]] if place < len(slots) else []
+        unclaimed = [e for e in shown if now - self._free_since[e] >= TURN_GRACE_S]
+        asked = [e for e in (row.endpoint for row in free) if e in mine or e in unclaimed]
+        if asked:
+            return Attempt(asked)
+        first_free = min(self._free_since[e] for e in shown)
+        return Wait(min(self.policy.retry_s, first_free + TURN_GRACE_S - now))
 
     def _has_room(self, row: Upstream) -> bool:
         """The table shows a free slot, and no refusal from it contradicts that yet."""

@@ -293,7 +293,7 @@ class NetloaderModelLoader(BaseModelLoader):
             self_endpoint = relay.endpoint if relay is not None else ""
             table = presence.upstream_reader()
             outcome = fetch_with_reattach(
-                table.rows, self_endpoint, request, policy, table.wait_for_change
+                table.rows, self_endpoint, request, policy, table.wait_for_change, table.waiting
             )
             if outcome.ok or not plan.static:
                 return outcome

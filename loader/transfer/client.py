@@ -50,6 +50,7 @@ class FetchOutcome:
     setup_s: float = 0.0  # process-group setup of the successful source
     resumed_bytes: int = 0  # held verified from earlier attempts, not sent again
     peers: list[str] = field(default_factory=list)  # every source used (resharding: several)
+    refusals: int = 0  # busy / not-receiving-yet answers on the way (mesh re-attach)
 
     @property
     def fallback_reason(self) -> str | None:

@@ -32,7 +32,10 @@ that was alive (false_suspicions), and how busy the host's CPUs were during one 
 alone and during the chain (single_/chained_host_cpu_busy) and for how much of the
 wave some runnable task waited for a core (single_/chained_host_cpu_waiting, from the
 kernel's pressure stall information): at 100 % the chain is bound by this host's cores,
-not by the protocol. hop_lag_first_bucket_s / hop_lag_last_bucket_s: how far a chain
+not by the protocol. hop_start_lag_s: how far each chain link's downstream starts after
+its upstream (with its hop_handshake_s and hop_setup_s); chained_refusals_per_wave: the
+busy / not-yet-receiving answers newcomers got while the chain formed.
+hop_lag_first_bucket_s / hop_lag_last_bucket_s: how far a chain
 link's downstream trails its upstream at the first and at the last verified bucket; the
 growth between them is backlog the hop gained on the way (a stalled relay cannot catch
 up: its upstream feeds it no faster than it sends).
@@ -74,7 +77,21 @@ def wave(mode: str, n: int, rep: int, **extra) -> dict:
             "clients": names, **extra}
 
 
-def waves_for(clients: int, rep: int, sweep: bool, kill_after: int | None) -> list[dict]:
+def mid_chain_victim(network, clients: int) -> str:
+    """The client that should sit halfway down the chain: newcomers take turns at free
+    slots in endpoint order (loader.distribution.reattach), so the chain forms in the
+    order of the clients' addresses when every host has its own; on shared loopback, the
+    one in the middle by name."""
+    names = [f"c{i}" for i in range(1, clients + 1)]
+    addresses = {name: f"{network.address(i)}:" for i, name in enumerate(names, start=1)}
+    if len(set(addresses.values())) < clients:
+        return f"c{clients // 2}"
+    return sorted(names, key=addresses.get)[clients // 2 - 1]
+
+
+def waves_for(
+    clients: int, rep: int, sweep: bool, kill_after: int | None, victim: str | None = None
+) -> list[dict]:
     """One repetition's waves; the kill wave last (its victim's process is gone after)."""
     waves = [wave("serial", 1, rep)]
     if sweep:
@@ -83,9 +100,9 @@ def waves_for(clients: int, rep: int, sweep: bool, kill_after: int | None) -> li
     else:
         waves += [wave("chained", n, rep) for n in sorted({min(8, clients), clients}) if n > 1]
     if kill_after is not None and clients >= 3:
-        # a client in the middle by name; where it sits in the chain is the gossip's
-        # choice, so the JSON says whose upstream it was and whether it had a downstream
-        victim = f"c{clients // 2}"
+        # where the victim sits in the chain is still the gossip's doing, so the JSON
+        # says whose upstream it was and whether it had a downstream
+        victim = victim or f"c{clients // 2}"
         waves.append(wave("kill", clients, rep, victim=victim, die_after_forwarded=kill_after))
     return waves
 
@@ -168,6 +185,24 @@ def hop_lags(results: dict[str, dict]) -> dict[str, list[float]]:
     return out
 
 
+def hop_phases(results: dict[str, dict]) -> dict[str, list[float]]:
+    """Per chain link X -> D (both clients): `start` = D's transfer start after X's (the
+    chain grows one hop per such step: X must be receiving before D may attach), and D's
+    `handshake` (connect + hello/ack) and `setup` (process-group rendezvous) on the
+    successful attempt; what a hop's start costs beyond its first bucket's wire time."""
+    out: dict[str, list[float]] = {"start": [], "handshake": [], "setup": []}
+    for d in results.values():
+        x = results.get(d.get("upstream"))
+        if x is None:
+            continue
+        x_start, d_start = _last_start(x), _last_start(d)
+        if x_start is not None and d_start is not None:
+            out["start"].append(d_start - x_start)
+        out["handshake"].append(d.get("handshake_s", 0.0))
+        out["setup"].append(d.get("setup_s", 0.0))
+    return out
+
+
 def spread(values: list[float]) -> dict:
     """median/min/max of one figure over the repetitions (None when never measured)."""
     if not values:
@@ -216,16 +251,19 @@ def analyse(waves: dict[str, dict], rep: int, clients: int, network) -> dict:
         "per_hop": (max(ends) - min(ends)) / (longest - 1) if longest > 1 else None,
         "delays": gossip_delays(chained["results"]),
         "lags": hop_lags(chained["results"]),
+        "phases": hop_phases(chained["results"]),
+        "refusals": sum(r.get("refusals", 0) for r in chained["results"].values()),
         "verified": all(w["all_verified"] for w in waves.values()),
         "suspicions": sum(len(w["suspicions"]) for w in waves.values()),
     }
     kill = waves.get(f"kill-{clients}-r{rep}")
     if kill is not None:
-        victim = kill["results"].get(f"c{clients // 2}")
+        victim_name = mid_chain_victim(network, clients)
+        victim = kill["results"].get(victim_name)
         killed = kill["killed"]
         out["kill"] = {
             "rep": rep,
-            "victim": f"c{clients // 2}",
+            "victim": victim_name,
             "killed": killed is not None,
             "victim_upstream": host_name(network, killed["upstream"], clients + 1)
             if killed else (victim or {}).get("upstream"),
@@ -335,7 +373,8 @@ def run_link(args, clients: int, rate_mbit: int, sweep: bool, kill: bool):
     reps = []
     with network:
         for rep in range(args.reps):
-            waves = waves_for(clients, rep, sweep and rep == 0, buckets // 2 if kill else None)
+            waves = waves_for(clients, rep, sweep and rep == 0, buckets // 2 if kill else None,
+                              mid_chain_victim(network, clients))
             got = run_waves(network, clients, base, waves, args.timeout, on_wave=report)
             all_waves.update(got)
             reps.append(analyse(got, rep, clients, network))
@@ -366,6 +405,14 @@ def summary(reps: list[dict], clients: int, bucket_wire_s: float) -> dict:
         # every chain link of every repetition: the lag at its first and at its last bucket
         "hop_lag_first_bucket_s": spread([v for r in reps for v in r["lags"]["first"]]),
         "hop_lag_last_bucket_s": spread([v for r in reps for v in r["lags"]["last"]]),
+        # a hop's start: how far each link's downstream starts after its upstream, and
+        # the downstream's handshake and group setup within that
+        "hop_start_lag_s": spread([v for r in reps for v in r["phases"]["start"]]),
+        "hop_handshake_s": spread([v for r in reps for v in r["phases"]["handshake"]]),
+        "hop_setup_s": spread([v for r in reps for v in r["phases"]["setup"]]),
+        # busy / not-receiving answers the chain's newcomers got on the way (turns at free
+        # slots and the relays' direct notices keep them from all asking the same relay)
+        "chained_refusals_per_wave": spread([r["refusals"] for r in reps]),
         "gossip_advertised_seconds_median": spread(delays["advertised"])["median"],
         "gossip_visible_seconds_median": spread(delays["visible"])["median"],
         "gossip_attach_seconds_median": spread(delays["attach"])["median"],

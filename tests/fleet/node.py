@@ -280,7 +280,9 @@ def fetch_chained(cfg: dict, presence: MeshPresence, relay: WeightServer, dest, 
         suspect_s=cfg.get("suspect_s", ReattachPolicy.suspect_s),
     )
     table = presence.upstream_reader()
-    return fetch_with_reattach(table.rows, relay.endpoint, request, policy, table.wait_for_change)
+    return fetch_with_reattach(
+        table.rows, relay.endpoint, request, policy, table.wait_for_change, table.waiting
+    )
 
 
 def fetch_root(cfg: dict, presence: MeshPresence, fingerprint: str, dest, settings, recorder):
@@ -369,6 +371,7 @@ def run_wave(cfg: dict, wave: dict, d: Path, dest: dict) -> None:  # long: one w
             "resumed_bytes": outcome.resumed_bytes,
             "handshake_s": outcome.handshake_s,
             "setup_s": outcome.setup_s,
+            "refusals": outcome.refusals,
             "samples": recorder.samples,
             "events": recorder.events,
             "forwarded": relay.strategy.forwarded_indices if relay is not None else [],
