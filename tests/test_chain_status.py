@@ -380,8 +380,8 @@ def test_a_relay_tells_the_waiting_newcomers_at_once_when_its_slots_change():
     """Newcomers attach to a relay only once they see it receiving: the relay's change is
     sent straight to them (not left to gossip ticks), and so is each change of its load,
     after which a slot the table still showed free would be asked in vain."""
-    waiting = [member("b-r0", state="attaching", endpoint="10.0.0.4:5000"),
-               member("a-r0", state="attaching", endpoint="10.0.0.3:5000"),
+    waiting = [member("a-r0", state="attaching", endpoint="10.0.0.4:5000"),
+               member("b-r0", state="attaching", endpoint="10.0.0.3:5000"),
                member("me-r0", state="attaching", endpoint="10.0.0.9:5000")]  # ourselves
     a_meta = waiting[1].meta
     others = [member("done-r0", state="complete", endpoint="10.0.0.5:5000"),
@@ -396,7 +396,8 @@ def test_a_relay_tells_the_waiting_newcomers_at_once_when_its_slots_change():
     p._advertise_status(relay)
     relay.active_clients = 1  # a downstream took the slot
     p._advertise_status(relay)
-    assert agent.notified == [[], ["a-r0", "b-r0"], [], ["a-r0", "b-r0"]]
+    # in turn order (endpoint order: "b" before "a"), ourselves and the rest left out
+    assert agent.notified == [[], ["b-r0", "a-r0"], [], ["b-r0", "a-r0"]]
 
 
 def turns(me="me:1"):

@@ -56,8 +56,8 @@ def upstream_table(members: Iterable[Member], identity: RankIdentity) -> list[Up
 def waiting_members(members: Iterable[Member], identity: RankIdentity) -> list[tuple[str, str]]:
     """(name, endpoint) of the alive members, ourselves included, whose relay gossips this
     rank's weights as attaching: the newcomers that wait for an upstream slot together
-    (they take turns at free slots, loader.distribution.reattach, and are told at once
-    when a slot comes free)."""
+    (they take turns at free slots in endpoint order, loader.distribution.reattach, and
+    are told at once, in that order, when a slot comes free)."""
     found = []
     for member in members:
         record = PeerRecord.from_meta(member.meta)
@@ -70,7 +70,7 @@ def waiting_members(members: Iterable[Member], identity: RankIdentity) -> list[t
             == (identity.fingerprint, identity.tp, identity.pp, identity.rank)
         ):
             found.append((member.name, record.endpoint))
-    return sorted(found)
+    return sorted(found, key=lambda named: (named[1], named[0]))
 
 
 def reshard_table(members: Iterable[Member], identity: RankIdentity) -> list[Upstream]:
