@@ -90,7 +90,7 @@ def mid_chain_victim(network, clients: int) -> str:
 
 
 def waves_for(
-    clients: int, rep: int, sweep: bool, kill_after: int | None, victim: str | None = None
+    clients: int, rep: int, sweep: bool, kill_after: int | None, victim: str
 ) -> list[dict]:
     """One repetition's waves; the kill wave last (its victim's process is gone after)."""
     waves = [wave("serial", 1, rep)]
@@ -102,7 +102,6 @@ def waves_for(
     if kill_after is not None and clients >= 3:
         # where the victim sits in the chain is still the gossip's doing, so the JSON
         # says whose upstream it was and whether it had a downstream
-        victim = victim or f"c{clients // 2}"
         waves.append(wave("kill", clients, rep, victim=victim, die_after_forwarded=kill_after))
     return waves
 
@@ -186,18 +185,13 @@ def hop_lags(results: dict[str, dict]) -> dict[str, list[float]]:
 
 
 def hop_phases(results: dict[str, dict]) -> dict[str, list[float]]:
-    """Per chain link X -> D (both clients): `start` = D's transfer start after X's (the
-    chain grows one hop per such step: X must be receiving before D may attach), and D's
-    `handshake` (connect + hello/ack) and `setup` (process-group rendezvous) on the
-    successful attempt; what a hop's start costs beyond its first bucket's wire time."""
-    out: dict[str, list[float]] = {"start": [], "handshake": [], "setup": []}
+    """Per chain link X -> D (both clients): D's `handshake` (connect + hello/ack) and
+    `setup` (process-group rendezvous) on the successful attempt, within the link's start
+    lag (gossip_delays' `attach`)."""
+    out: dict[str, list[float]] = {"handshake": [], "setup": []}
     for d in results.values():
-        x = results.get(d.get("upstream"))
-        if x is None:
+        if d.get("upstream") not in results:
             continue
-        x_start, d_start = _last_start(x), _last_start(d)
-        if x_start is not None and d_start is not None:
-            out["start"].append(d_start - x_start)
         out["handshake"].append(d.get("handshake_s", 0.0))
         out["setup"].append(d.get("setup_s", 0.0))
     return out
@@ -407,7 +401,7 @@ def summary(reps: list[dict], clients: int, bucket_wire_s: float) -> dict:
         "hop_lag_last_bucket_s": spread([v for r in reps for v in r["lags"]["last"]]),
         # a hop's start: how far each link's downstream starts after its upstream, and
         # the downstream's handshake and group setup within that
-        "hop_start_lag_s": spread([v for r in reps for v in r["phases"]["start"]]),
+        "hop_start_lag_s": spread(delays["attach"]),
         "hop_handshake_s": spread([v for r in reps for v in r["phases"]["handshake"]]),
         "hop_setup_s": spread([v for r in reps for v in r["phases"]["setup"]]),
         # busy / not-receiving answers the chain's newcomers got on the way (turns at free
