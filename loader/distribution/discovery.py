@@ -156,11 +156,12 @@ class MeshPresence:
         return UpstreamTableReader(self)
 
     def waiting_rows(self) -> list[str]:
-        """Endpoints of the members (ourselves included) attaching for this rank's weights."""
+        """Endpoints of the members (ourselves included) attaching for this rank's weights,
+        in turn order."""
         agent = self._agent
         if agent is None:
             return []
-        return sorted({endpoint for _, endpoint in waiting_members(agent.members(), self._identity)})
+        return [endpoint for _, endpoint in waiting_members(agent.members(), self._identity)]
 
     def reshard_rows(self) -> list[Upstream]:
         """Complete members holding these weights in another shape (TP, PP or rank)."""
